@@ -1,0 +1,101 @@
+"""Small building blocks: RMSNorm, RoPE, einsum projections, the SwiGLU MLP.
+
+Axis letters (used in names and einsum strings across the package):
+  B batch, T query length, S key length, D model width, N query heads,
+  K key/value heads, G query heads per kv head, H head dim, F MLP width,
+  E experts, V vocabulary, L layers.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama4_jax import sharding
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x / rms(x) over the last axis, computed in float32, cast back to x.dtype."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return x32.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Llama RMSNorm: normalise in float32, cast, *then* multiply by the scale."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=('norm',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_normalize(x, self.eps) * self.scale[...].astype(x.dtype)
+
+
+class Einsum(nnx.Module):
+  """A bias-free projection `einsum(eqn, x, w)` with logical axis names on w."""
+
+  def __init__(self, eqn: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+               *, rngs: nnx.Rngs, std: float, dtype, param_dtype=jnp.float32):
+    self.eqn = eqn
+    self.dtype = dtype
+    init = nnx.initializers.normal(std)
+    self.w = nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=axes)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.einsum(self.eqn, x.astype(self.dtype), self.w[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); no biases."""
+
+  def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, std: float, dtype,
+               param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
+    self.gate = Einsum('BTD,DF->BTF', (d_model, d_ff), ('embed', 'mlp'), **kw)
+    self.up = Einsum('BTD,DF->BTF', (d_model, d_ff), ('embed', 'mlp'), **kw)
+    self.down = Einsum('BTF,FD->BTD', (d_ff, d_model), ('mlp', 'embed'), **kw)
+
+  def __call__(self, x_BTD: jax.Array) -> jax.Array:
+    h_BTF = jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD)
+    h_BTF = sharding.shard(h_BTF, 'act_batch', 'act_seq', 'act_mlp')
+    return self.down(h_BTF)
+
+
+# RoPE -----------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, rope_type: str = 'default',
+                             factor: float = 1.0, low_freq_factor: float = 1.0,
+                             high_freq_factor: float = 1.0,
+                             original_max_position: int = 8192) -> np.ndarray:
+  """inv_freq[j] = theta^(-2j/d) in float32, with optional llama3 scaling."""
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
+  if rope_type == 'default':
+    return inv_freq
+  if rope_type != 'llama3':
+    raise ValueError(f'rope_type must be "default" or "llama3", got {rope_type!r}')
+  wavelen = 2 * math.pi / inv_freq
+  low_freq_wavelen = original_max_position / low_freq_factor
+  high_freq_wavelen = original_max_position / high_freq_factor
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  # The medium band interpolates; it is empty when low == high (Scout), and the
+  # guarded denominator keeps the unselected branch finite.
+  denom = high_freq_factor - low_freq_factor if high_freq_factor != low_freq_factor else 1.0
+  smooth = (original_max_position / wavelen - low_freq_factor) / denom
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates interleaved pairs (x[2j], x[2j+1]) by pos * inv_freq[j] (Meta's complex form)."""
+  angles_BTJ = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  cos, sin = jnp.cos(angles_BTJ)[:, :, None, :], jnp.sin(angles_BTJ)[:, :, None, :]
+  x32 = x_BTNH.astype(jnp.float32).reshape(*x_BTNH.shape[:-1], -1, 2)
+  x_even, x_odd = x32[..., 0], x32[..., 1]
+  rotated = jnp.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], axis=-1)
+  return rotated.reshape(x_BTNH.shape).astype(x_BTNH.dtype)

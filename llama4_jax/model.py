@@ -1,0 +1,377 @@
+"""The Llama 4 text model: config, presets, decoder layers, scanned blocks.
+
+Layer i uses RoPE (with chunked local attention and QK-norm) iff
+no_rope_layers[i] == 1, else NoPE (global attention, temperature tuning); its
+feed-forward is MoE iff i in moe_layers, else a dense SwiGLU of width
+intermediate_size_mlp. The per-layer pattern is split into stages, each a block
+of layers repeated n times (Scout and Maverick: one stage, a 4-layer block
+repeated 12 times); each stage's n copies are stacked on a leading `layers`
+axis and run with `jax.lax.scan`, so deep models compile one block per stage.
+"""
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama4_jax import attention, layers, moe, sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a Llama 4 text model (field names follow HF where they exist)."""
+  vocab_size: int = 128
+  hidden_size: int = 64                  # D
+  num_layers: int = 4                    # L
+  num_heads: int = 4                     # N query heads
+  num_kv_heads: int = 2                  # K key/value heads
+  head_dim: int = 16                     # H
+  intermediate_size: int = 32            # F: routed experts and the shared expert
+  intermediate_size_mlp: int = 48        # dense (non-MoE) layers' MLP width
+  num_experts: int = 4                   # E
+  num_experts_per_tok: int = 1           # router top-k
+  moe_layers: tuple[int, ...] = (0, 1)   # indices of MoE layers
+  no_rope_layers: tuple[int, ...] = (1, 0, 1, 0)  # HF semantics: 1 = layer USES RoPE
+  use_qk_norm: bool = True               # weightless RMS norm of q, k on RoPE layers
+  attention_chunk_size: int = 8          # chunked local attention on RoPE layers; 0 = off
+  attn_temperature_tuning: bool = True   # query temperature on NoPE layers
+  floor_scale: float = 2.0
+  attn_scale: float = 0.5
+  rope_theta: float = 10000.0
+  rope_type: str = 'llama3'              # 'default' or 'llama3'
+  rope_factor: float = 8.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 64
+  rms_norm_eps: float = 1e-5
+  max_position_embeddings: int = 1024
+  initializer_range: float = 0.02
+  bos_token_id: int = 1
+  eos_token_ids: tuple[int, ...] = (2,)
+  pad_token_id: int = 0
+  dtype: str = 'float32'                 # compute dtype
+  param_dtype: str = 'float32'           # parameter (and optimizer state) dtype
+  moe_dispatch: str = 'dense'            # see moe.DISPATCHERS
+  remat: str = 'none'                    # see REMAT_POLICIES
+  scan_layers: bool = True               # scan repeated blocks (False: unroll, for debugging)
+
+  def __post_init__(self):
+    for name in ('moe_layers', 'no_rope_layers', 'eos_token_ids'):
+      object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+    self._validate()
+
+  @classmethod
+  def from_dict(cls, d) -> 'ModelConfig':
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f'model config: unknown keys {unknown}')
+    return cls(**dict(d))
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+  def replace(self, **kw) -> 'ModelConfig':
+    return dataclasses.replace(self, **kw)
+
+  def _validate(self):
+    def fail(key, msg):
+      raise ValueError(f'config.model.{key}: {msg}')
+    for key in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
+                'head_dim', 'intermediate_size', 'intermediate_size_mlp', 'num_experts',
+                'num_experts_per_tok'):
+      if getattr(self, key) <= 0:
+        fail(key, f'must be positive, got {getattr(self, key)}')
+    if self.num_heads % self.num_kv_heads:
+      fail('num_kv_heads', f'{self.num_kv_heads} must divide num_heads={self.num_heads}')
+    if self.head_dim % 2:
+      fail('head_dim', f'must be even for RoPE, got {self.head_dim}')
+    if self.num_experts_per_tok > self.num_experts:
+      fail('num_experts_per_tok', f'{self.num_experts_per_tok} > num_experts={self.num_experts}')
+    if len(self.no_rope_layers) != self.num_layers:
+      fail('no_rope_layers', f'has {len(self.no_rope_layers)} entries for num_layers={self.num_layers}')
+    if any(v not in (0, 1) for v in self.no_rope_layers):
+      fail('no_rope_layers', f'entries must be 0 or 1, got {self.no_rope_layers}')
+    bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
+    if bad or len(set(self.moe_layers)) != len(self.moe_layers):
+      fail('moe_layers', f'must be distinct indices in [0, {self.num_layers}), got {self.moe_layers}')
+    if self.attention_chunk_size < 0:
+      fail('attention_chunk_size', f'must be >= 0, got {self.attention_chunk_size}')
+    if self.rope_type not in ('default', 'llama3'):
+      fail('rope_type', f'must be "default" or "llama3", got {self.rope_type!r}')
+    for key in ('dtype', 'param_dtype'):
+      if getattr(self, key) not in ('float32', 'bfloat16', 'float16'):
+        fail(key, f'must be float32, bfloat16 or float16, got {getattr(self, key)!r}')
+    if self.moe_dispatch not in moe.DISPATCHERS:
+      fail('moe_dispatch', f'{self.moe_dispatch!r} is not one of {sorted(moe.DISPATCHERS)}')
+    if self.remat not in REMAT_POLICIES:
+      fail('remat', f'{self.remat!r} is not one of {sorted(REMAT_POLICIES)}')
+
+  def rope_inverse_frequencies(self) -> np.ndarray:
+    return layers.rope_inverse_frequencies(
+        self.head_dim, self.rope_theta, self.rope_type, self.rope_factor,
+        self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_max_position)
+
+  def layer_kinds(self) -> tuple['LayerKind', ...]:
+    moe_set = set(self.moe_layers)
+    return tuple(LayerKind(bool(self.no_rope_layers[i]), i in moe_set) for i in range(self.num_layers))
+
+  def stages(self) -> tuple['Stage', ...]:
+    return layer_stages(self.layer_kinds(), scan=self.scan_layers)
+
+
+class LayerKind(NamedTuple):
+  use_rope: bool
+  is_moe: bool
+
+
+class Stage(NamedTuple):
+  """`repeats` consecutive copies of the layer pattern `kinds`."""
+  kinds: tuple[LayerKind, ...]
+  repeats: int
+
+
+def layer_stages(kinds: tuple[LayerKind, ...], scan: bool = True) -> tuple[Stage, ...]:
+  """Splits a per-layer pattern into stages of repeated blocks.
+
+  Greedy from the first layer: take the block (period p) whose repetition covers
+  the most layers (shortest p on ties); layers that repeat nothing are grouped
+  into one stage run once. Works for any pattern; periodic ones give one stage.
+  """
+  if not scan:
+    return (Stage(tuple(kinds), 1),)
+  stages: list[Stage] = []
+  singles: list[LayerKind] = []
+  i, L = 0, len(kinds)
+  while i < L:
+    best_p, best_n = 1, 1
+    for p in range(1, (L - i) // 2 + 1):
+      n = 1
+      while i + (n + 1) * p <= L and kinds[i + n * p:i + (n + 1) * p] == kinds[i:i + p]:
+        n += 1
+      if n > 1 and n * p > best_p * best_n:
+        best_p, best_n = p, n
+    if best_n == 1:
+      singles.append(kinds[i])
+      i += 1
+      continue
+    if singles:
+      stages.append(Stage(tuple(singles), 1))
+      singles = []
+    stages.append(Stage(tuple(kinds[i:i + best_p]), best_n))
+    i += best_p * best_n
+  if singles:
+    stages.append(Stage(tuple(singles), 1))
+  return tuple(stages)
+
+
+def layer_index_map(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+  """For each HF layer index: (stage, repeat, position in block)."""
+  out = []
+  for s, stage in enumerate(cfg.stages()):
+    for r in range(stage.repeats):
+      for j in range(len(stage.kinds)):
+        out.append((s, r, j))
+  return out
+
+
+REMAT_POLICIES = {
+    'none': None,                      # keep every activation (fastest, most memory)
+    'full': 'full',                    # recompute the whole block in the backward pass
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+_PRESET_COMMON = dict(
+    vocab_size=202048, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
+    intermediate_size=8192, intermediate_size_mlp=16384, num_experts_per_tok=1,
+    no_rope_layers=(1, 1, 1, 0) * 12, attention_chunk_size=8192, attn_temperature_tuning=True,
+    floor_scale=8192.0, attn_scale=0.1, rope_theta=500000.0, rms_norm_eps=1e-5,
+    bos_token_id=200000, eos_token_ids=(200001, 200007, 200008), pad_token_id=200018,
+    dtype='bfloat16', remat='full')
+
+PRESETS: dict[str, ModelConfig] = {
+    # Architecture doc §9: every code path in four layers (RoPE/NoPE x MoE/dense).
+    'parity': ModelConfig(),
+    # The CPU training model of configs/tiny.py (vocabulary from the tokenizer).
+    'tiny': ModelConfig(
+        vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+        intermediate_size=128, intermediate_size_mlp=256, num_experts=4, num_experts_per_tok=1,
+        moe_layers=(1, 3), no_rope_layers=(1, 1, 1, 0), attention_chunk_size=64,
+        floor_scale=64.0, attn_scale=0.1, rope_theta=10000.0, rope_type='default',
+        max_position_embeddings=4096),
+    'scout': ModelConfig(
+        **_PRESET_COMMON, num_experts=16, moe_layers=tuple(range(48)), use_qk_norm=True,
+        rope_type='llama3', rope_factor=16.0, rope_low_freq_factor=1.0, rope_high_freq_factor=1.0,
+        rope_original_max_position=8192, max_position_embeddings=10485760),
+    'maverick': ModelConfig(
+        **_PRESET_COMMON, num_experts=128, moe_layers=tuple(range(1, 48, 2)), use_qk_norm=False,
+        rope_type='default', max_position_embeddings=1048576),
+}
+
+
+# Modules ----------------------------------------------------------------------
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm layer: x + attn(norm(x)), then + ffn(norm(.)), ffn = MoE or dense MLP."""
+
+  def __init__(self, cfg: ModelConfig, kind: LayerKind, *, rngs: nnx.Rngs):
+    D = cfg.hidden_size
+    self.attn_norm = layers.RMSNorm(D, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    self.attn = attention.Attention(cfg, kind.use_rope, rngs=rngs)
+    self.ffn_norm = layers.RMSNorm(D, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    if kind.is_moe:
+      self.ffn = moe.MoE(cfg, rngs=rngs)
+    else:
+      self.ffn = layers.MLP(D, cfg.intermediate_size_mlp, rngs=rngs, std=cfg.initializer_range,
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    self.is_moe = kind.is_moe
+
+  def __call__(self, x_BTD, inputs, cache=None, cache_offset=None):
+    h_BTD, cache = self.attn(self.attn_norm(x_BTD), inputs, cache, cache_offset)
+    x_BTD = x_BTD + h_BTD
+    if self.is_moe:
+      h_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+    else:
+      h_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), None
+    x_BTD = sharding.shard(x_BTD + h_BTD, 'act_batch', 'act_seq', 'act_embed')
+    return x_BTD, cache, stats
+
+
+class Block(nnx.Module):
+  """One period of the layer pattern; the unit that is stacked and scanned."""
+
+  def __init__(self, cfg: ModelConfig, kinds: tuple[LayerKind, ...], *, rngs: nnx.Rngs):
+    self.layers = nnx.List([DecoderLayer(cfg, kind, rngs=rngs) for kind in kinds])
+
+  def __call__(self, x_BTD, inputs, caches=None, cache_offset=None):
+    new_caches, stats = [], []
+    for j, layer in enumerate(self.layers):
+      x_BTD, cache, layer_stats = layer(x_BTD, inputs, None if caches is None else caches[j],
+                                        cache_offset)
+      new_caches.append(cache)
+      if layer_stats is not None:
+        stats.append(layer_stats)
+    # Stats of this block's MoE layers, stacked on a leading axis (or None).
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None
+    return x_BTD, (None if caches is None else new_caches), stacked
+
+
+def _stacked_block(cfg: ModelConfig, stage: Stage, rngs: nnx.Rngs) -> Block:
+  """`stage.repeats` independent copies of a Block, stacked on a leading 'layers' axis."""
+
+  @nnx.split_rngs(splits=stage.repeats)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  @nnx.transform_metadata(in_axes=0, out_axes=0, partition='layers')
+  def create(rngs):
+    return Block(cfg, stage.kinds, rngs=rngs)
+
+  return create(rngs)
+
+
+class Llama4(nnx.Module):
+  """Llama 4 text decoder: embed -> stages of scanned blocks -> norm -> lm_head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    V, D = cfg.vocab_size, cfg.hidden_size
+    self.embed = nnx.Param(
+        nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (V, D), jnp.dtype(cfg.param_dtype)),
+        out_sharding=('vocab', 'embed'))
+    self.stages = nnx.List([_stacked_block(cfg, stage, rngs) for stage in cfg.stages()])
+    self.final_norm = layers.RMSNorm(D, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+    self.lm_head = layers.Einsum('BTD,DV->BTV', (D, V), ('embed', 'vocab'), rngs=rngs,
+                                 std=cfg.initializer_range, dtype=cfg.dtype,
+                                 param_dtype=cfg.param_dtype)
+
+  def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.cfg.dtype)
+    return sharding.shard(x_BTD, 'act_batch', 'act_seq', 'act_embed')
+
+  def __call__(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None,
+               inputs_embeds_BTD: jax.Array | None = None):
+    """Full-sequence forward pass. Returns (logits_BTV in float32, moe statistics).
+
+    segment_ids_BT: 0 marks padding; tokens attend within their segment, and
+    positions restart at each segment's first token (left padding and packed
+    documents). Defaults to one segment per row.
+    """
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+    inputs = attention.make_attention_inputs(segment_ids_BT, 0, tokens_BT.shape[1],
+                                             self.cfg.attention_chunk_size)
+    x_BTD = self.embed_tokens(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
+    x_BTD, _, stats = self._run_stages(x_BTD, inputs, None, None)
+    return self._logits(x_BTD), stats
+
+  def decode(self, tokens_BT: jax.Array, cache: dict, segment_ids_BT: jax.Array | None = None,
+             inputs_embeds_BTD: jax.Array | None = None):
+    """Runs T new tokens against a KV cache (prefill or one decode step).
+
+    Returns (logits_BTV in float32, updated cache).
+    """
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
+    offset = cache['index']
+    key_segments_BS = jax.lax.dynamic_update_slice_in_dim(
+        cache['segment_ids'], segment_ids_BT.astype(jnp.int32), offset, 1)
+    inputs = attention.make_attention_inputs(key_segments_BS, offset, tokens_BT.shape[1],
+                                             self.cfg.attention_chunk_size)
+    x_BTD = self.embed_tokens(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
+    x_BTD, layer_caches, _ = self._run_stages(x_BTD, inputs, cache['layers'], offset)
+    new_cache = {'index': offset + tokens_BT.shape[1], 'segment_ids': key_segments_BS,
+                 'layers': layer_caches}
+    return self._logits(x_BTD), new_cache
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache: per stage, per block position, K/V stacked over repeats."""
+    cfg = self.cfg
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    layer_cache = attention.init_layer_cache(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+    stacked = [[jax.tree.map(lambda a: jnp.broadcast_to(a, (stage.repeats,) + a.shape), layer_cache)
+                for _ in stage.kinds] for stage in cfg.stages()]
+    return {'index': jnp.zeros((), jnp.int32), 'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
+            'layers': stacked}
+
+  def _logits(self, x_BTD):
+    logits_BTV = self.lm_head(self.final_norm(x_BTD))
+    return sharding.shard(logits_BTV, 'act_batch', 'act_seq', 'act_vocab').astype(jnp.float32)
+
+  def _run_stages(self, x_BTD, inputs, caches, cache_offset):
+    policy = REMAT_POLICIES[self.cfg.remat]
+    new_caches, all_stats = [], []
+    for s, stacked in enumerate(self.stages):
+      graphdef, state = nnx.split(stacked)
+
+      def body(x_BTD, xs, graphdef=graphdef):
+        block_state, block_cache = xs
+        block = nnx.merge(graphdef, block_state)
+        x_BTD, block_cache, stats = block(x_BTD, inputs, block_cache, cache_offset)
+        return x_BTD, (block_cache, stats)
+
+      if policy is not None:
+        body = jax.checkpoint(body, prevent_cse=False,
+                              policy=None if policy == 'full' else policy)
+      stage_cache = None if caches is None else caches[s]
+      x_BTD, (stage_cache, stats) = jax.lax.scan(body, x_BTD, (state, stage_cache))
+      new_caches.append(stage_cache)
+      if stats is not None:  # [repeats, moe layers in block, ...] -> [layers, ...]
+        all_stats.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stats))
+    stats = (jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats) if all_stats else None)
+    return x_BTD, new_caches, stats
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def abstract_model(cfg: ModelConfig) -> Llama4:
+  """The model with ShapeDtypeStruct leaves; nothing is allocated."""
+  return nnx.eval_shape(lambda: Llama4(cfg, rngs=nnx.Rngs(0)))

@@ -1,0 +1,101 @@
+"""Logical axis names, the one rules table that maps them to mesh axes, and the mesh.
+
+Parameters carry logical names where they are created (`out_sharding=(...)`);
+activations get hints through `shard(x, *names)`. Neither ever names a mesh
+axis: `LOGICAL_RULES` is the only place where `embed` becomes `fsdp`.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
+
+# The batch is split over every axis that does not split the model's weights
+# on the activations' batch dimension.
+BATCH_AXES = ('data', 'fsdp', 'expert')
+
+LOGICAL_RULES = (
+    # Parameters.
+    ('vocab', 'tensor'),        # embedding rows and lm_head columns
+    ('embed', 'fsdp'),          # model width D: FSDP shards every weight along it
+    ('q_heads', 'tensor'),      # query heads N
+    ('kv_heads', 'tensor'),     # key/value heads K
+    ('head_dim', None),         # H
+    ('mlp', 'tensor'),          # MLP / expert hidden width F
+    ('expert', 'expert'),       # expert index E
+    ('layers', None),           # the scanned layer axis
+    ('norm', None),             # norm scales
+    # Activations.
+    ('act_batch', BATCH_AXES),
+    ('act_seq', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_kv_heads', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_vocab', 'tensor'),
+    ('act_expert', 'expert'),
+)
+
+
+def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
+  """Builds a mesh over `MESH_AXES`; one size may be -1 to take the rest.
+
+  Axes are Auto (GSPMD): jax 0.10 defaults to Explicit, under which the
+  logical-rules style needs an out_sharding on every ambiguous op.
+  """
+  devices = jax.devices() if devices is None else devices
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f'mesh: unknown axes {sorted(unknown)}; axes are {MESH_AXES}')
+  sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f'mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(
+          f'mesh: {len(devices)} devices are not divisible by the fixed axes '
+          f'{dict(zip(MESH_AXES, sizes))} (product {known})')
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(
+        f'mesh: {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, '
+        f'but {len(devices)} are available')
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes),
+                       devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:
+  """Maps logical axis names to a PartitionSpec through `rules`."""
+  table = dict(rules)
+  unknown = [n for n in names if n is not None and n not in table]
+  if unknown:
+    raise KeyError(f'logical axis names {unknown} are not in the sharding rules')
+  return P(*(table[n] if n is not None else None for n in names))
+
+
+def shard(x: jax.Array, *names: str | None) -> jax.Array:
+  """Hints the sharding of activation `x` by logical names (no-op without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  rules = spmd.get_logical_axis_rules() or LOGICAL_RULES
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+  """The sharding of input batches: leading axis over the batch axes."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
+  """NamedShardings for an (abstract) nnx.State from its logical metadata."""
+  with nnx.logical_axis_rules(rules):
+    return nnx.get_named_sharding(abstract_state, mesh)

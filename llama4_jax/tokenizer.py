@@ -1,0 +1,216 @@
+"""SentencePiece BPE tokenizer with Llama 4 special tokens and chat format.
+
+The real Llama 4 tokenizer (tiktoken, 202,048 ids) cannot be downloaded here,
+so we train small SentencePiece BPE models with the same special-token
+strings. Ids are ours: the special tokens come first, in `SPECIAL_TOKENS`
+order (so pad = 0, bos = 1, eos = 2), then `<unk>`, then the 256 byte-fallback
+pieces, then the learned merges. Every string decodes back exactly: no
+normalization, no dummy prefix, whitespace kept, unknown characters as bytes.
+"""
+
+from collections.abc import Iterable, Sequence
+import io
+import os
+import sys
+import tempfile
+
+from llama4_jax import data as data_lib
+import sentencepiece as spm
+
+PAD = '<|finetune_right_pad|>'
+BOS = '<|begin_of_text|>'
+EOS = '<|end_of_text|>'
+EOT = '<|eot|>'
+SPECIAL_TOKENS = (
+    PAD, BOS, EOS,
+    '<|header_start|>', '<|header_end|>', EOT, '<|eom|>',
+    '<|python_start|>', '<|python_end|>',
+    '<|image_start|>', '<|image_end|>', '<|image|>', '<|patch|>',
+    '<|tile_x_separator|>', '<|tile_y_separator|>',
+)
+# Sampled text for the built-in tokenizer: enough for a 4k vocab in seconds.
+DEFAULT_TRAIN_BYTES = 4_000_000
+
+
+class Tokenizer:
+  """A SentencePiece model plus the Llama 4 special-token conventions."""
+
+  def __init__(self, model_proto: bytes):
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    unk_id = self._sp.unk_id()
+    self._special_ids = {}
+    for name in SPECIAL_TOKENS:
+      token_id = self._sp.piece_to_id(name)
+      if token_id != unk_id:
+        self._special_ids[name] = token_id
+    for name in (PAD, BOS, EOS, EOT):
+      if name not in self._special_ids:
+        raise ValueError(
+            f'Tokenizer model lacks special token {name}; train one with '
+            'scripts/train_tokenizer.py.')
+
+  @classmethod
+  def load(cls, path: str) -> 'Tokenizer':
+    with open(path, 'rb') as f:
+      return cls(f.read())
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.vocab_size()
+
+  @property
+  def bos_id(self) -> int:
+    return self._special_ids[BOS]
+
+  @property
+  def eos_id(self) -> int:
+    return self._special_ids[EOS]
+
+  @property
+  def pad_id(self) -> int:
+    return self._special_ids[PAD]
+
+  @property
+  def eot_id(self) -> int:
+    return self._special_ids[EOT]
+
+  def special_token_id(self, name: str) -> int:
+    """Id of a special token, e.g. '<|header_start|>'."""
+    if name not in self._special_ids:
+      raise KeyError(f'Unknown special token {name!r}.')
+    return self._special_ids[name]
+
+  def encode(self, text: str, bos: bool = False, eos: bool = False
+             ) -> list[int]:
+    """Token ids of `text`; special-token strings become their single ids."""
+    ids = self._sp.encode(text)
+    return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """`encode` of many texts at once, in SentencePiece's C++ threads."""
+    return self._sp.encode(list(texts))
+
+  def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+    ids = [int(i) for i in ids]
+    if skip_special:
+      special = set(self._special_ids.values())
+      ids = [i for i in ids if i not in special]
+    return self._sp.decode(ids)
+
+  def format_chat(self, messages: Sequence[dict[str, str]],
+                  add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a Llama 4 chat, starting with exactly one BOS.
+
+    Each message is `<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>`;
+    the generation prompt is an open assistant header. The ids are built
+    piecewise rather than by encoding the templated string, so no second BOS
+    can sneak in (the HF pitfall in the architecture doc, section 7).
+
+    Args:
+      messages: dicts with 'role' ('system', 'user', 'assistant', 'ipython')
+        and 'content'.
+      add_generation_prompt: end with an assistant header for sampling.
+    """
+    ids = [self.bos_id]
+    for message in messages:
+      ids += self._header(message['role'])
+      ids += self.encode(message['content']) + [self.eot_id]
+    if add_generation_prompt:
+      ids += self._header('assistant')
+    return ids
+
+  def _header(self, role: str) -> list[int]:
+    return ([self.special_token_id('<|header_start|>')] + self.encode(role)
+            + [self.special_token_id('<|header_end|>')] + self.encode('\n\n'))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int,
+                    output_path: str | None = None) -> Tokenizer:
+  """Trains a BPE tokenizer on `texts`; writes it atomically if asked.
+
+  SentencePiece trains on lines, so newlines are never merged; they encode
+  as the byte piece <0x0A>, one token each.
+  """
+  lines = (line for text in texts for line in text.splitlines() if line)
+  model = io.BytesIO()
+  spm.set_random_generator_seed(0)  # Same corpus -> same model file.
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=lines,
+      model_writer=model,
+      model_type='bpe',
+      vocab_size=vocab_size,
+      user_defined_symbols=list(SPECIAL_TOKENS),  # Matched inside text.
+      unk_id=len(SPECIAL_TOKENS), bos_id=-1, eos_id=-1, pad_id=-1,
+      byte_fallback=True,
+      character_coverage=0.9995,  # Rare characters go to bytes.
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,  # Learn indentation runs.
+      split_digits=True,
+      max_sentence_length=1 << 14,
+      train_extremely_large_corpus=False,
+      num_threads=os.cpu_count() or 1,
+      minloglevel=2,
+  )
+  proto = model.getvalue()
+  if output_path:
+    _write_atomically(output_path, proto)
+  return Tokenizer(proto)
+
+
+def _write_atomically(path: str, content: bytes) -> None:
+  """Writes via a temp file + rename, so readers never see a partial file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp_path = tempfile.mkstemp(dir=directory, suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(content)
+    os.replace(tmp_path, path)
+  except BaseException:
+    os.unlink(tmp_path)
+    raise
+
+
+def builtin_tokenizer_path(cache_dir: str, vocab_size: int,
+                           max_bytes: int) -> str:
+  # The corpus is this interpreter's stdlib, so the version is in the key.
+  version = f'py{sys.version_info.major}{sys.version_info.minor}'
+  return os.path.join(
+      cache_dir, f'builtin_{version}_v{vocab_size}_b{max_bytes}.model')
+
+
+def load_or_train_builtin_tokenizer(cache_dir: str, vocab_size: int,
+                                    max_bytes: int = DEFAULT_TRAIN_BYTES
+                                    ) -> Tokenizer:
+  """Trains on the built-in corpus's train split once; reuses it after."""
+  path = builtin_tokenizer_path(cache_dir, vocab_size, max_bytes)
+  if os.path.exists(path):
+    return Tokenizer.load(path)
+  docs = data_lib.builtin_documents('train', max_bytes)
+  return train_tokenizer((text for _, text in docs), vocab_size, path)
+
+
+def load_tokenizer(data_config, vocab_size: int) -> Tokenizer:
+  """The tokenizer a data config asks for; checks it fits the model.
+
+  Args:
+    data_config: ConfigDict with `tokenizer` (path, empty = built-in) and
+      optionally `tokenizer_cache_dir` and `tokenizer_train_bytes`.
+    vocab_size: the model's vocabulary size; the built-in tokenizer is trained
+      to exactly this size, a given model may be smaller.
+  """
+  if data_config.tokenizer:
+    tokenizer = Tokenizer.load(data_config.tokenizer)
+  else:
+    cache_dir = data_config.get('tokenizer_cache_dir') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'llama4_jax')
+    tokenizer = load_or_train_builtin_tokenizer(
+        cache_dir, vocab_size,
+        data_config.get('tokenizer_train_bytes') or DEFAULT_TRAIN_BYTES)
+  if tokenizer.vocab_size > vocab_size:
+    raise ValueError(
+        f'Tokenizer has {tokenizer.vocab_size} ids but the model only '
+        f'{vocab_size}; raise model.vocab_size.')
+  return tokenizer
