@@ -20,6 +20,7 @@ from flax import nnx
 from orbax.checkpoint.experimental import v1 as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
+STATE = 'state'  # the checkpointable holding the pytree (Orbax's default name)
 
 
 def checkpoint_root(workdir: str) -> epath.Path:
@@ -95,14 +96,14 @@ def load_params(path, abstract_params: Mapping[str, jax.ShapeDtypeStruct]) -> di
   path = epath.Path(path)
   if not ocp.is_orbax_checkpoint(path):
     raise FileNotFoundError(f'{path} is not an Orbax checkpoint')
-  saved = ocp.pytree_metadata(path).metadata
+  saved = ocp.pytree_metadata(path, checkpointable_name=STATE).metadata
   if 'params' not in saved:
     raise ValueError(f'{path}: checkpoint has no "params" (entries: {sorted(saved)})')
   _check_matches(path, saved['params'], abstract_params)
   abstract = {key: (abstract_params if key == 'params' else
                     jax.tree.map(lambda _: ocp.PLACEHOLDER, value))
               for key, value in saved.items()}
-  return ocp.load(path, abstract)['params']
+  return ocp.load(path, abstract, checkpointable_name=STATE)['params']
 
 
 def _check_matches(path, saved: Mapping, abstract: Mapping):
@@ -121,17 +122,17 @@ def _check_matches(path, saved: Mapping, abstract: Mapping):
 def read_param(path, name: str) -> np.ndarray:
   """Loads one parameter of a checkpoint to host memory (for streaming export)."""
   path = epath.Path(path)
-  saved = ocp.pytree_metadata(path).metadata
+  saved = ocp.pytree_metadata(path, checkpointable_name=STATE).metadata
   abstract = jax.tree.map(lambda _: ocp.PLACEHOLDER, saved)
   meta = saved['params'][name]
   abstract['params'][name] = jax.ShapeDtypeStruct(
       meta.shape, meta.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0]))
-  return np.asarray(ocp.load(path, abstract)['params'][name])
+  return np.asarray(ocp.load(path, abstract, checkpointable_name=STATE)['params'][name])
 
 
 def param_names(path) -> dict[str, Any]:
   """{name: metadata with .shape and .dtype} of a checkpoint's params."""
-  return dict(ocp.pytree_metadata(epath.Path(path)).metadata['params'])
+  return dict(ocp.pytree_metadata(epath.Path(path), checkpointable_name=STATE).metadata['params'])
 
 
 def write_params_streaming(path, named_arrays: Iterable[tuple[str, np.ndarray]]):

@@ -402,3 +402,37 @@ def load_hf_model(hf_dir: str, **overrides) -> model_lib.Llama4:
   cfg = reader.config.replace(**overrides) if overrides else reader.config
   dtype = np.dtype(cfg.param_dtype) if cfg.param_dtype != 'bfloat16' else None
   return model_from_flat_params(cfg, dict(iter_our_params(reader, cfg, dtype)))
+
+
+# Whole conversions -----------------------------------------------------------------
+
+
+def hf_to_workdir(hf_dir: str, workdir: str, base_config=None):
+  """Converts an HF checkpoint into `workdir` (config.json + checkpoints/0), streaming."""
+  from configs import base
+  from llama4_jax import checkpoint, config_lib
+  reader = HFCheckpointReader(hf_dir)
+  reader.check_names_and_shapes()
+  stored_dtype = reader.get(GLOBAL_RULES['embed'].hf_suffix).dtype
+  cfg = reader.config.replace(param_dtype=str(stored_dtype) if stored_dtype.name in (
+      'float32', 'bfloat16', 'float16') else 'float32')
+  config = base_config if base_config is not None else base.get_config()
+  with config.unlocked():
+    config.model = dataclasses.asdict(cfg)
+  checkpoint.write_params_streaming(checkpoint.step_path(workdir, 0), iter_our_params(reader, cfg))
+  config_lib.save(config, workdir)
+  return cfg
+
+
+def workdir_to_hf(workdir: str, hf_dir: str, step: int | None = None,
+                  max_shard_bytes: int = 5 << 30) -> list[str]:
+  """Exports a workdir's checkpoint as HF safetensors + config.json, one tensor at a time."""
+  from llama4_jax import checkpoint, config_lib, workdir as workdir_lib
+  cfg = config_lib.model_config(config_lib.load(workdir))
+  path, _ = workdir_lib.resolve_checkpoint(workdir, step)
+  tensors = iter_hf_tensors(lambda name: checkpoint.read_param(path, name), cfg)
+  files = write_safetensors(hf_dir, tensors, max_shard_bytes)
+  hf_config = hf_text_config(cfg)
+  hf_config['torch_dtype'] = cfg.param_dtype
+  (epath.Path(hf_dir) / 'config.json').write_text(json.dumps(hf_config, indent=2))
+  return files

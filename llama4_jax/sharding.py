@@ -42,33 +42,38 @@ LOGICAL_RULES = (
 )
 
 
+def mesh_shape(shape: dict[str, int], num_devices: int) -> tuple[int, ...]:
+  """Sizes of `MESH_AXES` for `num_devices`; one size in `shape` may be -1 (the rest)."""
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f'mesh: unknown axes {sorted(unknown)}; axes are {MESH_AXES}')
+  sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
+  given = dict(zip(MESH_AXES, sizes))
+  if sizes.count(-1) > 1:
+    raise ValueError(f'mesh: at most one axis may be -1, got {given}')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'mesh: sizes must be positive or -1, got {given}')
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f'mesh: {num_devices} devices are not divisible by the fixed axes '
+                       f'{given} (product {known})')
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise ValueError(f'mesh: {given} needs {int(np.prod(sizes))} devices, but {num_devices} '
+                     f'are available')
+  return tuple(sizes)
+
+
 def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
-  """Builds a mesh over `MESH_AXES`; one size may be -1 to take the rest.
+  """Builds a mesh over `MESH_AXES` (see mesh_shape).
 
   Axes are Auto (GSPMD): jax 0.10 defaults to Explicit, under which the
   logical-rules style needs an out_sharding on every ambiguous op.
   """
   devices = jax.devices() if devices is None else devices
-  unknown = set(shape) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f'mesh: unknown axes {sorted(unknown)}; axes are {MESH_AXES}')
-  sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
-  if sizes.count(-1) > 1:
-    raise ValueError(f'mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
-  if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'mesh: sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}')
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(
-          f'mesh: {len(devices)} devices are not divisible by the fixed axes '
-          f'{dict(zip(MESH_AXES, sizes))} (product {known})')
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(
-        f'mesh: {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, '
-        f'but {len(devices)} are available')
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes),
+  sizes = mesh_shape(shape, len(devices))
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes),
                        devices=devices)
 
 
@@ -99,3 +104,9 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES
   """NamedShardings for an (abstract) nnx.State from its logical metadata."""
   with nnx.logical_axis_rules(rules):
     return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def put_on_mesh(module: nnx.Module, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES) -> nnx.Module:
+  """The module with every variable placed by its logical sharding on `mesh`."""
+  graphdef, state = nnx.split(module)
+  return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))

@@ -1,0 +1,24 @@
+"""Llama 4 Maverick (17B active, 128 experts, 400B total) pre-training shape.
+
+  python scripts/train.py --config=configs/maverick.py --workdir=$WORKDIR
+
+Experts sharded over the `expert` axis (8) and weights over `fsdp` (the rest);
+bf16 compute, full remat.
+"""
+
+from configs import base, common
+
+
+def get_config(arg=None):
+  config = base.get_config(arg)
+  config.model = common.model_preset('maverick')
+  config.mesh.expert = 8
+  config.mesh.fsdp = -1
+  config.data.seq_len = 8192
+  config.train.steps = 100_000
+  config.train.batch_size = 1024
+  config.train.checkpoint_every = 1000
+  config.train.eval_every = 1000
+  config.optim.lr = 2e-4
+  config.optim.warmup_steps = 2000
+  return config

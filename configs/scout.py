@@ -1,0 +1,25 @@
+"""Llama 4 Scout (17B active, 16 experts, 109B total) pre-training shape.
+
+  python scripts/train.py --config=configs/scout.py --workdir=$WORKDIR
+
+Sized for a TPU v5p-256 / 256 H100-class GPUs: FSDP over all devices, bf16
+compute, full remat. Fine-tune a converted checkpoint with
+--config.train.init_from=$CONVERTED_WORKDIR.
+"""
+
+from configs import base, common
+
+
+def get_config(arg=None):
+  config = base.get_config(arg)
+  config.model = common.model_preset('scout')
+  config.mesh.fsdp = -1
+  config.data.seq_len = 8192
+  config.train.steps = 100_000
+  config.train.batch_size = 512
+  config.train.checkpoint_every = 1000
+  config.train.eval_every = 1000
+  config.optim.lr = 3e-4
+  config.optim.warmup_steps = 2000
+  config.optim.weight_decay = 0.1
+  return config

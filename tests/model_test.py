@@ -1,0 +1,127 @@
+"""The text model against transformers, on one device and on the 8-device mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hf_reference
+from llama4_jax import hf_convert, sharding
+from llama4_jax import model as model_lib
+
+ATOL = 1e-4
+
+
+def converted(tmp_path, hf_model, shard_size='100KB'):
+  """Saves the HF model in several safetensors shards and converts it back in memory."""
+  hf_model.save_pretrained(tmp_path / 'hf', max_shard_size=shard_size)
+  assert len(list((tmp_path / 'hf').glob('*.safetensors'))) > 1
+  return hf_convert.load_hf_model(str(tmp_path / 'hf'))
+
+
+def inputs(batch=2, length=60, pad=5, seed=0):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, 128, (batch, length))
+  mask = np.ones((batch, length), np.int32)
+  mask[1, :pad] = 0
+  tokens[1, :pad] = 0
+  return tokens, mask
+
+
+def assert_matches_hf(ours, ref, mask):
+  valid = mask.astype(bool)
+  assert np.abs(ref).max() > 3, 'reference logits too small to catch bugs'
+  np.testing.assert_allclose(ours[valid], ref[valid], atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize('top_k', [1, 2])
+def test_logits_match_transformers(tmp_path, top_k):
+  hf = hf_reference.text_model(num_experts_per_tok=top_k)
+  model = converted(tmp_path, hf)
+  tokens, mask = inputs()
+  ref = hf_reference.text_logits(hf, tokens, mask)
+  ours, _ = model(jnp.asarray(tokens), jnp.asarray(mask))
+  assert_matches_hf(np.asarray(ours), ref, mask)
+
+
+def test_no_padding_matches_default_positions(tmp_path):
+  hf = hf_reference.text_model()
+  model = converted(tmp_path, hf)
+  tokens, _ = inputs(pad=0)
+  ours, _ = model(jnp.asarray(tokens))
+  assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens), np.ones_like(tokens))
+
+
+def test_irregular_layer_pattern_matches_transformers(tmp_path):
+  """MoE and RoPE lists that are not periodic: stages of scanned and single layers."""
+  overrides = dict(num_hidden_layers=7, moe_layers=[0, 2, 3, 5], no_rope_layers=[1, 0, 1, 0, 1, 0, 1])
+  hf = hf_reference.text_model(**overrides)
+  model = converted(tmp_path, hf)
+  stages = model.cfg.stages()
+  assert any(stage.repeats > 1 for stage in stages) and sum(
+      len(s.kinds) * s.repeats for s in stages) == 7
+  tokens, mask = inputs()
+  ours, _ = model(jnp.asarray(tokens), jnp.asarray(mask))
+  assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens, mask), mask)
+
+
+@pytest.mark.parametrize('mesh_shape', [
+    dict(data=2, fsdp=2, tensor=2),
+    dict(fsdp=2, expert=2, tensor=2),
+])
+def test_sharded_logits_match_transformers(tmp_path, devices, mesh_shape):
+  hf = hf_reference.text_model(num_experts_per_tok=2)
+  mesh = sharding.make_mesh(mesh_shape)
+  model = sharding.put_on_mesh(converted(tmp_path, hf), mesh)
+  kernel = model.stages[0].layers[0].ffn.wi_gate
+  assert len(kernel[...].sharding.device_set) == 8
+  tokens, mask = inputs(batch=8)
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, tokens, mask):
+    logits, _ = nnx.merge(graphdef, state)(tokens, mask)
+    return logits
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+    batch = sharding.batch_sharding(mesh)
+    ours = forward(state, jax.device_put(tokens, batch), jax.device_put(mask, batch))
+  assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens, mask), mask)
+
+
+def test_layer_stages_cover_every_layer():
+  R, N = model_lib.LayerKind(True, True), model_lib.LayerKind(False, True)
+  d = model_lib.LayerKind(True, False)
+  assert model_lib.layer_stages((R, R, R, N) * 12) == (model_lib.Stage((R, R, R, N), 12),)
+  stages = model_lib.layer_stages((d, R, N, R, N, R, N, d))
+  assert [len(s.kinds) * s.repeats for s in stages] == [1, 6, 1]
+  assert model_lib.layer_stages((R, N, d)) == (model_lib.Stage((R, N, d), 1),)
+
+
+@pytest.mark.parametrize('name,total', [('scout', 107_769_861_120), ('maverick', 400_711_848_960)])
+def test_preset_parameter_counts(name, total):
+  cfg = model_lib.PRESETS[name]
+  abstract = model_lib.abstract_model(cfg)
+  assert model_lib.count_params(nnx.state(abstract, nnx.Param)) == total
+  assert cfg.stages() == (model_lib.Stage(cfg.layer_kinds()[:4], 12),)
+
+
+def test_every_parameter_has_known_logical_axes():
+  state = nnx.state(model_lib.abstract_model(model_lib.PRESETS['maverick']), nnx.Param)
+  table = dict(sharding.LOGICAL_RULES)
+  for path, var in nnx.to_flat_state(state):
+    names = var.out_sharding
+    assert names is not None and len(names) == var.shape.__len__(), path
+    assert all(n is None or n in table for n in names), (path, names)
+    if path[0] == 'stages':
+      assert names[0] == 'layers', path
+
+
+def test_bad_model_config_names_the_field():
+  with pytest.raises(ValueError, match='num_kv_heads'):
+    model_lib.ModelConfig(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match='no_rope_layers'):
+    model_lib.ModelConfig(num_layers=3)
+  with pytest.raises(ValueError, match='moe_layers'):
+    model_lib.ModelConfig(moe_layers=(7,))
