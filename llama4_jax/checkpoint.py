@@ -9,7 +9,8 @@ readable, let one leaf be loaded alone, and let a converter write a checkpoint
 one tensor at a time (`write_params_streaming`).
 """
 
-import os
+import ctypes
+import gc
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -148,4 +149,16 @@ def write_params_streaming(path, named_arrays: Iterable[tuple[str, np.ndarray]])
   path.parent.mkdir(parents=True, exist_ok=True)
   for name, array in named_arrays:
     ocp.partial.save(path, {'params': {name: array}})
+    del array
+    _release_freed_memory()
   ocp.partial.finalize(path)
+
+
+def _release_freed_memory():
+  """Hands freed heap pages back to the OS (glibc keeps them otherwise, so RSS
+  would grow towards the model size although only one tensor is alive)."""
+  gc.collect()
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except OSError:  # not glibc
+    pass

@@ -73,7 +73,7 @@ def model_config_from_hf(hf: dict[str, Any], source: str = 'config.json',
         attention_chunk_size=int(get('attention_chunk_size', 0) or 0),
         # Early hub configs carry the int 4 here; it means "on".
         attn_temperature_tuning=bool(get('attn_temperature_tuning', True)),
-        floor_scale=float(get('floor_scale', 8192)), attn_scale=float(get('attn_scale', 0.1)),
+        floor_scale=int(get('floor_scale', 8192)), attn_scale=float(get('attn_scale', 0.1)),
         rms_norm_eps=float(get('rms_norm_eps', 1e-5)),
         max_position_embeddings=int(get('max_position_embeddings', 131072)),
         initializer_range=float(get('initializer_range', 0.02)),
@@ -318,9 +318,15 @@ def iter_our_params(reader: HFCheckpointReader, cfg: model_lib.ModelConfig,
     for j, kind in enumerate(stage.kinds):
       layers = [i for i, (si, _, ji) in enumerate(index_map) if si == s and ji == j]
       for ours, rule in layer_rules(cfg, kind.is_moe).items():
-        slices = [rule.to_ours(reader.get(f'model.layers.{i}.{rule.hf_suffix}')) for i in layers]
-        yield f'stages.{s}.layers.{j}.{ours}', cast(np.stack(slices))
-        del slices
+        stacked = None
+        for r, i in enumerate(layers):  # fill slice by slice: one HF tensor alive at a time
+          piece = cast(rule.to_ours(reader.get(f'model.layers.{i}.{rule.hf_suffix}')))
+          if stacked is None:
+            stacked = np.empty((len(layers),) + piece.shape, piece.dtype)
+          stacked[r] = piece
+          del piece
+        yield f'stages.{s}.layers.{j}.{ours}', stacked
+        del stacked
 
 
 def iter_hf_tensors(get_param: Callable[[str], np.ndarray],

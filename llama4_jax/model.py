@@ -39,7 +39,7 @@ class ModelConfig:
   use_qk_norm: bool = True               # weightless RMS norm of q, k on RoPE layers
   attention_chunk_size: int = 8          # chunked local attention on RoPE layers; 0 = off
   attn_temperature_tuning: bool = True   # query temperature on NoPE layers
-  floor_scale: float = 2.0
+  floor_scale: int = 2
   attn_scale: float = 0.5
   rope_theta: float = 10000.0
   rope_type: str = 'llama3'              # 'default' or 'llama3'
@@ -192,7 +192,7 @@ _PRESET_COMMON = dict(
     vocab_size=202048, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
     intermediate_size=8192, intermediate_size_mlp=16384, num_experts_per_tok=1,
     no_rope_layers=(1, 1, 1, 0) * 12, attention_chunk_size=8192, attn_temperature_tuning=True,
-    floor_scale=8192.0, attn_scale=0.1, rope_theta=500000.0, rms_norm_eps=1e-5,
+    floor_scale=8192, attn_scale=0.1, rope_theta=500000.0, rms_norm_eps=1e-5,
     bos_token_id=200000, eos_token_ids=(200001, 200007, 200008), pad_token_id=200018,
     dtype='bfloat16', remat='full')
 
@@ -204,7 +204,7 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
         intermediate_size=128, intermediate_size_mlp=256, num_experts=4, num_experts_per_tok=1,
         moe_layers=(1, 3), no_rope_layers=(1, 1, 1, 0), attention_chunk_size=64,
-        floor_scale=64.0, attn_scale=0.1, rope_theta=10000.0, rope_type='default',
+        floor_scale=64, attn_scale=0.1, rope_theta=10000.0, rope_type='default',
         max_position_embeddings=4096),
     'scout': ModelConfig(
         **_PRESET_COMMON, num_experts=16, moe_layers=tuple(range(48)), use_qk_norm=True,

@@ -4,8 +4,9 @@ The real Llama 4 tokenizer (tiktoken, 202,048 ids) cannot be downloaded here,
 so we train small SentencePiece BPE models with the same special-token
 strings. Ids are ours: the special tokens come first, in `SPECIAL_TOKENS`
 order (so pad = 0, bos = 1, eos = 2), then `<unk>`, then the 256 byte-fallback
-pieces, then the learned merges. Every string decodes back exactly: no
-normalization, no dummy prefix, whitespace kept, unknown characters as bytes.
+pieces, then the learned merges. Text decodes back exactly (no normalization,
+no dummy prefix, whitespace kept, unknown characters as bytes), except that
+SentencePiece's own space mark U+2581 comes back as a space.
 """
 
 from collections.abc import Iterable, Sequence
@@ -84,7 +85,11 @@ class Tokenizer:
              ) -> list[int]:
     """Token ids of `text`; special-token strings become their single ids."""
     ids = self._sp.encode(text)
-    return [self.bos_id] * bos + ids + [self.eos_id] * eos
+    if bos:
+      ids = [self.bos_id] + ids
+    if eos:
+      ids = ids + [self.eos_id]
+    return ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """`encode` of many texts at once, in SentencePiece's C++ threads."""
@@ -101,10 +106,10 @@ class Tokenizer:
                   add_generation_prompt: bool = True) -> list[int]:
     """Token ids of a Llama 4 chat, starting with exactly one BOS.
 
-    Each message is `<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>`;
-    the generation prompt is an open assistant header. The ids are built
-    piecewise rather than by encoding the templated string, so no second BOS
-    can sneak in (the HF pitfall in the architecture doc, section 7).
+    Each message is `<|header_start|>{role}<|header_end|>`, two newlines,
+    `{content}<|eot|>`; the generation prompt is an open assistant header.
+    The ids are built piecewise rather than by encoding a templated string,
+    so no second BOS can sneak in (architecture doc, section 7).
 
     Args:
       messages: dicts with 'role' ('system', 'user', 'assistant', 'ipython')
@@ -129,11 +134,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
   """Trains a BPE tokenizer on `texts`; writes it atomically if asked.
 
   SentencePiece trains on lines, so newlines are never merged; they encode
-  as the byte piece <0x0A>, one token each.
+  as the byte piece <0x0A>, one token each. `vocab_size` must exceed the 272
+  fixed pieces (specials, <unk>, bytes) plus the corpus's common characters.
   """
   lines = (line for text in texts for line in text.splitlines() if line)
   model = io.BytesIO()
-  spm.set_random_generator_seed(0)  # Same corpus -> same model file.
+  spm.set_random_generator_seed(0)  # Same corpus -> same pieces and ids.
   spm.SentencePieceTrainer.train(
       sentence_iterator=lines,
       model_writer=model,
@@ -188,24 +194,28 @@ def load_or_train_builtin_tokenizer(cache_dir: str, vocab_size: int,
   path = builtin_tokenizer_path(cache_dir, vocab_size, max_bytes)
   if os.path.exists(path):
     return Tokenizer.load(path)
-  docs = data_lib.builtin_documents('train', max_bytes)
-  return train_tokenizer((text for _, text in docs), vocab_size, path)
+  return train_tokenizer(data_lib.read_texts('', max_bytes), vocab_size, path)
 
 
-def load_tokenizer(data_config, vocab_size: int) -> Tokenizer:
+def load_tokenizer(data_config, vocab_size: int,
+                   default_cache_dir: str = '') -> Tokenizer:
   """The tokenizer a data config asks for; checks it fits the model.
 
   Args:
-    data_config: ConfigDict with `tokenizer` (path, empty = built-in) and
-      optionally `tokenizer_cache_dir` and `tokenizer_train_bytes`.
+    data_config: ConfigDict with `tokenizer` (a .model path; empty = the
+      built-in one) and optionally `tokenizer_cache` (its directory) and
+      `tokenizer_train_bytes`.
     vocab_size: the model's vocabulary size; the built-in tokenizer is trained
       to exactly this size, a given model may be smaller.
+    default_cache_dir: used when `tokenizer_cache` is empty, e.g.
+      <workdir>/tokenizer; empty = ~/.cache/llama4_jax.
   """
   if data_config.tokenizer:
     tokenizer = Tokenizer.load(data_config.tokenizer)
   else:
-    cache_dir = data_config.get('tokenizer_cache_dir') or os.path.join(
-        os.path.expanduser('~'), '.cache', 'llama4_jax')
+    cache_dir = (data_config.get('tokenizer_cache') or default_cache_dir
+                 or os.path.join(os.path.expanduser('~'), '.cache',
+                                 'llama4_jax'))
     tokenizer = load_or_train_builtin_tokenizer(
         cache_dir, vocab_size,
         data_config.get('tokenizer_train_bytes') or DEFAULT_TRAIN_BYTES)

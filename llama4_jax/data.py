@@ -1,0 +1,392 @@
+"""Input pipeline: documents -> token pieces -> packed [B, S] batches (grain).
+
+Documents come from the built-in corpus (this interpreter's standard-library
+sources and pydoc topics, so nothing is downloaded) or from user files:
+
+  * text files (any other extension): one document per file;
+  * `.jsonl`: one document per line, from its string field `text`;
+  * `.npy`: a 1-D integer token stream, see `split_at_eos`.
+
+Each document becomes [BOS] + tokens + [EOS] and is cut into pieces of at most
+S + 1 tokens (`split_document`). Pieces are sharded over processes, shuffled
+(a new order each epoch) and packed first-fit into rows of S + 1 tokens; a row
+gives `inputs = row[:-1]` and `targets = row[1:]`. Batches are dicts of numpy
+arrays of shape [B, S], B = batch_size // process_count per process:
+
+  inputs, targets: int32 token ids, pad_id in the padding.
+  segment_ids: int32, 1, 2, ... per piece within the row, 0 = padding.
+  positions: int32, restarting at 0 at the start of each piece.
+  weights: float32, 1 where the target follows the input in the same piece.
+
+Everything is tokenized up front and held in memory: fine for the corpora a
+2-core CPU or a small research run uses (about 4 bytes per token).
+"""
+
+import functools
+import glob
+import hashlib
+import itertools
+import json
+import os
+import sysconfig
+
+import grain
+import numpy as np
+
+VALIDATION_FRACTION = 0.02
+# Vendored packages and test suites are not the stdlib's own prose and code.
+_SKIP_DIRS = frozenset(
+    {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test',
+     '__pycache__'})
+# Its text is added per topic, as prose, rather than as one quoted dict.
+_SKIP_FILES = frozenset({'pydoc_data/topics.py'})
+
+
+class DataError(ValueError):
+  """Bad input data; the message names the file and what is wrong."""
+
+
+# ---------------------------------------------------------------- built-in ---
+
+
+def _split_and_key(name: str) -> tuple[str, int]:
+  """Stable split and sort key of a document name (no Python hash seed)."""
+  key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], 'big')
+  is_eval = key % 10_000 < VALIDATION_FRACTION * 10_000
+  return ('validation' if is_eval else 'train'), key
+
+
+def _read_stdlib_file(path: str) -> str:
+  with open(path, encoding='utf-8', errors='replace') as f:
+    return f.read()
+
+
+def _builtin_loaders() -> dict[str, functools.partial]:
+  """Name -> zero-argument loader of every built-in document."""
+  from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+  stdlib = sysconfig.get_paths()['stdlib']
+  loaders = {}
+  for root, dirs, files in os.walk(stdlib):
+    dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
+    for name in files:
+      path = os.path.join(root, name)
+      rel_path = os.path.relpath(path, stdlib).replace(os.sep, '/')
+      if name.endswith('.py') and rel_path not in _SKIP_FILES:
+        loaders[rel_path] = functools.partial(_read_stdlib_file, path)
+  for topic in topics.topics:
+    loaders[f'pydoc_data/topics/{topic}'] = functools.partial(
+        topics.topics.get, topic)
+  return loaders
+
+
+def builtin_documents(split: str, max_bytes: int) -> list[tuple[str, str]]:
+  """(name, text) of a built-in split, up to `max_bytes` of UTF-8 (0 = all).
+
+  Documents go to 'train' or 'validation' by a hash of their relative path,
+  and are taken in hash order, so the split and the subset under a cap are
+  the same on every machine with the same Python version.
+  """
+  if split not in ('train', 'validation'):
+    raise ValueError(f'Unknown split {split!r}.')
+  keyed = []
+  for name, load in _builtin_loaders().items():
+    doc_split, key = _split_and_key(name)
+    if doc_split == split:
+      keyed.append((key, name, load))
+  docs, total = [], 0
+  for _, name, load in sorted(keyed, key=lambda t: t[:2]):
+    text = load()
+    size = len(text.encode())
+    if not text.strip():
+      continue
+    if max_bytes and docs and total + size > max_bytes:
+      break
+    docs.append((name, text))
+    total += size
+  return docs
+
+
+# ------------------------------------------------------------- user files ---
+
+
+def expand_globs(patterns: str) -> list[str]:
+  """Sorted files matching a comma-separated list of globs (`**` allowed)."""
+  paths = []
+  for pattern in (p.strip() for p in patterns.split(',')):
+    if not pattern:
+      continue
+    matches = glob.glob(os.path.expanduser(pattern), recursive=True)
+    matches = sorted(m for m in matches if os.path.isfile(m))
+    if not matches:
+      raise DataError(f'No files match {pattern!r}.')
+    paths += matches
+  if not paths:
+    raise DataError(f'No data files given ({patterns!r}).')
+  return list(dict.fromkeys(paths))
+
+
+def _check_not_empty(path: str) -> None:
+  if os.path.getsize(path) == 0:
+    raise DataError(f'{path}: file is empty.')
+
+
+def _read_text(path: str) -> str:
+  _check_not_empty(path)
+  with open(path, 'rb') as f:
+    raw = f.read()
+  try:
+    return raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise DataError(
+        f'{path}: invalid UTF-8 at byte offset {e.start} ({e.reason}).'
+    ) from None
+
+
+def _read_jsonl(path: str) -> list[str]:
+  texts = []
+  # Not splitlines(): it also splits at U+2028 etc. inside JSON strings.
+  for line_no, line in enumerate(_read_text(path).split('\n'), start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f'{path}:{line_no}: invalid JSON ({e.msg}).') from None
+    if not isinstance(record, dict) or not isinstance(record.get('text'), str):
+      raise DataError(
+          f'{path}:{line_no}: expected an object with a string "text" field.')
+    texts.append(record['text'])
+  if not texts:
+    raise DataError(f'{path}: file has no JSON lines.')
+  return texts
+
+
+def split_at_eos(tokens: np.ndarray, bos_id: int, eos_id: int
+                 ) -> list[np.ndarray]:
+  """Documents of a token stream: it is cut after every EOS.
+
+  A BOS is prepended to each document that does not start with one, and an
+  EOS appended to a trailing document that does not end with one; so an
+  array without EOS is one document.
+  """
+  docs = []
+  for doc in np.split(tokens, np.flatnonzero(tokens == eos_id) + 1):
+    if doc.size == 0:
+      continue
+    if doc[0] != bos_id:
+      doc = np.concatenate([[bos_id], doc])
+    if doc[-1] != eos_id:
+      doc = np.concatenate([doc, [eos_id]])
+    docs.append(doc.astype(np.int32))
+  return docs
+
+
+def _read_tokens(path: str, vocab_size: int) -> np.ndarray:
+  """A validated 1-D token array from a `.npy` file."""
+  _check_not_empty(path)
+  try:
+    tokens = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise DataError(f'{path}: not a readable .npy array ({e}).') from None
+  if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+    raise DataError(f'{path}: expected a 1-D integer array, got '
+                    f'{tokens.dtype} of shape {tokens.shape}.')
+  if tokens.size == 0:
+    raise DataError(f'{path}: token array is empty.')
+  bad = (tokens < 0) | (tokens >= vocab_size)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise DataError(f'{path}: token id {tokens[i]} at index {i} is outside '
+                    f'the vocabulary (size {vocab_size}).')
+  return tokens
+
+
+# ----------------------------------------------------------------- tokens ---
+
+
+def _encode_texts(texts: list[str], tokenizer) -> list[np.ndarray]:
+  bos, eos = [tokenizer.bos_id], [tokenizer.eos_id]
+  return [np.array(bos + ids + eos, np.int32)
+          for ids in tokenizer.encode_batch(texts)]
+
+
+def _file_texts(path: str) -> list[str]:
+  return _read_jsonl(path) if path.endswith('.jsonl') else [_read_text(path)]
+
+
+def read_texts(files: str, max_bytes: int = 0) -> list[str]:
+  """Texts of text and `.jsonl` files, or of the built-in train split.
+
+  Args:
+    files: comma-separated globs; empty = the built-in corpus train split.
+    max_bytes: read texts while they total at most this much UTF-8 (0 = all).
+  """
+  if not files:
+    return [text for _, text in builtin_documents('train', max_bytes)]
+  texts, total = [], 0
+  for path in expand_globs(files):
+    if path.endswith('.npy'):
+      raise DataError(f'{path}: token arrays have no text to read.')
+    for text in _file_texts(path):
+      total += len(text.encode())
+      if max_bytes and texts and total > max_bytes:
+        return texts
+      texts.append(text)
+  return texts
+
+
+def load_documents(files: str, tokenizer, *, builtin_split: str,
+                   builtin_max_bytes: int) -> list[np.ndarray]:
+  """Token arrays [BOS, ..., EOS] of all documents; empty `files` = built-in."""
+  if not files:
+    docs = builtin_documents(builtin_split, builtin_max_bytes)
+    return _encode_texts([text for _, text in docs], tokenizer)
+  docs = []
+  for path in expand_globs(files):
+    if path.endswith('.npy'):
+      tokens = _read_tokens(path, tokenizer.vocab_size)
+      docs += split_at_eos(tokens, tokenizer.bos_id, tokenizer.eos_id)
+    else:
+      docs += _encode_texts(_file_texts(path), tokenizer)
+  return docs
+
+
+def split_document(doc: np.ndarray, max_len: int) -> list[np.ndarray]:
+  """Pieces of at most `max_len` tokens; neighbouring pieces share a token.
+
+  The shared token is the last target of one piece and the first input of
+  the next, so each next-token prediction of the document is made once.
+  """
+  stride = max_len - 1
+  return [doc[i:i + max_len] for i in range(0, max(len(doc) - 1, 1), stride)]
+
+
+def _load_pieces(files: str, tokenizer, *, split: str, max_bytes: int,
+                 seq_len: int) -> list[np.ndarray]:
+  docs = load_documents(files, tokenizer, builtin_split=split,
+                        builtin_max_bytes=max_bytes)
+  return [piece for doc in docs for piece in split_document(doc, seq_len + 1)]
+
+
+# ---------------------------------------------------------------- batches ---
+
+
+def _as_packable(tokens: np.ndarray) -> dict[str, np.ndarray]:
+  return {'tokens': tokens}
+
+
+def _pack(pieces: grain.MapDataset, *, seq_len: int, pad_id: int,
+          num_bins: int, seed: int, shuffle: bool) -> grain.IterDataset:
+  """Rows of S + 1 tokens with `tokens_segment_ids` and `tokens_positions`."""
+  # In-memory data: reader threads would only contend for the GIL.
+  read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  return grain.experimental.FirstFitPackIterDataset(
+      pieces.map(_as_packable).to_iter_dataset(read_options),
+      length_struct={'tokens': seq_len + 1},
+      num_packing_bins=num_bins,
+      seed=seed,
+      shuffle_bins=shuffle,
+      padding_struct={'tokens': pad_id})
+
+
+def _pad_rows(packed: dict[str, np.ndarray], *, rows: int, pad_id: int
+              ) -> dict[str, np.ndarray]:
+  """Pads a final partial batch with empty rows (segment 0)."""
+  def pad(key, x):
+    value = pad_id if key == 'tokens' else 0
+    return np.pad(x, ((0, rows - len(x)), (0, 0)), constant_values=value)
+  return {key: pad(key, x) for key, x in packed.items()}
+
+
+def _to_features(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Packed rows of S + 1 tokens (R) -> model inputs and targets of S."""
+  tokens_BR = packed['tokens'].astype(np.int32)
+  segments_BR = packed['tokens_segment_ids'].astype(np.int32)
+  positions_BR = packed['tokens_positions'].astype(np.int32)
+  same_piece_BS = ((segments_BR[:, 1:] == segments_BR[:, :-1])
+                   & (segments_BR[:, 1:] > 0))
+  return {
+      'inputs': tokens_BR[:, :-1],
+      'targets': tokens_BR[:, 1:],
+      'segment_ids': segments_BR[:, :-1],
+      'positions': positions_BR[:, :-1],
+      'weights': same_piece_BS.astype(np.float32),
+  }
+
+
+def _local_batch_size(batch_size: int, process_count: int) -> int:
+  if batch_size % process_count:
+    raise ValueError(f'batch_size {batch_size} is not divisible by '
+                     f'process_count {process_count}.')
+  return batch_size // process_count
+
+
+def _num_bins(data_config, batch_size: int) -> int:
+  # More bins pack tighter (less padding) for a little memory and latency.
+  return data_config.get('packing_bins', 0) or max(4 * batch_size, 64)
+
+
+def make_train_iterator(data_config, tokenizer, *, batch_size: int,
+                        seq_len: int, seed: int, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """Infinite iterator of shuffled, packed training batches for one process.
+
+  Pieces are sharded round-robin over processes and reshuffled every epoch.
+  Checkpoint the iterator with `get_state()` / `set_state()` (a JSON-able
+  dict); a restored iterator continues with exactly the same batches.
+
+  Args:
+    data_config: ConfigDict with `train_files` (empty = built-in train split),
+      `builtin_max_bytes` and optionally `packing_bins`.
+    tokenizer: a `tokenizer.Tokenizer`.
+    batch_size: global batch size; each process gets batch_size //
+      process_count rows.
+    seq_len: S, the model's sequence length.
+    seed: seed of the shuffles; same seed, same batches.
+    process_index: this process, in [0, process_count).
+    process_count: number of processes sharing the data.
+  """
+  local_batch = _local_batch_size(batch_size, process_count)
+  pieces = _load_pieces(data_config.train_files, tokenizer, split='train',
+                        max_bytes=data_config.builtin_max_bytes,
+                        seq_len=seq_len)
+  num_tokens = sum(len(p) for p in pieces[process_index::process_count])
+  needed = local_batch * (seq_len + 1)
+  if num_tokens < needed:
+    source = data_config.train_files or 'the built-in corpus (train split)'
+    raise DataError(
+        f'{source} is too small for one batch: process {process_index} of '
+        f'{process_count} has {num_tokens} tokens, one batch of {local_batch} '
+        f'x {seq_len + 1} needs {needed}.')
+  seed %= 2**32  # grain's shuffle takes 32-bit seeds.
+  ds = grain.MapDataset.source(pieces)[process_index::process_count]
+  ds = _pack(ds.shuffle(seed).repeat(), seq_len=seq_len,
+             pad_id=tokenizer.pad_id, seed=seed, shuffle=True,
+             num_bins=_num_bins(data_config, local_batch))
+  return iter(ds.batch(local_batch, drop_remainder=True).map(_to_features))
+
+
+def make_eval_batches(data_config, tokenizer, *, batch_size: int,
+                      seq_len: int, max_batches: int | None = None,
+                      process_index: int = 0, process_count: int = 1
+                      ) -> list[dict[str, np.ndarray]]:
+  """Deterministic evaluation batches, in corpus order, for one process.
+
+  Arguments are those of `make_train_iterator`, with `eval_files` (empty =
+  built-in validation split) in `data_config`, and `max_batches` (None or 0 =
+  all). Every process builds the same global batches and keeps its rows, so
+  all get the same number of batches. The last batch is padded with empty
+  rows (weights 0) to keep shapes static.
+  """
+  local_batch = _local_batch_size(batch_size, process_count)
+  pieces = _load_pieces(data_config.eval_files, tokenizer, split='validation',
+                        max_bytes=data_config.builtin_max_bytes,
+                        seq_len=seq_len)
+  ds = _pack(grain.MapDataset.source(pieces), seq_len=seq_len,
+             pad_id=tokenizer.pad_id, seed=0, shuffle=False,
+             num_bins=_num_bins(data_config, batch_size))
+  ds = ds.batch(batch_size).map(functools.partial(
+      _pad_rows, rows=batch_size, pad_id=tokenizer.pad_id)).map(_to_features)
+  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  return [{key: x[rows] for key, x in batch.items()}
+          for batch in itertools.islice(ds, max_batches or None)]

@@ -1,0 +1,188 @@
+"""HF <-> llama4_jax checkpoint conversion: exactness, streaming and bad inputs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+import hf_reference
+from llama4_jax import hf_convert
+from llama4_jax import model as model_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args):
+  return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', name), *args],
+                        capture_output=True, text=True, cwd=REPO)
+
+
+def read_all(hf_dir):
+  out = {}
+  for file in sorted(os.listdir(hf_dir)):
+    if file.endswith('.safetensors'):
+      with safe_open(os.path.join(hf_dir, file), 'np') as f:
+        out.update({name: f.get_tensor(name) for name in f.keys()})
+  return out
+
+
+@pytest.fixture(scope='module')
+def hf_checkpoint(tmp_path_factory):
+  """A 2-expert-per-token HF checkpoint saved in several shards."""
+  path = tmp_path_factory.mktemp('hf')
+  model = hf_reference.text_model(num_experts_per_tok=2)
+  model.save_pretrained(path, max_shard_size='100KB')
+  return path, model
+
+
+def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, hf_checkpoint):
+  hf_dir, hf_model = hf_checkpoint
+  result = run_script('convert_checkpoint.py', f'--hf_dir={hf_dir}', f'--workdir={tmp_path}/ours')
+  assert result.returncode == 0, result.stderr
+  result = run_script('convert_checkpoint.py', '--to_hf', f'--workdir={tmp_path}/ours',
+                      f'--hf_dir={tmp_path}/back', '--max_shard_gb=0.0001')
+  assert result.returncode == 0, result.stderr
+  original, back = read_all(hf_dir), read_all(tmp_path / 'back')
+  assert sorted(original) == sorted(back)
+  for name, tensor in original.items():
+    assert back[name].dtype == tensor.dtype and np.array_equal(back[name], tensor), name
+  assert len(list((tmp_path / 'back').glob('*.safetensors'))) > 1
+
+  reloaded = transformers.Llama4ForCausalLM.from_pretrained(tmp_path / 'back').eval()
+  tokens = np.random.default_rng(1).integers(0, 128, (1, 40))
+  np.testing.assert_array_equal(hf_reference.text_logits(reloaded, tokens),
+                                hf_reference.text_logits(hf_model, tokens))
+
+
+def test_multimodal_checkpoint_text_part_converts(tmp_path, hf_checkpoint):
+  """Tensors under `language_model.` with a `llama4` config (vision tensors are skipped)."""
+  hf_dir, _ = hf_checkpoint
+  tensors = {f'language_model.{k}': v for k, v in read_all(hf_dir).items()}
+  tensors['vision_model.class_embedding'] = np.zeros(8, np.float32)
+  (tmp_path / 'mm').mkdir()
+  save_file(tensors, str(tmp_path / 'mm' / 'model.safetensors'))
+  text = json.loads((hf_dir / 'config.json').read_text())
+  (tmp_path / 'mm' / 'config.json').write_text(json.dumps(
+      {'model_type': 'llama4', 'text_config': text, 'vision_config': {}}))
+  direct = hf_convert.load_hf_model(str(hf_dir))
+  via_mm = hf_convert.load_hf_model(str(tmp_path / 'mm'))
+  tokens = np.arange(20)[None] % 128
+  np.testing.assert_array_equal(np.asarray(direct(tokens)[0]), np.asarray(via_mm(tokens)[0]))
+
+
+def test_config_fields_survive_hf_round_trip():
+  for name in ('scout', 'maverick', 'parity'):
+    cfg = model_lib.PRESETS[name]
+    again = hf_convert.model_config_from_hf(hf_convert.hf_text_config(cfg))
+    fields = ('dtype', 'param_dtype', 'remat', 'moe_dispatch', 'scan_layers')
+    assert again.replace(**{f: getattr(cfg, f) for f in fields}) == cfg, name
+
+
+def test_legacy_hf4_config_keys(hf_checkpoint):
+  hf_dir, _ = hf_checkpoint
+  c = json.loads((hf_dir / 'config.json').read_text())
+  rope = c.pop('rope_parameters')
+  c['rope_theta'] = rope.pop('rope_theta')
+  c['rope_scaling'] = rope
+  c['attn_temperature_tuning'] = 4  # as in early hub configs
+  cfg = hf_convert.model_config_from_hf(c)
+  assert cfg.rope_type == 'llama3' and cfg.rope_factor == 8.0 and cfg.attn_temperature_tuning
+
+
+# Bad inputs: each a one-line error naming the file, tensor or field ------------
+
+
+def copy_checkpoint(src, dst):
+  dst.mkdir()
+  for file in os.listdir(src):
+    (dst / file).write_bytes((src / file).read_bytes())
+  return dst
+
+
+def convert_error(hf_dir, tmp_path):
+  result = run_script('convert_checkpoint.py', f'--hf_dir={hf_dir}', f'--workdir={tmp_path}/out')
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  return result.stderr.strip().splitlines()[-1]
+
+
+def test_missing_config(tmp_path, hf_checkpoint):
+  bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
+  (bad / 'config.json').unlink()
+  assert 'config.json' in convert_error(bad, tmp_path)
+
+
+def test_missing_directory(tmp_path):
+  assert 'not a directory' in convert_error(tmp_path / 'nowhere', tmp_path)
+
+
+def test_other_model_type(tmp_path, hf_checkpoint):
+  bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
+  c = json.loads((bad / 'config.json').read_text())
+  c['model_type'] = 'llama'
+  (bad / 'config.json').write_text(json.dumps(c))
+  message = convert_error(bad, tmp_path)
+  assert 'model_type' in message and "'llama'" in message
+
+
+def rewrite_first_shard(bad, edit):
+  index = json.loads((bad / hf_convert.SAFETENSORS_INDEX).read_text())
+  file = sorted(set(index['weight_map'].values()))[0]
+  with safe_open(str(bad / file), 'np') as f:
+    tensors = {name: f.get_tensor(name) for name in f.keys()}
+  edit(tensors)
+  save_file(tensors, str(bad / file))
+  index['weight_map'] = {k: v for k, v in index['weight_map'].items() if v != file}
+  index['weight_map'].update({name: file for name in tensors})
+  (bad / hf_convert.SAFETENSORS_INDEX).write_text(json.dumps(index))
+  return file, sorted(tensors)
+
+
+def test_tensor_shape_mismatch(tmp_path, hf_checkpoint):
+  bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
+  names = []
+
+  def shrink(tensors):
+    name = sorted(tensors)[0]
+    names.append(name)
+    tensors[name] = tensors[name][..., :3].copy()
+
+  file, _ = rewrite_first_shard(bad, shrink)
+  message = convert_error(bad, tmp_path)
+  assert names[0] in message and file in message and 'shape' in message
+
+
+def test_unknown_tensor(tmp_path, hf_checkpoint):
+  bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
+  file, _ = rewrite_first_shard(bad, lambda t: t.update({'model.layers.0.extra.weight': np.ones(2)}))
+  message = convert_error(bad, tmp_path)
+  assert 'model.layers.0.extra.weight' in message and 'unknown tensor' in message
+
+
+def test_index_names_missing_shard(tmp_path, hf_checkpoint):
+  bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
+  shard = sorted(bad.glob('model-*.safetensors'))[1]
+  shard.unlink()
+  message = convert_error(bad, tmp_path)
+  assert shard.name in message and 'missing' in message
+
+
+def test_truncated_safetensors(tmp_path, hf_checkpoint):
+  bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
+  shard = sorted(bad.glob('model-*.safetensors'))[0]
+  shard.write_bytes(shard.read_bytes()[:100])
+  message = convert_error(bad, tmp_path)
+  assert shard.name in message
+
+
+def test_refuses_to_overwrite_existing_conversion(tmp_path, hf_checkpoint):
+  assert run_script('convert_checkpoint.py', f'--hf_dir={hf_checkpoint[0]}',
+                    f'--workdir={tmp_path}/out').returncode == 0
+  assert 'exists' in convert_error(hf_checkpoint[0], tmp_path)
