@@ -31,8 +31,8 @@ def get_config(arg=None) -> mlc.ConfigDict:
       tokenizer_cache='',            # where the built-in tokenizer is kept; '' = <workdir>/tokenizer
       builtin_max_bytes=8_000_000,   # cap on built-in corpus text (bytes)
       seq_len=256,                   # tokens per training sequence
-      shuffle_buffer=0,              # 0 = full (global) shuffle of the packed examples
-      worker_count=0,                # grain worker processes (0 = in-process)
+      packing_bins=0,                # rows packed together per first-fit group (0 = max(4 x batch, 64))
+      tokenizer_train_bytes=0,       # text used to train the built-in tokenizer (0 = 4 MB)
   ))
 
   config.train = mlc.ConfigDict(dict(

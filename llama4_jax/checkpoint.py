@@ -28,44 +28,35 @@ def checkpoint_root(workdir: str) -> epath.Path:
   return epath.Path(workdir) / CHECKPOINT_DIR
 
 
-# Flat names <-> nnx.State ------------------------------------------------------
+# Flat names <-> pytrees -----------------------------------------------------------
 
 
-def flatten(tree: Mapping, prefix: str = '') -> dict[str, Any]:
-  """Nested dict (str/int keys) -> {'a.0.b': leaf}."""
+def flatten_tree(tree) -> dict[str, Any]:
+  """Any pytree (nnx.State, optax state, dicts) -> {'dotted.path': leaf}."""
   out = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, Mapping):
-      out.update(flatten(value, name + '.'))
-    else:
-      out[name] = value
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parts = [str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path]
+    if parts and parts[-1] == 'value':  # the array inside an nnx.Variable
+      parts.pop()
+    out['.'.join(parts)] = leaf
   return out
 
 
-def unflatten_into(state: nnx.State, flat: Mapping[str, Any]) -> nnx.State:
-  """Returns `state` with its leaves replaced by the values of the flat dict."""
-  template = flatten(nnx.to_pure_dict(state))
-  missing, extra = sorted(set(template) - set(flat)), sorted(set(flat) - set(template))
+def unflatten_tree(template, flat: Mapping[str, Any]):
+  """`template`'s structure (nnx Variables included) with the leaves of `flat`."""
+  names = list(flatten_tree(template))
+  missing, extra = sorted(set(names) - set(flat)), sorted(set(flat) - set(names))
   if missing or extra:
     raise ValueError(f'checkpoint does not match the model: missing {missing[:5]}, '
                      f'unexpected {extra[:5]}')
-  nested: dict = {}
-  for name, value in flat.items():
-    node = nested
-    *parents, leaf = name.split('.')
-    for part in parents:
-      node = node.setdefault(int(part) if part.isdigit() else part, {})
-    node[int(leaf) if leaf.isdigit() else leaf] = value
-  state = jax.tree.map(lambda x: x, state)  # copy, so the caller's state is untouched
-  nnx.replace_by_pure_dict(state, nested)
-  return state
+  treedef = jax.tree_util.tree_structure(template)
+  return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
 
 
-def abstract_flat(state: nnx.State, shardings=None) -> dict[str, jax.ShapeDtypeStruct]:
-  """Flat ShapeDtypeStructs (with shardings when given) to load a state into."""
-  flat = flatten(nnx.to_pure_dict(state))
-  shards = flatten(nnx.to_pure_dict(shardings)) if shardings is not None else {}
+def abstract_flat(tree, shardings=None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Flat ShapeDtypeStructs (with shardings when given) to load a tree into."""
+  flat = flatten_tree(tree)
+  shards = flatten_tree(shardings) if shardings is not None else {}
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shards.get(name, default))
           for name, x in flat.items()}
@@ -162,3 +153,68 @@ def _release_freed_memory():
     ctypes.CDLL('libc.so.6').malloc_trim(0)
   except OSError:  # not glibc
     pass
+
+
+# Training checkpoints -------------------------------------------------------------
+
+
+class _AlwaysSave:
+  """Save decision policy: the training loop decides when to save."""
+
+  def should_save(self, step, previous_steps, *, context):
+    del step, previous_steps, context
+    return True
+
+
+class TrainCheckpointer:
+  """Periodic, asynchronous, atomic saves of the train state, keeping the newest N.
+
+  The saved pytree is {'params', 'opt_state' (flat dicts), 'step', 'data'}
+  where 'data' holds each process's input-iterator state as a JSON string.
+  Orbax writes into a temporary directory and renames it on commit, so a crash
+  mid-save leaves the previous checkpoints untouched; leftovers of an
+  interrupted save are removed on the next start.
+  """
+
+  def __init__(self, workdir: str, keep: int):
+    from orbax.checkpoint.experimental.v1 import training
+    self._ckpt = training.Checkpointer(
+        checkpoint_root(workdir), save_decision_policy=_AlwaysSave(),
+        preservation_policy=training.preservation_policies.LatestN(keep),
+        cleanup_tmp_directories=True)
+    self.workdir = workdir
+
+  def latest_step(self) -> int | None:
+    latest = self._ckpt.latest
+    return None if latest is None else int(latest.step)
+
+  def save(self, step: int, train_state: Mapping, data_states: list[str]):
+    """Starts an asynchronous save (returns once the arrays are copied off device)."""
+    tree = {'params': flatten_tree(train_state['params']),
+            'opt_state': flatten_tree(train_state['opt_state']),
+            'step': train_state['step'],
+            'data': {str(i): s for i, s in enumerate(data_states)}}
+    self._ckpt.save_pytree_async(step, tree, force=True)
+
+  def restore(self, step: int, abstract_state: Mapping, shardings: Mapping):
+    """Returns (train state in `abstract_state`'s structure and shardings, data states)."""
+    path = step_path(self.workdir, step)
+    saved = self._ckpt.pytree_metadata(step).metadata
+    abstract = {'params': abstract_flat(abstract_state['params'], shardings['params']),
+                'opt_state': abstract_flat(abstract_state['opt_state'], shardings['opt_state']),
+                'step': jax.ShapeDtypeStruct((), abstract_state['step'].dtype,
+                                             sharding=shardings['step']),
+                'data': {k: '' for k in saved['data']}}
+    _check_matches(path, saved['params'], abstract['params'])
+    _check_matches(path, saved['opt_state'], abstract['opt_state'])
+    tree = self._ckpt.load_pytree(step, abstract)
+    state = {'params': unflatten_tree(abstract_state['params'], tree['params']),
+             'opt_state': unflatten_tree(abstract_state['opt_state'], tree['opt_state']),
+             'step': tree['step']}
+    return state, [tree['data'][str(i)] for i in range(len(tree['data']))]
+
+  def wait(self):
+    self._ckpt.wait()
+
+  def close(self):
+    self._ckpt.close()

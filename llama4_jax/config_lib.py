@@ -4,11 +4,12 @@ Config files are Python and run as code; a workdir's `config.json` is data.
 """
 
 import json
+import os
 import sys
 from collections.abc import Callable
 
 import ml_collections as mlc
-from absl import app, logging
+from absl import app, flags, logging
 from etils import epath
 
 from llama4_jax import model as model_lib
@@ -65,7 +66,7 @@ def save(config: mlc.ConfigDict, workdir: str):
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (CONFIG_FILE + '.tmp')
   tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  tmp.rename(path)
+  os.replace(tmp, path)
 
 
 def load(workdir: str) -> mlc.ConfigDict:
@@ -94,7 +95,23 @@ def diff_model(a: mlc.ConfigDict, b: mlc.ConfigDict) -> list[str]:
   return [k for k in keys if norm(a.model.get(k)) != norm(b.model.get(k))]
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+def define_config_flag(name: str = 'config'):
+  """`--config=FILE[:arg]` with `--config.a.b=value` overrides (keys locked, types checked).
+
+  The config file is loaded while the flag is defined, so a missing or broken
+  file is reported here, in one line.
+  """
+  from ml_collections import config_flags
+  try:
+    return config_flags.DEFINE_config_file(name, None, 'Config file (python; runs as code).',
+                                           lock_config=True)
+  except OSError as e:
+    sys.exit(f'error: {" ".join(str(e).split())}')
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(f'error: the config file raised {type(e).__name__}: {e}')
+
+
+USER_ERRORS = (ValueError, OSError)
 
 
 def run_main(main: Callable):
@@ -108,7 +125,19 @@ def run_main(main: Callable):
     except USER_ERRORS as e:
       if '--traceback' in sys.argv:
         raise
-      print(f'error: {e}', file=sys.stderr)
+      message = ' '.join(str(e).split()) if isinstance(e, OSError) else str(e)
+      print(f'error: {message}', file=sys.stderr)
       sys.exit(1)
 
-  app.run(wrapped)
+  try:  # parse once up front: a bad --config.key=value is one line, not a traceback
+    flags.FLAGS(sys.argv)
+    if 'config' in flags.FLAGS:
+      flags.FLAGS.config  # pylint: disable=pointless-statement  (raises if the file failed)
+  except flags.Error as e:
+    sys.exit(f'error: {e}')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ')
+    sys.exit(f'error: bad config override: {message}')
+  except OSError as e:
+    sys.exit(f'error: {" ".join(str(e.__cause__ or e).split())}')
+  app.run(wrapped, flags_parser=lambda argv: argv[:1])

@@ -397,7 +397,7 @@ def model_from_flat_params(cfg: model_lib.ModelConfig, flat: dict[str, Any]) -> 
   from flax import nnx
   from llama4_jax import checkpoint
   graphdef, state = nnx.split(model_lib.abstract_model(cfg))
-  state = checkpoint.unflatten_into(state, {k: jnp.asarray(v) for k, v in flat.items()})
+  state = checkpoint.unflatten_tree(state, {k: jnp.asarray(v) for k, v in flat.items()})
   return nnx.merge(graphdef, state)
 
 

@@ -205,7 +205,7 @@ PRESETS: dict[str, ModelConfig] = {
         intermediate_size=128, intermediate_size_mlp=256, num_experts=4, num_experts_per_tok=1,
         moe_layers=(1, 3), no_rope_layers=(1, 1, 1, 0), attention_chunk_size=64,
         floor_scale=64, attn_scale=0.1, rope_theta=10000.0, rope_type='default',
-        max_position_embeddings=4096),
+        max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2, 5, 6), pad_token_id=0),
     'scout': ModelConfig(
         **_PRESET_COMMON, num_experts=16, moe_layers=tuple(range(48)), use_qk_norm=True,
         rope_type='llama3', rope_factor=16.0, rope_low_freq_factor=1.0, rope_high_freq_factor=1.0,

@@ -25,7 +25,7 @@ def load_params_into(model_abstract: model_lib.Llama4, path, mesh=None) -> model
   graphdef, state = nnx.split(model_abstract)
   shardings = sharding.state_shardings(state, mesh) if mesh is not None else None
   flat = checkpoint.load_params(path, checkpoint.abstract_flat(state, shardings))
-  return nnx.merge(graphdef, checkpoint.unflatten_into(state, flat))
+  return nnx.merge(graphdef, checkpoint.unflatten_tree(state, flat))
 
 
 def load_model(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None,

@@ -1,0 +1,68 @@
+"""Model FLOPs per token (active parameters, attention with its masks) and device peaks."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama4_jax import model as model_lib
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
+BF16_PEAK = {
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'B200': 2250e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+}
+
+
+def active_matmul_params(cfg: model_lib.ModelConfig) -> int:
+  """Weights one token multiplies through (top-k experts + shared expert, lm_head)."""
+  D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  attn = D * (N + 2 * K) * H + N * H * D
+  moe = D * cfg.num_experts + (cfg.num_experts_per_tok + 1) * 3 * D * cfg.intermediate_size
+  dense = 3 * D * cfg.intermediate_size_mlp
+  n_moe = len(cfg.moe_layers)
+  return cfg.num_layers * attn + n_moe * moe + (cfg.num_layers - n_moe) * dense + D * cfg.vocab_size
+
+
+def mean_keys_per_query(seq_len: int, chunk: int | None) -> float:
+  """Keys a query attends to on average under the causal (and chunked) mask."""
+  q = np.arange(seq_len)
+  keys = q + 1 if not chunk else q % chunk + 1
+  return float(keys.mean())
+
+
+def train_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int) -> float:
+  """6 x active weights + 3 x attention score/value FLOPs (forward + backward)."""
+  attn_width = cfg.num_heads * cfg.head_dim
+  attention = 0.0
+  for kind in cfg.layer_kinds():
+    chunk = cfg.attention_chunk_size if kind.use_rope else None
+    attention += 2 * 2 * attn_width * mean_keys_per_query(seq_len, chunk)
+  return 6.0 * active_matmul_params(cfg) + 3.0 * attention
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """Achieved FLOP/s of a large square matmul on the default device (median)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def device_peak_flops() -> tuple[float, str]:
+  """(peak FLOP/s per device, how it was obtained)."""
+  device = jax.devices()[0]
+  if device.platform != 'cpu':
+    for name, peak in BF16_PEAK.items():
+      if name.lower() in device.device_kind.lower():
+        return peak, f'{device.device_kind} bf16 data-sheet peak'
+  per_process = measure_matmul_peak()
+  # Fake CPU devices share the process's cores: the machine's peak is split among them.
+  return per_process / jax.local_device_count(), f'measured {device.platform} float32 matmul peak'

@@ -1,0 +1,328 @@
+"""Training: sharded state, the jitted train step, evaluation and the loop.
+
+The train state is one pytree, {'params': nnx.State, 'opt_state': optax state,
+'step': int32}, created inside `jax.jit` with out_shardings so it is born
+sharded, donated to every step, and checkpointed as a whole.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from llama4_jax import checkpoint, config_lib, data, flops, losses, metrics_writer
+from llama4_jax import model as model_lib
+from llama4_jax import optim, sharding
+from llama4_jax import tokenizer as tokenizer_lib
+from llama4_jax import workdir as workdir_lib
+
+
+class TrainingError(RuntimeError):
+  """The run cannot go on (e.g. a non-finite loss); the message names the step."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything static about a run: model structure, optimizer, shardings."""
+  config: mlc.ConfigDict
+  cfg: model_lib.ModelConfig
+  mesh: jax.sharding.Mesh
+  graphdef: Any
+  tx: optax.GradientTransformation
+  abstract_state: Any
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def make_setup(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+  cfg = config_lib.model_config(config)
+  graphdef, abstract_params = nnx.split(model_lib.abstract_model(cfg))
+  tx = optim.make_optimizer(config.optim, config.train.steps, abstract_params)
+  abstract_state = {'params': abstract_params, 'opt_state': jax.eval_shape(tx.init, abstract_params),
+                    'step': jax.ShapeDtypeStruct((), jnp.int32)}
+  shardings = sharding.state_shardings(abstract_state, mesh)
+  return Setup(config, cfg, mesh, graphdef, tx, abstract_state, shardings,
+               sharding.batch_sharding(mesh))
+
+
+def init_state(setup: Setup, seed: int):
+  """A fresh train state, created on the devices in its final sharding."""
+
+  @functools.partial(jax.jit, out_shardings=setup.state_shardings)
+  def init():
+    model = model_lib.Llama4(setup.cfg, rngs=nnx.Rngs(params=jax.random.key(seed)))
+    params = nnx.state(model, nnx.Param)
+    return {'params': params, 'opt_state': setup.tx.init(params), 'step': jnp.zeros((), jnp.int32)}
+
+  return init()
+
+
+# The step -----------------------------------------------------------------------
+
+
+def _moe_terms(stats, train: mlc.ConfigDict):
+  """(auxiliary loss, statistics to log) from the stacked per-MoE-layer statistics."""
+  if stats is None:
+    return jnp.zeros((), jnp.float32), {}
+  load_balance = jnp.mean(stats['load_balance_loss'])
+  z_loss = jnp.mean(stats['router_z_loss'])
+  counts_LE = stats['tokens_per_expert']
+  logged = {'load_balance_loss': load_balance, 'router_z_loss': z_loss,
+            'expert_load': counts_LE / jnp.maximum(jnp.sum(counts_LE, -1, keepdims=True), 1.0)}
+  return train.load_balance_coef * load_balance + train.router_z_coef * z_loss, logged
+
+
+def train_step(state, batch, *, setup: Setup):
+  """One optimizer update over the global batch (split into grad_accum_steps micro-batches)."""
+  train = setup.config.train
+  accum = train.grad_accum_steps
+  total_weight = jnp.maximum(jnp.sum(batch['weights']), 1.0)
+
+  def micro_loss(params, micro):
+    model = nnx.merge(setup.graphdef, params)
+    logits_BTV, stats = model(micro['inputs'], micro['segment_ids'])
+    nll_sum, _ = losses.cross_entropy_sums(logits_BTV, micro['targets'], micro['weights'])
+    aux_loss, moe_metrics = _moe_terms(stats, train)
+    return nll_sum / total_weight + aux_loss / accum, (nll_sum, moe_metrics)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  if accum == 1:
+    (_, (nll_sum, moe_metrics)), grads = grad_fn(state['params'], batch)
+  else:
+    # Micro-batch i takes every accum-th row, so each device keeps its own rows.
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+    def accumulate(carry, micro):
+      grads, nll_sum = carry
+      (_, (nll, moe_metrics)), g = grad_fn(state['params'], micro)
+      return (jax.tree.map(jnp.add, grads, g), nll_sum + nll), moe_metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, state['params'])
+    (grads, nll_sum), moe_metrics = jax.lax.scan(accumulate, (zeros, 0.0), micro_batches)
+    moe_metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe_metrics)
+
+  grad_norm = optax.global_norm(grads)
+  loss = nll_sum / total_weight
+  updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  # A non-finite loss or gradient never reaches the parameters: the update is
+  # skipped here, and the host stops the run or counts the skip (train.skip_nonfinite).
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = {'params': keep(params, state['params']),
+               'opt_state': keep(opt_state, state['opt_state']), 'step': state['step'] + 1}
+  lr = optim.learning_rate_schedule(setup.config.optim, train.steps)(state['step'])
+  metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr, 'finite': finite,
+             'tokens': total_weight, **moe_metrics}
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, setup: Setup):
+  model = nnx.merge(setup.graphdef, params)
+  logits_BTV, _ = model(batch['inputs'], batch['segment_ids'])
+  return losses.cross_entropy_sums(logits_BTV, batch['targets'], batch['weights'])
+
+
+def compile_steps(setup: Setup):
+  """The jitted train and eval steps with pinned shardings; the state is donated."""
+  s = setup.state_shardings
+  train = jax.jit(functools.partial(train_step, setup=setup),
+                  in_shardings=(s, setup.batch_sharding), out_shardings=(s, None),
+                  donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, setup=setup),
+                     in_shardings=(s['params'], setup.batch_sharding))
+  return train, evaluate
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+  """Each process's rows -> global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+          for k, v in local_batch.items()}
+
+
+def evaluate(eval_fn, params, batches, batch_sharding) -> float:
+  """Mean validation NLL over the given (process-local) batches."""
+  nll, count = 0.0, 0.0
+  for batch in batches:
+    n, c = eval_fn(params, to_global_batch(batch, batch_sharding))
+    nll += float(n)
+    count += float(c)
+  return nll / max(count, 1.0)
+
+
+# The loop -------------------------------------------------------------------------
+
+
+def _gather_strings(text: str) -> list[str]:
+  """Every process's string, on every process (for per-process iterator states)."""
+  if jax.process_count() == 1:
+    return [text]
+  raw = np.frombuffer(text.encode(), np.uint8)
+  length = int(np.max(multihost_utils.process_allgather(np.array([len(raw)]))))
+  padded = np.zeros(length, np.uint8)
+  padded[:len(raw)] = raw
+  gathered = multihost_utils.process_allgather(padded)
+  return [bytes(row).rstrip(b'\0').decode() for row in np.asarray(gathered).reshape(-1, length)]
+
+
+def _check_workdir_config(config: mlc.ConfigDict, workdir: str):
+  """A resumed run must have the model of the run it resumes; say which fields differ."""
+  if not os.path.exists(os.path.join(workdir, config_lib.CONFIG_FILE)):
+    return
+  if checkpoint.latest_step(workdir) is None:
+    return
+  saved = config_lib.load(workdir)
+  changed = config_lib.diff_model(config, saved)
+  if changed:
+    details = ', '.join(f'model.{k}: {saved.model.get(k)} -> {config.model.get(k)}' for k in changed)
+    raise config_lib.ConfigError(
+        f'{workdir} holds checkpoints of a different model ({details}); use a new workdir or '
+        f'the saved config')
+
+
+def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_iter):
+  """Resume order: newest checkpoint in the workdir, then train.init_from, then scratch."""
+  config = setup.config
+  step = ckpt.latest_step()
+  if step is not None:
+    state, data_states = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
+    if len(data_states) == jax.process_count():
+      train_iter.set_state(json.loads(data_states[jax.process_index()]))
+    else:
+      logging.warning('checkpoint has %d input states for %d processes; data restarts',
+                      len(data_states), jax.process_count())
+    return state, f'resumed from step {step}'
+  state = init_state(setup, config.seed)
+  if config.train.init_from:
+    path, from_step = workdir_lib.resolve_checkpoint(config.train.init_from)
+    flat = checkpoint.load_params(path, checkpoint.abstract_flat(
+        setup.abstract_state['params'], setup.state_shardings['params']))
+    state['params'] = checkpoint.unflatten_tree(setup.abstract_state['params'], flat)
+    return state, f'initialised from {config.train.init_from} (step {from_step})'
+  return state, 'initialised from scratch'
+
+
+def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final metrics."""
+  cfg = config_lib.validate(config, jax.device_count())
+  _check_workdir_config(config, workdir)
+  is_main = jax.process_index() == 0
+  if is_main:
+    config_lib.save(config, workdir)
+  train_cfg = config.train
+  tokenizer = tokenizer_lib.load_tokenizer(
+      config.data, cfg.vocab_size, default_cache_dir=os.path.join(workdir, 'tokenizer'))
+  seq_len = config.data.seq_len
+  train_iter = data.make_train_iterator(
+      config.data, tokenizer, batch_size=train_cfg.batch_size, seq_len=seq_len, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  eval_batches = data.make_eval_batches(
+      config.data, tokenizer, batch_size=config.eval.batch_size, seq_len=seq_len,
+      max_batches=config.eval.max_batches, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  mesh = sharding.make_mesh(dict(config.mesh))
+  writer = metrics_writer.MetricsWriter(workdir, enabled=is_main)
+  ckpt = checkpoint.TrainCheckpointer(workdir, train_cfg.keep_checkpoints)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+    setup = make_setup(config, mesh)
+    state, how = _restore_or_init(setup, ckpt, train_iter)
+    train_fn, eval_fn = compile_steps(setup)
+    start = int(jax.device_get(state['step']))
+    peak, peak_source = flops.device_peak_flops()
+    flops_per_token = flops.train_flops_per_token(cfg, seq_len)
+    if is_main:
+      print(f'{how}; {jax.device_count()} devices, mesh {dict(mesh.shape)}; '
+            f'{model_lib.count_params(setup.abstract_state["params"]):,} parameters; '
+            f'MFU against {peak * jax.device_count() / 1e9:.1f} GFLOP/s ({peak_source})')
+
+    progress = metrics_writer.progress_bar(start, train_cfg.steps, enabled=is_main)
+    tokens_per_step = train_cfg.batch_size * seq_len
+    window_start, window_steps, skipped, final = time.perf_counter(), 0, 0, {}
+    unchecked = []  # (step, metrics) whose finiteness the host has not looked at yet
+    for step in range(start + 1, train_cfg.steps + 1):
+      batch = to_global_batch(next(train_iter), setup.batch_sharding)
+      state, metrics = train_fn(state, batch)
+      unchecked.append((step, metrics))
+      window_steps += 1
+      must_save = step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps
+      must_log = step % train_cfg.log_every == 0 or step == train_cfg.steps
+      # Look at finished steps while this one runs; wait for this one only before
+      # logging or saving it, so that no checkpoint follows a non-finite step.
+      to_check = unchecked if (must_save or must_log) else unchecked[:-1]
+      for s, m in to_check:
+        if not bool(m['finite']):
+          if not train_cfg.skip_nonfinite:
+            ckpt.wait()
+            raise TrainingError(
+                f'non-finite loss or gradient at step {s} (loss={float(m["loss"])}, '
+                f'grad_norm={float(m["grad_norm"])}); the update was not applied and the last '
+                f'checkpoint is step {ckpt.latest_step()}. Set train.skip_nonfinite=True to skip '
+                f'such updates instead.')
+          skipped += 1
+      unchecked = unchecked[len(to_check):]
+      if must_log:
+        m = jax.device_get(metrics)
+        tokens_per_sec = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+        final = {'loss': float(m['loss']), 'learning_rate': float(m['learning_rate']),
+                 'grad_norm': float(m['grad_norm']), 'tokens_per_sec': tokens_per_sec,
+                 'mfu': tokens_per_sec * flops_per_token / (peak * jax.device_count()),
+                 'skipped_steps': skipped}
+        for key in ('load_balance_loss', 'router_z_loss'):
+          if key in m:
+            final[key] = float(m[key])
+        if 'expert_load' in m:
+          final['expert_load'] = np.round(np.asarray(m['expert_load']), 4).tolist()
+        writer.write(step, final)
+        progress.set_postfix(loss=f'{final["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}',
+                             mfu=f'{100 * final["mfu"]:.1f}%', refresh=False)
+        window_start, window_steps = time.perf_counter(), 0
+      if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or step == train_cfg.steps:
+        final['eval_loss'] = evaluate(eval_fn, state['params'], eval_batches, setup.batch_sharding)
+        writer.write(step, {'eval_loss': final['eval_loss']})
+        progress.write(f'step {step}: validation loss {final["eval_loss"]:.4f}')
+      if must_save:
+        ckpt.save(step, state, _gather_strings(json.dumps(train_iter.get_state())))
+      progress.update(step - progress.n)
+    progress.close()
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    final['step'] = int(jax.device_get(state['step']))
+    params = jax.device_get(state['params'])
+  if is_main and train_cfg.sample_tokens and start < train_cfg.steps:
+    final['sample'] = sample_text(setup, params, tokenizer, train_cfg.sample_tokens)
+  return final
+
+
+def sample_text(setup: Setup, params, tokenizer, num_tokens: int,
+                prompt: str = 'def ') -> str:
+  """A short greedy continuation of host `params` on one device (a full forward per token)."""
+  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+  length = len(ids) + num_tokens
+  tokens = np.full((1, length), tokenizer.pad_id, np.int32)
+  tokens[0, :len(ids)] = ids
+
+  @jax.jit
+  def next_token(params, tokens, position):
+    logits, _ = nnx.merge(setup.graphdef, params)(tokens)
+    return jnp.argmax(logits[0, position - 1])
+
+  for position in range(len(ids), length):
+    tokens[0, position] = int(next_token(params, tokens, position))
+    if tokens[0, position] in setup.cfg.eos_token_ids:
+      length = position + 1
+      break
+  return prompt + tokenizer.decode(tokens[0, len(ids):length].tolist(), skip_special=True)

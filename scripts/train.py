@@ -1,0 +1,52 @@
+"""Trains Llama 4 from a config; running it again on the same workdir resumes.
+
+  python scripts/train.py --config=configs/tiny.py --workdir=/tmp/llama4_tiny \\
+      [--config.train.steps=100 ...]
+
+Multi-process runs (TPU pods, SLURM, or explicit --coordinator_address,
+--num_processes, --process_id) call jax.distributed.initialize first.
+"""
+
+import os
+
+import jax
+from absl import flags
+
+from llama4_jax import config_lib, trainer
+
+_CONFIG = config_lib.define_config_flag()
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go.', required=True)
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0..num_processes-1).')
+
+
+def initialize_distributed():
+  """jax.distributed for multi-process runs: explicit flags, else cluster auto-detection.
+
+  Must run before anything touches a device. CPU processes talk through gloo.
+  """
+  explicit = bool(_COORDINATOR.value)
+  slurm = int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  tpu_pod = 'TPU_WORKER_HOSTNAMES' in os.environ or 'MEGASCALE_COORDINATOR_ADDRESS' in os.environ
+  if not (explicit or slurm or tpu_pod):
+    return
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if explicit:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  else:
+    jax.distributed.initialize()  # reads SLURM / TPU metadata
+
+
+def main(argv):
+  del argv
+  initialize_distributed()
+  result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0 and 'eval_loss' in result:
+    print(f'final validation loss {result["eval_loss"]:.4f} at step {result["step"]}')
+    if result.get('sample'):
+      print(f'sample: {result["sample"]!r}')
+
+
+if __name__ == '__main__':
+  config_lib.run_main(main)

@@ -1,0 +1,70 @@
+"""Config files, command-line overrides and validation."""
+
+import glob
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from llama4_jax import config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
+CONFIG_FILES = [f for f in CONFIG_FILES if os.path.basename(f) not in ('__init__.py', 'common.py')]
+
+
+def parse(*args):
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, lock_config=True,
+                                  sys_argv=['prog', *args])
+  values(['prog', *args])
+  return values.config
+
+
+@pytest.mark.parametrize('path', CONFIG_FILES, ids=os.path.basename)
+def test_every_config_file_loads_and_validates(path):
+  config = parse(f'--config={path}')
+  cfg = config_lib.validate(config, num_devices=8 if 'maverick' not in path else 64)
+  assert cfg.num_layers >= 4
+  module_doc = open(path).read().split('"""')[1]
+  assert 'python scripts/train.py' in module_doc or 'base' in os.path.basename(path)
+
+
+def test_overrides_reach_every_section():
+  config = parse(f'--config={REPO}/configs/tiny.py', '--config.train.steps=7',
+                 '--config.model.num_experts=8', '--config.mesh.fsdp=2', '--config.optim.lr=0.5',
+                 '--config.model.moe_layers=(1,)')
+  assert (config.train.steps, config.model.num_experts, config.mesh.fsdp) == (7, 8, 2)
+  assert config_lib.validate(config).moe_layers == (1,)
+
+
+def test_unknown_key_is_an_error_naming_it():
+  with pytest.raises(Exception, match='stepz'):
+    parse(f'--config={REPO}/configs/tiny.py', '--config.train.stepz=7')
+
+
+def test_wrong_type_is_an_error_naming_the_key():
+  with pytest.raises(Exception, match='steps'):
+    parse(f'--config={REPO}/configs/tiny.py', '--config.train.steps=many')
+
+
+@pytest.mark.parametrize('override,key', [
+    ('--config.model.num_kv_heads=3', 'num_kv_heads'),
+    ('--config.data.seq_len=100000', 'data.seq_len'),
+    ('--config.train.grad_accum_steps=5', 'grad_accum_steps'),
+    ('--config.mesh.tensor=3', 'mesh'),
+    ('--config.model.rope_type=yarn', 'rope_type'),
+])
+def test_validation_names_the_key(override, key):
+  config = parse(f'--config={REPO}/configs/tiny.py', override)
+  with pytest.raises(config_lib.ConfigError, match=key):
+    config_lib.validate(config, num_devices=8)
+
+
+def test_config_json_round_trip(tmp_path):
+  config = parse(f'--config={REPO}/configs/scout.py')
+  config_lib.save(config, str(tmp_path))
+  again = config_lib.load(str(tmp_path))
+  assert config_lib.diff_model(config, again) == []
+  assert config_lib.model_config(again) == config_lib.model_config(config)
