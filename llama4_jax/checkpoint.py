@@ -88,7 +88,7 @@ def load_params(path, abstract_params: Mapping[str, jax.ShapeDtypeStruct]) -> di
   path = epath.Path(path)
   if not ocp.is_orbax_checkpoint(path):
     raise FileNotFoundError(f'{path} is not an Orbax checkpoint')
-  saved = ocp.pytree_metadata(path, checkpointable_name=STATE).metadata
+  saved = ocp.metadata(path, checkpointable_name=STATE).metadata
   if 'params' not in saved:
     raise ValueError(f'{path}: checkpoint has no "params" (entries: {sorted(saved)})')
   _check_matches(path, saved['params'], abstract_params)
@@ -114,7 +114,7 @@ def _check_matches(path, saved: Mapping, abstract: Mapping):
 def read_param(path, name: str) -> np.ndarray:
   """Loads one parameter of a checkpoint to host memory (for streaming export)."""
   path = epath.Path(path)
-  saved = ocp.pytree_metadata(path, checkpointable_name=STATE).metadata
+  saved = ocp.metadata(path, checkpointable_name=STATE).metadata
   abstract = jax.tree.map(lambda _: ocp.PLACEHOLDER, saved)
   meta = saved['params'][name]
   abstract['params'][name] = jax.ShapeDtypeStruct(
@@ -124,7 +124,7 @@ def read_param(path, name: str) -> np.ndarray:
 
 def param_names(path) -> dict[str, Any]:
   """{name: metadata with .shape and .dtype} of a checkpoint's params."""
-  return dict(ocp.pytree_metadata(epath.Path(path), checkpointable_name=STATE).metadata['params'])
+  return dict(ocp.metadata(epath.Path(path), checkpointable_name=STATE).metadata['params'])
 
 
 def write_params_streaming(path, named_arrays: Iterable[tuple[str, np.ndarray]]):
@@ -199,7 +199,7 @@ class TrainCheckpointer:
   def restore(self, step: int, abstract_state: Mapping, shardings: Mapping):
     """Returns (train state in `abstract_state`'s structure and shardings, data states)."""
     path = step_path(self.workdir, step)
-    saved = self._ckpt.pytree_metadata(step).metadata
+    saved = self._ckpt.metadata(step).metadata
     abstract = {'params': abstract_flat(abstract_state['params'], shardings['params']),
                 'opt_state': abstract_flat(abstract_state['opt_state'], shardings['opt_state']),
                 'step': jax.ShapeDtypeStruct((), abstract_state['step'].dtype,

@@ -326,14 +326,20 @@ def _num_bins(data_config, batch_size: int) -> int:
   return data_config.get('packing_bins', 0) or max(4 * batch_size, 64)
 
 
+def _process_rows(batch: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+  return {key: x[rows] for key, x in batch.items()}
+
+
 def make_train_iterator(data_config, tokenizer, *, batch_size: int,
                         seq_len: int, seed: int, process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
   """Infinite iterator of shuffled, packed training batches for one process.
 
-  Pieces are sharded round-robin over processes and reshuffled every epoch.
-  Checkpoint the iterator with `get_state()` / `set_state()` (a JSON-able
-  dict); a restored iterator continues with exactly the same batches.
+  Every process builds the same global batch and keeps its own block of rows,
+  so the batches (and losses) do not depend on the number of processes.
+  Pieces are reshuffled every epoch. Checkpoint the iterator with
+  `get_state()` / `set_state()` (a JSON-able dict); a restored iterator
+  continues with exactly the same batches.
 
   Args:
     data_config: ConfigDict with `train_files` (empty = built-in train split),
@@ -350,20 +356,20 @@ def make_train_iterator(data_config, tokenizer, *, batch_size: int,
   pieces = _load_pieces(data_config.train_files, tokenizer, split='train',
                         max_bytes=data_config.builtin_max_bytes,
                         seq_len=seq_len)
-  num_tokens = sum(len(p) for p in pieces[process_index::process_count])
-  needed = local_batch * (seq_len + 1)
+  num_tokens = sum(len(p) for p in pieces)
+  needed = batch_size * (seq_len + 1)
   if num_tokens < needed:
     source = data_config.train_files or 'the built-in corpus (train split)'
     raise DataError(
-        f'{source} is too small for one batch: process {process_index} of '
-        f'{process_count} has {num_tokens} tokens, one batch of {local_batch} '
-        f'x {seq_len + 1} needs {needed}.')
+        f'{source} is too small for one batch: it has {num_tokens} tokens, one '
+        f'batch of {batch_size} x {seq_len + 1} needs {needed}.')
   seed %= 2**32  # grain's shuffle takes 32-bit seeds.
-  ds = grain.MapDataset.source(pieces)[process_index::process_count]
-  ds = _pack(ds.shuffle(seed).repeat(), seq_len=seq_len,
-             pad_id=tokenizer.pad_id, seed=seed, shuffle=True,
-             num_bins=_num_bins(data_config, local_batch))
-  return iter(ds.batch(local_batch, drop_remainder=True).map(_to_features))
+  ds = _pack(grain.MapDataset.source(pieces).shuffle(seed).repeat(),
+             seq_len=seq_len, pad_id=tokenizer.pad_id, seed=seed, shuffle=True,
+             num_bins=_num_bins(data_config, batch_size))
+  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  ds = ds.batch(batch_size, drop_remainder=True).map(_to_features)
+  return iter(ds.map(functools.partial(_process_rows, rows=rows)))
 
 
 def make_eval_batches(data_config, tokenizer, *, batch_size: int,
@@ -388,5 +394,5 @@ def make_eval_batches(data_config, tokenizer, *, batch_size: int,
   ds = ds.batch(batch_size).map(functools.partial(
       _pad_rows, rows=batch_size, pad_id=tokenizer.pad_id)).map(_to_features)
   rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-  return [{key: x[rows] for key, x in batch.items()}
+  return [_process_rows(batch, rows)
           for batch in itertools.islice(ds, max_batches or None)]

@@ -86,13 +86,29 @@ def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:
   return P(*(table[n] if n is not None else None for n in names))
 
 
+def fit_spec(spec: P, shape: tuple[int, ...], mesh_shape: dict[str, int]) -> P:
+  """Drops mesh axes from dimensions they do not divide (those dims are replicated).
+
+  E.g. 2 kv heads on a tensor axis of 4: the heads are replicated rather than
+  making the whole layout impossible.
+  """
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    names = tuple(a for a in names if mesh_shape.get(a, 1) > 1)
+    size = int(np.prod([mesh_shape[a] for a in names])) if names else 1
+    fitted.append(None if not names or dim % size else (names[0] if len(names) == 1 else names))
+  return P(*fitted)
+
+
 def shard(x: jax.Array, *names: str | None) -> jax.Array:
   """Hints the sharding of activation `x` by logical names (no-op without a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
   rules = spmd.get_logical_axis_rules() or LOGICAL_RULES
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+  spec = fit_spec(logical_to_spec(names, rules), x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
@@ -101,9 +117,16 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
-  """NamedShardings for an (abstract) nnx.State from its logical metadata."""
-  with nnx.logical_axis_rules(rules):
-    return nnx.get_named_sharding(abstract_state, mesh)
+  """NamedShardings for a state pytree: nnx Variables by their logical names, the rest replicated."""
+
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      names = x.get_metadata().get('out_sharding')
+      spec = fit_spec(logical_to_spec(names, rules), x.shape, dict(mesh.shape)) if names else P()
+      return x.replace(NamedSharding(mesh, spec))
+    return NamedSharding(mesh, P())
+
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def put_on_mesh(module: nnx.Module, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES) -> nnx.Module:

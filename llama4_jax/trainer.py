@@ -28,7 +28,7 @@ from llama4_jax import tokenizer as tokenizer_lib
 from llama4_jax import workdir as workdir_lib
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ValueError):
   """The run cannot go on (e.g. a non-finite loss); the message names the step."""
 
 
@@ -113,7 +113,7 @@ def train_step(state, batch, *, setup: Setup):
     (grads, nll_sum), moe_metrics = jax.lax.scan(accumulate, (zeros, 0.0), micro_batches)
     moe_metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), moe_metrics)
 
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   loss = nll_sum / total_weight
   updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
@@ -266,6 +266,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
         if not bool(m['finite']):
           if not train_cfg.skip_nonfinite:
             ckpt.wait()
+            progress.close()
             raise TrainingError(
                 f'non-finite loss or gradient at step {s} (loss={float(m["loss"])}, '
                 f'grad_norm={float(m["grad_norm"])}); the update was not applied and the last '

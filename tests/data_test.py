@@ -199,19 +199,19 @@ def test_resume_from_checkpointed_state(tok, tmp_path):
   _assert_batches_equal(_take(resumed, 12), expected)
 
 
-def test_processes_get_disjoint_shards(tok, tmp_path):
-  texts = [f'unique text {i}' for i in range(60)]
-  files = _write_jsonl(tmp_path / 'docs.jsonl', texts)
-  seen = []
-  for index in range(2):
-    iterator = data_lib.make_train_iterator(
-        _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN,
-        seed=0, process_index=index, process_count=2)
-    batches = _take(iterator, 40)  # > packing_bins rows: a whole group.
-    assert batches[0]['inputs'].shape == (2, SEQ_LEN)
-    seen.append({tok.decode(p, skip_special=True) for p in _pieces(batches)})
-  assert seen[0] and seen[1] and not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(texts)
+def test_processes_split_the_same_global_batch(tok, tmp_path):
+  """Process p keeps rows [p*B/P, (p+1)*B/P) of the batch one process would see."""
+  files = _write_jsonl(tmp_path / 'docs.jsonl', [f'unique text {i}' for i in range(60)])
+  make = lambda index, count: data_lib.make_train_iterator(
+      _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN, seed=0,
+      process_index=index, process_count=count)
+  whole = _take(make(0, 1), 10)
+  halves = [_take(make(index, 2), 10) for index in range(2)]
+  assert halves[0][0]['inputs'].shape == (2, SEQ_LEN)
+  for step, batch in enumerate(whole):
+    for key, x in batch.items():
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][step][key], halves[1][step][key]]), x)
   with pytest.raises(ValueError, match='not divisible'):
     data_lib.make_train_iterator(_config(), tok, batch_size=3, seq_len=8,
                                  seed=0, process_count=2)

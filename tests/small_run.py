@@ -1,0 +1,53 @@
+"""A very small training run for tests: its config, flags and launch helpers."""
+
+import os
+import subprocess
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMALL = {
+    'model.vocab_size': 512, 'model.hidden_size': 64, 'model.num_heads': 4,
+    'model.num_kv_heads': 2, 'model.head_dim': 16, 'model.intermediate_size': 64,
+    'model.intermediate_size_mlp': 128, 'model.attention_chunk_size': 16,
+    'data.seq_len': 64, 'data.builtin_max_bytes': 300_000, 'data.tokenizer_train_bytes': 300_000,
+    'train.batch_size': 8, 'train.steps': 6, 'train.log_every': 1, 'train.checkpoint_every': 2,
+    'train.eval_every': 0, 'train.sample_tokens': 0, 'eval.batch_size': 8, 'eval.max_batches': 2,
+    'optim.warmup_steps': 2,
+}
+
+
+def flag_list(**overrides) -> list[str]:
+  values = {**SMALL, **{k.replace('__', '.'): v for k, v in overrides.items()}}
+  return [f'--config=configs/tiny.py'] + [f'--config.{k}={v}' for k, v in values.items()]
+
+
+def config(**overrides):
+  args = ['prog', *flag_list(**overrides)]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, lock_config=True, sys_argv=args)
+  cwd = os.getcwd()
+  os.chdir(REPO)
+  try:
+    values(args)
+    return values.config
+  finally:
+    os.chdir(cwd)
+
+
+def train_command(workdir, **overrides) -> list[str]:
+  return [sys.executable, os.path.join(REPO, 'scripts', 'train.py'), f'--workdir={workdir}',
+          *flag_list(**overrides)]
+
+
+# Compiled programs are reused across the many short runs of the tests.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(REPO, '.pytest_cache', 'jax'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
+
+def run_train(workdir, env=None, **overrides) -> subprocess.CompletedProcess:
+  return subprocess.run(train_command(workdir, **overrides), cwd=REPO, capture_output=True,
+                        text=True, env=env)

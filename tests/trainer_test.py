@@ -1,0 +1,136 @@
+"""The train step on several meshes, accumulation, resume after SIGKILL, non-finite losses."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import small_run
+from llama4_jax import checkpoint, data, sharding, trainer
+from llama4_jax import tokenizer as tokenizer_lib
+
+
+@pytest.fixture(scope='module')
+def batches(tmp_path_factory):
+  config = small_run.config()
+  tok = tokenizer_lib.load_tokenizer(config.data, config.model.vocab_size,
+                                     default_cache_dir=str(tmp_path_factory.mktemp('tok')))
+  it = data.make_train_iterator(config.data, tok, batch_size=8, seq_len=64, seed=0)
+  return [next(it) for _ in range(3)]
+
+
+def losses_on_mesh(mesh_shape, batches, devices=None, **overrides):
+  config = small_run.config(**overrides)
+  mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+    setup = trainer.make_setup(config, mesh)
+    state = trainer.init_state(setup, seed=0)
+    train_fn, _ = trainer.compile_steps(setup)
+    out = []
+    for batch in batches:
+      state, metrics = train_fn(state, trainer.to_global_batch(batch, setup.batch_sharding))
+      out.append(float(metrics['loss']))
+  return np.array(out), state
+
+
+@pytest.fixture(scope='module')
+def single_device_losses(batches):
+  return losses_on_mesh({}, batches, devices=jax.devices()[:1])[0]
+
+
+@pytest.mark.parametrize('mesh_shape', [
+    dict(data=8), dict(fsdp=8), dict(data=2, tensor=4), dict(data=2, expert=4),
+    dict(data=2, fsdp=2, tensor=2), dict(fsdp=2, expert=2, tensor=2),
+], ids=lambda m: 'x'.join(f'{k}{v}' for k, v in m.items()))
+def test_sharded_losses_match_single_device(devices, batches, single_device_losses, mesh_shape):
+  losses, state = losses_on_mesh(mesh_shape, batches)
+  assert single_device_losses[-1] < single_device_losses[0]
+  np.testing.assert_allclose(losses, single_device_losses, rtol=2e-5)
+  expert_kernel = state['params']['stages'][0]['layers'][1]['ffn']['wi_gate'][...]
+  assert len(expert_kernel.sharding.device_set) == 8
+
+
+def test_gradient_accumulation_matches_one_big_batch(devices, batches, single_device_losses):
+  losses, _ = losses_on_mesh({}, batches, devices=jax.devices()[:1], train__grad_accum_steps=4)
+  np.testing.assert_allclose(losses, single_device_losses, rtol=2e-5)
+
+
+def test_bf16_compute_with_remat_trains(devices, batches):
+  losses, state = losses_on_mesh(dict(fsdp=8), batches, model__dtype='bfloat16',
+                                 model__remat='full')
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  assert jax.tree.leaves(state['params'])[0].dtype == np.float32
+
+
+def final_params(workdir):
+  path = checkpoint.step_path(str(workdir), checkpoint.latest_step(str(workdir)))
+  return {name: checkpoint.read_param(path, name) for name in checkpoint.param_names(path)}
+
+
+def logged_steps(workdir) -> int:
+  try:
+    return sum(1 for line in open(workdir / 'metrics.jsonl') if '"loss"' in line)
+  except FileNotFoundError:
+    return 0
+
+
+def run_and_kill(command, workdir, rng) -> bool:
+  """Starts a run and SIGKILLs it a random moment into training; False if it finished."""
+  target = logged_steps(workdir) + rng.randint(2, 4)
+  process = subprocess.Popen(command, cwd=small_run.REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  while process.poll() is None and logged_steps(workdir) < target:
+    time.sleep(0.02)
+  if process.poll() is None:
+    time.sleep(rng.uniform(0.0, 0.3))  # anywhere in a step, a log or a checkpoint save
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return True
+  assert process.returncode == 0, process.stderr.read()[-3000:]
+  return False
+
+
+def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
+  overrides = dict(train__steps=16, train__checkpoint_every=2)
+  reference = small_run.run_train(tmp_path / 'straight', **overrides)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+
+  rng = random.Random(0)
+  command = small_run.train_command(tmp_path / 'killed', **overrides)
+  kills = sum(run_and_kill(command, tmp_path / 'killed', rng) for _ in range(3))
+  assert kills == 3
+  resumed = subprocess.run(command, cwd=small_run.REPO, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'resumed from step' in resumed.stdout
+  expected, got = final_params(tmp_path / 'straight'), final_params(tmp_path / 'killed')
+  assert sorted(expected) == sorted(got)
+  for name in expected:
+    assert np.array_equal(expected[name], got[name]), name
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path):
+  result = small_run.run_train(tmp_path, optim__lr=1e30, optim__warmup_steps=0,
+                               optim__clip_norm=0.0, train__checkpoint_every=1)
+  assert result.returncode == 1
+  message = [l for l in result.stderr.splitlines() if l.startswith('error:')][-1]
+  assert 'non-finite' in message and 'at step' in message
+  failed_step = int(message.split('at step ')[1].split()[0])
+  saved = checkpoint.all_steps(str(tmp_path))
+  assert all(step < failed_step for step in saved)
+  for value in final_params(tmp_path).values() if saved else []:
+    assert np.all(np.isfinite(value))
+
+
+def test_skip_nonfinite_counts_skipped_steps(tmp_path):
+  result = small_run.run_train(tmp_path, optim__lr=1e30, optim__warmup_steps=0,
+                               optim__clip_norm=0.0, train__skip_nonfinite=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  logs = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
+  assert logs[-1]['skipped_steps'] >= 1
