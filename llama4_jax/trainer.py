@@ -302,8 +302,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
     final['step'] = int(jax.device_get(state['step']))
-    params = jax.device_get(state['params'])
-  if is_main and train_cfg.sample_tokens and start < train_cfg.steps:
+    # The sample is for small runs: one process holding the whole model.
+    want_sample = train_cfg.sample_tokens and start < train_cfg.steps and jax.process_count() == 1
+    params = jax.device_get(state['params']) if want_sample else None
+  if want_sample:
     final['sample'] = sample_text(setup, params, tokenizer, train_cfg.sample_tokens)
   return final
 

@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import time
 
@@ -134,3 +135,34 @@ def test_skip_nonfinite_counts_skipped_steps(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   logs = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
   assert logs[-1]['skipped_steps'] >= 1
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def logged_losses(workdir):
+  return np.array([json.loads(l)['loss'] for l in open(workdir / 'metrics.jsonl') if '"loss"' in l])
+
+
+def test_two_processes_match_one_process(tmp_path):
+  """2 CPU processes x 4 devices (gloo collectives) give the losses of 1 process x 8."""
+  overrides = dict(train__steps=4, mesh__fsdp=-1)
+  single = small_run.run_train(tmp_path / 'single', **overrides)
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  port = free_port()
+  processes = [subprocess.Popen(
+      small_run.train_command(tmp_path / 'multi', **overrides) + [
+          f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=small_run.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  assert '8 devices' in outputs[0][0]
+  np.testing.assert_allclose(logged_losses(tmp_path / 'multi'), logged_losses(tmp_path / 'single'),
+                             rtol=1e-5)
