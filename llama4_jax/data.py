@@ -8,7 +8,7 @@ sources and pydoc topics, so nothing is downloaded) or from user files:
   * `.npy`: a 1-D integer token stream, see `split_at_eos`.
 
 Each document becomes [BOS] + tokens + [EOS] and is cut into pieces of at most
-S + 1 tokens (`split_document`). Pieces are sharded over processes, shuffled
+S + 1 tokens (`split_document`). Pieces are shuffled
 (a new order each epoch) and packed first-fit into rows of S + 1 tokens; a row
 gives `inputs = row[:-1]` and `targets = row[1:]`. Batches are dicts of numpy
 arrays of shape [B, S], B = batch_size // process_count per process:
@@ -396,3 +396,21 @@ def make_eval_batches(data_config, tokenizer, *, batch_size: int,
   rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
   return [_process_rows(batch, rows)
           for batch in itertools.islice(ds, max_batches or None)]
+
+
+def unigram_loss(data_config, tokenizer, *, seq_len: int) -> float:
+  """Validation NLL (nats/token) of the best unigram model of the training split.
+
+  The baseline a language model must beat: token frequencies of the training
+  pieces (add-one smoothed), scored on the validation pieces' targets.
+  """
+  train = _load_pieces(data_config.train_files, tokenizer, split='train',
+                       max_bytes=data_config.builtin_max_bytes, seq_len=seq_len)
+  valid = _load_pieces(data_config.eval_files, tokenizer, split='validation',
+                       max_bytes=data_config.builtin_max_bytes, seq_len=seq_len)
+  counts = np.ones(tokenizer.vocab_size, np.float64)
+  for piece in train:
+    np.add.at(counts, piece[1:], 1)
+  log_probs = np.log(counts / counts.sum())
+  targets = np.concatenate([piece[1:] for piece in valid])
+  return float(-log_probs[targets].mean())

@@ -307,11 +307,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     params = jax.device_get(state['params']) if want_sample else None
   if want_sample:
     final['sample'] = sample_text(setup, params, tokenizer, train_cfg.sample_tokens)
+    final['unigram_loss'] = data.unigram_loss(config.data, tokenizer, seq_len=seq_len)
   return final
 
 
 def sample_text(setup: Setup, params, tokenizer, num_tokens: int,
-                prompt: str = 'def ') -> str:
+                prompt: str = 'def main(') -> str:
   """A short greedy continuation of host `params` on one device (a full forward per token)."""
   ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
   length = len(ids) + num_tokens

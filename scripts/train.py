@@ -43,7 +43,9 @@ def main(argv):
   initialize_distributed()
   result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0 and 'eval_loss' in result:
-    print(f'final validation loss {result["eval_loss"]:.4f} at step {result["step"]}')
+    baseline = (f' (best unigram model of the same data: {result["unigram_loss"]:.4f})'
+                if 'unigram_loss' in result else '')
+    print(f'final validation loss {result["eval_loss"]:.4f} at step {result["step"]}{baseline}')
     if result.get('sample'):
       print(f'sample: {result["sample"]!r}')
 
