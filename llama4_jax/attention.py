@@ -31,11 +31,13 @@ class AttentionInputs:
     cache_index_T: absolute index of each query in the key axis (temperature).
     causal_mask_BTS: causal, same-segment mask over the S keys.
     chunked_mask_BTS: causal_mask_BTS restricted to the query's chunk (or None).
+    valid_BT: False for padding queries (segment 0).
   """
   positions_BT: jax.Array
   cache_index_T: jax.Array
   causal_mask_BTS: jax.Array
   chunked_mask_BTS: jax.Array | None
+  valid_BT: jax.Array
 
 
 def _segment_starts(segment_ids_BS: jax.Array) -> jax.Array:
@@ -76,7 +78,8 @@ def make_attention_inputs(key_segment_ids_BS: jax.Array, query_offset: jax.Array
     query_chunk_BT = positions_BT // chunk_size
     key_chunk_BS = (key_index_S[None, :] - starts_BS) // chunk_size
     chunked_mask_BTS = causal_mask_BTS & (query_chunk_BT[:, :, None] == key_chunk_BS[:, None, :])
-  return AttentionInputs(positions_BT, query_index_T, causal_mask_BTS, chunked_mask_BTS)
+  return AttentionInputs(positions_BT, query_index_T, causal_mask_BTS, chunked_mask_BTS,
+                         query_segment_BT != 0)
 
 
 def init_layer_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):

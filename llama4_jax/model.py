@@ -55,7 +55,10 @@ class ModelConfig:
   pad_token_id: int = 0
   dtype: str = 'float32'                 # compute dtype
   param_dtype: str = 'float32'           # parameter (and optimizer state) dtype
-  moe_dispatch: str = 'dense'            # see moe.DISPATCHERS
+  moe_dispatch: str = 'dropless'         # 'dropless', 'capacity' or 'dense' (see moe.py)
+  moe_grouped_matmul: str = 'auto'       # dropless: 'ragged' (GPU/TPU), 'blocked' (CPU), 'auto'
+  moe_block_size: int = 32               # blocked dropless: rows per block
+  moe_capacity_factor: float = 1.25      # capacity: slots per expert = cf * tokens * k / E
   remat: str = 'none'                    # see REMAT_POLICIES
   scan_layers: bool = True               # scan repeated blocks (False: unroll, for debugging)
 
@@ -107,8 +110,14 @@ class ModelConfig:
     for key in ('dtype', 'param_dtype'):
       if getattr(self, key) not in ('float32', 'bfloat16', 'float16'):
         fail(key, f'must be float32, bfloat16 or float16, got {getattr(self, key)!r}')
-    if self.moe_dispatch not in moe.DISPATCHERS:
-      fail('moe_dispatch', f'{self.moe_dispatch!r} is not one of {sorted(moe.DISPATCHERS)}')
+    if self.moe_dispatch not in moe.DISPATCHES:
+      fail('moe_dispatch', f'{self.moe_dispatch!r} is not one of {moe.DISPATCHES}')
+    if self.moe_grouped_matmul not in moe.GROUPED_MATMULS:
+      fail('moe_grouped_matmul', f'{self.moe_grouped_matmul!r} is not one of {moe.GROUPED_MATMULS}')
+    if self.moe_block_size <= 0:
+      fail('moe_block_size', f'must be positive, got {self.moe_block_size}')
+    if self.moe_capacity_factor <= 0:
+      fail('moe_capacity_factor', f'must be positive, got {self.moe_capacity_factor}')
     if self.remat not in REMAT_POLICIES:
       fail('remat', f'{self.remat!r} is not one of {sorted(REMAT_POLICIES)}')
 
@@ -238,7 +247,7 @@ class DecoderLayer(nnx.Module):
     h_BTD, cache = self.attn(self.attn_norm(x_BTD), inputs, cache, cache_offset)
     x_BTD = x_BTD + h_BTD
     if self.is_moe:
-      h_BTD, stats = self.ffn(self.ffn_norm(x_BTD))
+      h_BTD, stats = self.ffn(self.ffn_norm(x_BTD), inputs.valid_BT)
     else:
       h_BTD, stats = self.ffn(self.ffn_norm(x_BTD)), None
     x_BTD = sharding.shard(x_BTD + h_BTD, 'act_batch', 'act_seq', 'act_embed')

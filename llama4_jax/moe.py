@@ -1,28 +1,51 @@
 """Llama 4 mixture of experts: sigmoid top-k router, routed SwiGLU experts, shared expert.
 
-The routed computation goes through one interface, `dispatch(x_ND, weights_NK,
-experts_NK, wi_gate, wi_up, wo) -> y_ND`, so that dispatch strategies (the
-dense reference here; grouped/sharded ones elsewhere) are interchangeable.
+Every dispatch computes the same function (the reference semantics of HF):
+routed(x) = sum over the k selected experts e of Expert_e(x * sigmoid(logit_e)).
+They differ in how tokens reach their experts and what that costs:
+
+  dense     every expert on every token (HF's way; E times the active cost).
+            Kept as the reference for tests.
+  dropless  tokens sorted by expert and multiplied group by group. The grouped
+            matmul is `jax.lax.ragged_dot` on GPU/TPU; on CPU, where ragged_dot
+            runs densely, each group is padded to a multiple of `moe_block_size`
+            rows and the blocks are multiplied as one batched einsum against
+            their experts' weights, so the cost follows the active parameters.
+  capacity  each expert takes at most C = ceil(capacity_factor * N * k / E)
+            tokens into an [E, C, D] buffer; later assignments are dropped
+            (their routed contribution is zero; the shared expert still applies).
+
+With a mesh `expert` axis larger than one, expert weights are sharded over it
+and `_expert_parallel` runs the dispatch inside `jax.shard_map`: tokens are
+all-gathered over the expert axis, each device runs its own experts, and the
+partial outputs are reduce-scattered back (`psum_scatter`). This is the only
+file with hand-written collectives.
 """
 
-from collections.abc import Callable
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from llama4_jax import layers, sharding
 
+DISPATCHES = ('dropless', 'capacity', 'dense')
+GROUPED_MATMULS = ('auto', 'ragged', 'blocked')
 
-def swiglu_expert(x_ND, wi_gate_DF, wi_up_DF, wo_FD):
-  return (jax.nn.silu(x_ND @ wi_gate_DF) * (x_ND @ wi_up_DF)) @ wo_FD
+
+# Dispatches: (x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD) -> (y_ND, dropped)
+# `dropped` is the number of (token, expert) assignments that were not computed.
 
 
-def dense_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD):
+def dense_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
   """Runs every expert on every token, as HF does: exact, but E times the cost.
 
   Unselected experts see a zero input and return exactly zero (no biases,
   silu(0) = 0), so the sum over experts equals the sum over the selected ones.
+  Assignments to experts outside [0, E) are ignored (used by expert parallelism).
   """
   E = wi_gate_EDF.shape[0]
   score_NE = jnp.sum(jax.nn.one_hot(experts_NK, E, dtype=x_ND.dtype) * weights_NK[..., None], axis=1)
@@ -30,32 +53,149 @@ def dense_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD)
   gate_ENF = jnp.einsum('END,EDF->ENF', x_END, wi_gate_EDF)
   up_ENF = jnp.einsum('END,EDF->ENF', x_END, wi_up_EDF)
   y_END = jnp.einsum('ENF,EFD->END', jax.nn.silu(gate_ENF) * up_ENF, wo_EFD)
-  return jnp.sum(y_END, axis=0)
+  return jnp.sum(y_END, axis=0), jnp.zeros((), jnp.float32)
 
 
-DISPATCHERS: dict[str, Callable] = {
+def _sort_assignments(experts_NK, num_experts):
+  """Assignments (token, slot) sorted by expert; out-of-range experts sort last."""
+  A = experts_NK.size
+  expert_A = experts_NK.reshape(A)
+  order_A = jnp.argsort(expert_A, stable=True)
+  sizes_E = jnp.bincount(expert_A, length=num_experts)  # out-of-range ids are not counted
+  return order_A, expert_A[order_A], sizes_E
+
+
+def _swiglu_grouped(x_MD, wi_gate, wi_up, wo, matmul):
+  return matmul(jax.nn.silu(matmul(x_MD, wi_gate)) * matmul(x_MD, wi_up), wo)
+
+
+def ragged_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+  """Dropless with `jax.lax.ragged_dot` (native grouped matmul on GPU and TPU)."""
+  N, K = experts_NK.shape
+  order_A, _, sizes_E = _sort_assignments(experts_NK, wi_gate_EDF.shape[0])
+  x_AD = x_ND[order_A // K] * weights_NK.reshape(-1)[order_A][:, None]
+  matmul = lambda x, w: jax.lax.ragged_dot(x, w, sizes_E)
+  y_AD = _swiglu_grouped(x_AD, wi_gate_EDF, wi_up_EDF, wo_EFD, matmul)
+  # Rows past sum(sizes_E) (out-of-range experts) are outside every group: zero.
+  y_ND = jnp.zeros((N * K, x_ND.shape[1]), y_AD.dtype).at[order_A].set(y_AD)
+  return y_ND.reshape(N, K, -1).sum(axis=1), jnp.zeros((), jnp.float32)
+
+
+def blocked_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
+                              block_size=32, **_):
+  """Dropless on any backend: groups padded to blocks, one batched einsum over blocks.
+
+  With A = N*k assignments the blocks number at most A/b + E (static), so the
+  work is (A + E*b) rows of expert MLP, plus gathering each block's weights:
+  it grows with E only through the padding of E*b rows.
+  """
+  N, K = experts_NK.shape
+  E, D, _ = wi_gate_EDF.shape
+  A, b = N * K, block_size
+  order_A, expert_sorted_A, sizes_E = _sort_assignments(experts_NK, E)
+  padded_E = (sizes_E + b - 1) // b * b
+  padded_end_E = jnp.cumsum(padded_E)
+  start_E = jnp.cumsum(sizes_E) - sizes_E
+  num_blocks = A // b + E
+  rows = num_blocks * b
+  valid_A = expert_sorted_A < E
+  safe_expert_A = jnp.where(valid_A, expert_sorted_A, 0)
+  # Row of each sorted assignment in the padded layout; invalid ones go to a trash row.
+  dest_A = jnp.where(valid_A, padded_end_E[safe_expert_A] - padded_E[safe_expert_A]
+                     + jnp.arange(A) - start_E[safe_expert_A], rows)
+  token_R = jnp.full((rows + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[:rows]
+  weight_R = jnp.zeros((rows + 1,), x_ND.dtype).at[dest_A].set(
+      weights_NK.reshape(-1)[order_A])[:rows]
+  block_expert_B = jnp.minimum(
+      jnp.searchsorted(padded_end_E, jnp.arange(num_blocks) * b, side='right'), E - 1)
+  x_RD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[token_R] * weight_R[:, None]
+  x_BbD = x_RD.reshape(num_blocks, b, D)
+  gate = jnp.einsum('BbD,BDF->BbF', x_BbD, wi_gate_EDF[block_expert_B])
+  up = jnp.einsum('BbD,BDF->BbF', x_BbD, wi_up_EDF[block_expert_B])
+  y_BbD = jnp.einsum('BbF,BFD->BbD', jax.nn.silu(gate) * up, wo_EFD[block_expert_B])
+  y_ND = jnp.zeros((N + 1, D), y_BbD.dtype).at[token_R].add(y_BbD.reshape(rows, D))
+  return y_ND[:N], jnp.zeros((), jnp.float32)
+
+
+def capacity_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
+                      capacity_factor=1.25, num_routed=None, **_):
+  """Each expert takes its first C assignments (token order); the rest are dropped.
+
+  C = ceil(capacity_factor * num_routed * k / E), num_routed defaulting to N.
+  """
+  N, K = experts_NK.shape
+  E, D, _ = wi_gate_EDF.shape
+  A = N * K
+  C = max(1, math.ceil(capacity_factor * (num_routed or N) * K / E))
+  order_A, expert_sorted_A, sizes_E = _sort_assignments(experts_NK, E)
+  start_E = jnp.cumsum(sizes_E) - sizes_E
+  valid_A = expert_sorted_A < E
+  safe_expert_A = jnp.where(valid_A, expert_sorted_A, 0)
+  slot_A = jnp.arange(A) - start_E[safe_expert_A]
+  kept_A = valid_A & (slot_A < C)
+  dest_A = jnp.where(kept_A, safe_expert_A * C + slot_A, E * C)  # E*C: trash slot
+  token_S = jnp.full((E * C + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[:E * C]
+  weight_S = jnp.zeros((E * C + 1,), x_ND.dtype).at[dest_A].set(
+      weights_NK.reshape(-1)[order_A])[:E * C]
+  x_ECD = (jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[token_S]
+           * weight_S[:, None]).reshape(E, C, D)
+  gate = jnp.einsum('ECD,EDF->ECF', x_ECD, wi_gate_EDF)
+  up = jnp.einsum('ECD,EDF->ECF', x_ECD, wi_up_EDF)
+  y_ECD = jnp.einsum('ECF,EFD->ECD', jax.nn.silu(gate) * up, wo_EFD)
+  y_ND = jnp.zeros((N + 1, D), y_ECD.dtype).at[token_S].add(y_ECD.reshape(E * C, D))
+  dropped = jnp.sum(valid_A & ~kept_A).astype(jnp.float32)
+  return y_ND[:N], dropped
+
+
+def dropless_dispatch(*args, grouped_matmul='auto', **kw):
+  if grouped_matmul == 'auto':
+    grouped_matmul = 'blocked' if jax.default_backend() == 'cpu' else 'ragged'
+  fn = ragged_dropless_dispatch if grouped_matmul == 'ragged' else blocked_dropless_dispatch
+  return fn(*args, **kw)
+
+
+DISPATCHERS = {
     'dense': dense_dispatch,
+    'dropless': dropless_dispatch,
+    'capacity': capacity_dispatch,
 }
 
 
-def router_statistics(logits_NE: jax.Array, experts_NK: jax.Array) -> dict[str, jax.Array]:
-  """Auxiliary losses and load statistics of one MoE layer (all float32).
+# Router statistics -------------------------------------------------------------
 
-  load_balance_loss = E * sum_e f_e * p_e, where f_e is the fraction of routing
-  slots given to expert e and p_e the mean over tokens of the router's sigmoid
-  probabilities normalised over experts (Llama 4 routes with a sigmoid, so the
+
+def router_statistics(logits_BTE: jax.Array, experts_BTK: jax.Array,
+                      valid_BT: jax.Array) -> dict[str, jax.Array]:
+  """Auxiliary losses and load statistics of one MoE layer (float32; padding excluded).
+
+  load_balance_loss: for each sequence s, E * sum_e f_se * p_se, averaged over
+  sequences. f_se is the fraction of s's routing slots given to expert e and
+  p_se the mean over s's tokens of the router's sigmoid probabilities
+  normalised over experts (Llama 4 routes with a sigmoid, so the
   probabilities are normalised to a distribution before the Switch formula).
-  It is 1 for a perfectly balanced router. router_z_loss = mean_n logsumexp(logits_n)^2.
+  It is 1 for a balanced router. Being a mean over sequences, it is the same
+  whether a batch is split into micro-batches or over devices.
+  router_z_loss: mean over tokens of logsumexp(logits)^2.
   """
-  E = logits_NE.shape[-1]
-  logits32 = logits_NE.astype(jnp.float32)
-  counts_E = jnp.sum(jax.nn.one_hot(experts_NK, E, dtype=jnp.float32), axis=(0, 1))
-  fraction_E = counts_E / jnp.maximum(jnp.sum(counts_E), 1.0)
-  probs_NE = jax.nn.sigmoid(logits32)
-  probs_NE = probs_NE / jnp.sum(probs_NE, axis=-1, keepdims=True)
-  load_balance = E * jnp.sum(fraction_E * jnp.mean(probs_NE, axis=0))
-  z_loss = jnp.mean(jax.nn.logsumexp(logits32, axis=-1) ** 2)
-  return {'load_balance_loss': load_balance, 'router_z_loss': z_loss, 'tokens_per_expert': counts_E}
+  E = logits_BTE.shape[-1]
+  logits32 = logits_BTE.astype(jnp.float32)
+  valid32 = valid_BT.astype(jnp.float32)
+  tokens_B = jnp.maximum(jnp.sum(valid32, axis=1), 1.0)
+  assigned_BTE = jnp.sum(jax.nn.one_hot(experts_BTK, E, dtype=jnp.float32), axis=2) * valid32[..., None]
+  fraction_BE = jnp.sum(assigned_BTE, axis=1) / (tokens_B[:, None] * experts_BTK.shape[-1])
+  probs_BTE = jax.nn.sigmoid(logits32)
+  probs_BTE = probs_BTE / jnp.sum(probs_BTE, axis=-1, keepdims=True)
+  mean_probs_BE = jnp.sum(probs_BTE * valid32[..., None], axis=1) / tokens_B[:, None]
+  has_tokens_B = (jnp.sum(valid32, axis=1) > 0).astype(jnp.float32)
+  per_sequence_B = E * jnp.sum(jax.lax.stop_gradient(fraction_BE) * mean_probs_BE, axis=-1)
+  load_balance = jnp.sum(per_sequence_B * has_tokens_B) / jnp.maximum(jnp.sum(has_tokens_B), 1.0)
+  z_BT = jax.nn.logsumexp(logits32, axis=-1) ** 2
+  z_loss = jnp.sum(z_BT * valid32) / jnp.maximum(jnp.sum(valid32), 1.0)
+  return {'load_balance_loss': load_balance, 'router_z_loss': z_loss,
+          'tokens_per_expert': jnp.sum(assigned_BTE, axis=(0, 1))}
+
+
+# The layer ----------------------------------------------------------------------
 
 
 class MoE(nnx.Module):
@@ -73,7 +213,7 @@ class MoE(nnx.Module):
     D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     std, dtype, pdt = cfg.initializer_range, cfg.dtype, cfg.param_dtype
     init = nnx.initializers.normal(std)
-    self.router = layers.Einsum('ND,DE->NE', (D, E), ('embed', None), rngs=rngs, std=std,
+    self.router = layers.Einsum('BTD,DE->BTE', (D, E), ('embed', None), rngs=rngs, std=std,
                                 dtype=dtype, param_dtype=pdt)
     self.wi_gate = nnx.Param(init(rngs.params(), (E, D, F), pdt), out_sharding=('expert', 'embed', 'mlp'))
     self.wi_up = nnx.Param(init(rngs.params(), (E, D, F), pdt), out_sharding=('expert', 'embed', 'mlp'))
@@ -81,19 +221,91 @@ class MoE(nnx.Module):
     self.shared_expert = layers.MLP(D, F, rngs=rngs, std=std, dtype=dtype, param_dtype=pdt)
     self.top_k = cfg.num_experts_per_tok
     self.dtype = dtype
-    self.dispatch = cfg.moe_dispatch
-    if cfg.moe_dispatch not in DISPATCHERS:
-      raise ValueError(f'model.moe_dispatch={cfg.moe_dispatch!r}; choose one of {sorted(DISPATCHERS)}')
+    self.dispatch = functools.partial(
+        DISPATCHERS[cfg.moe_dispatch], grouped_matmul=cfg.moe_grouped_matmul,
+        block_size=cfg.moe_block_size, capacity_factor=cfg.moe_capacity_factor)
 
-  def __call__(self, x_BTD: jax.Array):
+  def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
+    """Returns (y_BTD, statistics); valid_BT (False = padding) only affects statistics."""
     B, T, D = x_BTD.shape
-    x_ND = x_BTD.reshape(B * T, D).astype(self.dtype)
-    logits_NE = self.router(x_ND)
-    top_logits_NK, experts_NK = jax.lax.top_k(logits_NE, self.top_k)
-    weights_NK = jax.nn.sigmoid(top_logits_NK.astype(jnp.float32)).astype(self.dtype)
-    routed_ND = DISPATCHERS[self.dispatch](
-        x_ND, weights_NK, experts_NK, self.wi_gate[...].astype(self.dtype),
-        self.wi_up[...].astype(self.dtype), self.wo[...].astype(self.dtype))
+    x_BTD = x_BTD.astype(self.dtype)
+    logits_BTE = self.router(x_BTD)
+    top_logits_BTK, experts_BTK = jax.lax.top_k(logits_BTE, self.top_k)
+    weights_BTK = jax.nn.sigmoid(top_logits_BTK.astype(jnp.float32)).astype(self.dtype)
+    wi_gate, wi_up, wo = (w[...].astype(self.dtype) for w in (self.wi_gate, self.wi_up, self.wo))
+    x_ND = x_BTD.reshape(B * T, D)
+    args = (x_ND, weights_BTK.reshape(B * T, -1), experts_BTK.reshape(B * T, -1), wi_gate, wi_up, wo)
+    if _expert_axis_size() > 1 and (B * T) % _batch_shards() == 0:
+      routed_ND, dropped = _expert_parallel(self.dispatch, *args)
+    else:
+      routed_ND, dropped = self.dispatch(*args)
     y_BTD = self.shared_expert(x_BTD) + routed_ND.reshape(B, T, D)
     y_BTD = sharding.shard(y_BTD, 'act_batch', 'act_seq', 'act_embed')
-    return y_BTD, router_statistics(logits_NE, experts_NK)
+    if valid_BT is None:
+      valid_BT = jnp.ones((B, T), bool)
+    stats = router_statistics(logits_BTE, experts_BTK, valid_BT)
+    stats['dropped_fraction'] = dropped / (B * T * self.top_k)
+    return y_BTD, stats
+
+
+# Expert parallelism ------------------------------------------------------------------
+
+
+def _mesh_axis(name: str) -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty or name not in mesh.axis_names else mesh.shape[name]
+
+
+def _expert_axis_size() -> int:
+  return _mesh_axis('expert')
+
+
+def _batch_shards() -> int:
+  return math.prod(_mesh_axis(a) for a in sharding.BATCH_AXES)
+
+
+def _expert_parallel(dispatch, x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD):
+  """Runs `dispatch` with experts sharded over the mesh's `expert` axis.
+
+  Inside `shard_map`, each device all-gathers the tokens of its expert group
+  (the devices along `expert`), runs the dispatch on its E/ep local experts
+  (assignments to other experts are ignored by shifting them out of range),
+  and `psum_scatter` sums the partial outputs and returns each device its own
+  tokens. Expert weights keep their `tensor` sharding of F: the down
+  projection's partial sums are added over `tensor`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
+  tensor = 'tensor' if 'tensor' in mesh.axis_names and mesh.shape['tensor'] > 1 else None
+  E = wi_gate_EDF.shape[0]
+  F = wi_gate_EDF.shape[2]
+  if tensor and F % mesh.shape['tensor']:
+    tensor = None
+  ep = mesh.shape['expert']
+  if E % ep:
+    raise ValueError(f'num_experts={E} is not divisible by mesh.expert={ep}')
+  tokens = P(batch, None)
+  in_specs = (tokens, tokens, tokens, P('expert', None, tensor), P('expert', None, tensor),
+              P('expert', tensor, None))
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=in_specs, out_specs=(tokens, P()),
+                     check_vma=False)
+  def local(x_nD, weights_nK, experts_nK, wi_gate, wi_up, wo):
+    gather = lambda a: jax.lax.all_gather(a, 'expert', axis=0, tiled=True)
+    x_gD, weights_gK, experts_gK = gather(x_nD), gather(weights_nK), gather(experts_nK)
+    local_E = wi_gate.shape[0]
+    first = jax.lax.axis_index('expert') * local_E
+    local_experts_gK = experts_gK - first
+    # Other devices' experts fall outside [0, local_E): dispatches skip them.
+    local_experts_gK = jnp.where((local_experts_gK >= 0) & (local_experts_gK < local_E),
+                                 local_experts_gK, local_E)
+    # Capacity per expert as for the whole group: C = cf * group tokens * k / E.
+    y_gD, dropped = dispatch(x_gD, weights_gK, local_experts_gK, wi_gate, wi_up, wo,
+                             num_routed=x_gD.shape[0] // ep)
+    if tensor:
+      y_gD = jax.lax.psum(y_gD, tensor)
+    y_nD = jax.lax.psum_scatter(y_gD, 'expert', scatter_dimension=0, tiled=True)
+    # Devices along `tensor` hold the same tokens: count their drops once.
+    return y_nD, jax.lax.psum(dropped, mesh.axis_names) / _mesh_axis('tensor')
+
+  return local(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD)

@@ -79,6 +79,7 @@ def _moe_terms(stats, train: mlc.ConfigDict):
   z_loss = jnp.mean(stats['router_z_loss'])
   counts_LE = stats['tokens_per_expert']
   logged = {'load_balance_loss': load_balance, 'router_z_loss': z_loss,
+            'dropped_fraction': jnp.mean(stats['dropped_fraction']),
             'expert_load': counts_LE / jnp.maximum(jnp.sum(counts_LE, -1, keepdims=True), 1.0)}
   return train.load_balance_coef * load_balance + train.router_z_coef * z_loss, logged
 
@@ -281,7 +282,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
                  'grad_norm': float(m['grad_norm']), 'tokens_per_sec': tokens_per_sec,
                  'mfu': tokens_per_sec * flops_per_token / (peak * jax.device_count()),
                  'skipped_steps': skipped}
-        for key in ('load_balance_loss', 'router_z_loss'):
+        for key in ('load_balance_loss', 'router_z_loss', 'dropped_fraction'):
           if key in m:
             final[key] = float(m[key])
         if 'expert_load' in m:

@@ -81,7 +81,8 @@ def test_config_fields_survive_hf_round_trip():
   for name in ('scout', 'maverick', 'parity'):
     cfg = model_lib.PRESETS[name]
     again = hf_convert.model_config_from_hf(hf_convert.hf_text_config(cfg))
-    fields = ('dtype', 'param_dtype', 'remat', 'moe_dispatch', 'scan_layers')
+    fields = ('dtype', 'param_dtype', 'remat', 'moe_dispatch', 'moe_grouped_matmul',
+              'moe_block_size', 'moe_capacity_factor', 'scan_layers')
     assert again.replace(**{f: getattr(cfg, f) for f in fields}) == cfg, name
 
 
