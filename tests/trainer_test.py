@@ -58,9 +58,15 @@ def test_sharded_losses_match_single_device(devices, batches, single_device_loss
   assert len(expert_kernel.sharding.device_set) == 8
 
 
-def test_gradient_accumulation_matches_one_big_batch(devices, batches, single_device_losses):
-  losses, _ = losses_on_mesh({}, batches, devices=jax.devices()[:1], train__grad_accum_steps=4)
-  np.testing.assert_allclose(losses, single_device_losses, rtol=2e-5)
+def test_gradient_accumulation_and_expert_parallelism_keep_aux_losses_exact(devices, batches):
+  """With the MoE auxiliary losses on: 4 micro-batches, or experts over 4 devices, change nothing."""
+  aux = dict(train__load_balance_coef=0.1, train__router_z_coef=0.01)
+  single, _ = losses_on_mesh({}, batches, devices=jax.devices()[:1], **aux)
+  accumulated, _ = losses_on_mesh({}, batches, devices=jax.devices()[:1],
+                                  train__grad_accum_steps=4, **aux)
+  expert_parallel, _ = losses_on_mesh(dict(data=2, expert=4), batches, **aux)
+  np.testing.assert_allclose(accumulated, single, rtol=2e-5)
+  np.testing.assert_allclose(expert_parallel, single, rtol=2e-5)
 
 
 def test_bf16_compute_with_remat_trains(devices, batches):
