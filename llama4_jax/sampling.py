@@ -1,0 +1,100 @@
+"""Generation with a KV cache: one prefill, then one jitted decode step per token.
+
+The whole loop (prefill + `lax.while_loop` over decode steps) is one jitted
+function, compiled once per (batch, prompt length, max_new_tokens, top_k):
+nothing recompiles per step. Prompts of different lengths are left-padded;
+padding is segment 0, so it is never attended to and positions start at each
+row's first real token. A row stops at its first EOS; the loop stops when
+every row has.
+"""
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens_BP, segment_ids_BP): prompts right-aligned, segment 1 = real, 0 = padding."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError('every prompt needs at least one token')
+  P = max(len(p) for p in prompts)
+  tokens = np.full((len(prompts), P), pad_id, np.int32)
+  segments = np.zeros((len(prompts), P), np.int32)
+  for row, prompt in enumerate(prompts):
+    tokens[row, P - len(prompt):] = prompt
+    segments[row, P - len(prompt):] = 1
+  return tokens, segments
+
+
+def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array,
+                  top_k: int, top_p: jax.Array) -> jax.Array:
+  """Greedy when temperature == 0, else top-k / nucleus (top-p) sampling."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  greedy_B = jnp.argmax(logits_BV, axis=-1)
+  scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+  if top_k:
+    kth_B = jax.lax.top_k(scaled_BV, top_k)[0][:, -1:]
+    scaled_BV = jnp.where(scaled_BV < kth_B, -jnp.inf, scaled_BV)
+  # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p.
+  sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
+  mass_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
+  cutoff_index_B = jnp.sum(mass_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1) - 1
+  cutoff_B = jnp.take_along_axis(sorted_BV, cutoff_index_B[:, None], axis=-1)
+  scaled_BV = jnp.where(scaled_BV < cutoff_B, -jnp.inf, scaled_BV)
+  sampled_B = jax.random.categorical(key, scaled_BV, axis=-1)
+  return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k', 'cache_dtype'))
+def _generate(graphdef, state, tokens_BP, segments_BP, key, eos_ids, temperature, top_p, pad_id,
+              *, max_new_tokens: int, top_k: int, cache_dtype):
+  model = nnx.merge(graphdef, state)
+  B, P = tokens_BP.shape
+  cache = model.init_cache(B, P + max_new_tokens, cache_dtype)
+  logits_BPV, cache = model.decode(tokens_BP, cache, segments_BP)
+  key, first_key = jax.random.split(key)
+  token_B = sample_logits(logits_BPV[:, -1], first_key, temperature, top_k, top_p)
+  out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+  done_B = jnp.zeros((B,), bool)
+
+  def cond(carry):
+    step, _, _, done_B, _, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done_B)
+
+  def body(carry):
+    step, cache, token_B, done_B, out_BN, key = carry
+    out_BN = out_BN.at[:, step].set(jnp.where(done_B, pad_id, token_B))
+    done_B = done_B | jnp.isin(token_B, eos_ids)
+    logits_B1V, cache = model.decode(token_B[:, None], cache, jnp.ones((B, 1), jnp.int32))
+    key, step_key = jax.random.split(key)
+    token_B = sample_logits(logits_B1V[:, 0], step_key, temperature, top_k, top_p)
+    return step + 1, cache, token_B, done_B, out_BN, key
+
+  carry = (jnp.zeros((), jnp.int32), cache, token_B, done_B, out_BN, key)
+  return jax.lax.while_loop(cond, body, carry)[4]
+
+
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             eos_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+  """Generated ids per prompt (without the prompt), each cut after its first EOS."""
+  cfg = model.cfg
+  tokens, segments = left_pad(prompts, pad_id)
+  if tokens.shape[1] + max_new_tokens > cfg.max_position_embeddings:
+    raise ValueError(f'prompt of {tokens.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds '
+                     f'the model\'s max_position_embeddings={cfg.max_position_embeddings}')
+  graphdef, state = nnx.split(model)
+  out = _generate(graphdef, state, tokens, segments, jax.random.key(seed),
+                  jnp.asarray(list(eos_ids), jnp.int32), jnp.float32(temperature),
+                  jnp.float32(top_p), jnp.int32(pad_id), max_new_tokens=max_new_tokens,
+                  top_k=int(top_k), cache_dtype=cfg.dtype)
+  results = []
+  eos = set(int(e) for e in eos_ids)
+  for row in np.asarray(out).tolist():
+    cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+    results.append(row[:cut])
+  return results
