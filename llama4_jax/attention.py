@@ -32,12 +32,15 @@ class AttentionInputs:
     causal_mask_BTS: causal, same-segment mask over the S keys.
     chunked_mask_BTS: causal_mask_BTS restricted to the query's chunk (or None).
     valid_BT: False for padding queries (segment 0).
+    ring_mask_BTR: with a KV cache, the chunked layers' mask over R = W + T keys:
+      their ring cache of W slots (before this call's writes), then the T new keys.
   """
   positions_BT: jax.Array
   cache_index_T: jax.Array
   causal_mask_BTS: jax.Array
   chunked_mask_BTS: jax.Array | None
   valid_BT: jax.Array
+  ring_mask_BTR: jax.Array | None = None
 
 
 def _segment_starts(segment_ids_BS: jax.Array) -> jax.Array:
@@ -50,8 +53,19 @@ def _segment_starts(segment_ids_BS: jax.Array) -> jax.Array:
   return jax.lax.cummax(jnp.where(is_start_BS, index_S, 0), axis=1)
 
 
+def ring_slot_indices(offset: jax.Array | int, ring_size: int) -> jax.Array:
+  """Absolute index held by each slot of a ring cache before writing at `offset` (-1 = empty).
+
+  Slot s holds the newest index a < offset with a % ring_size == s.
+  """
+  slot_W = jnp.arange(ring_size)
+  index_W = offset - 1 - jnp.mod(offset - 1 - slot_W, ring_size)
+  return jnp.where(index_W >= 0, index_W, -1)
+
+
 def make_attention_inputs(key_segment_ids_BS: jax.Array, query_offset: jax.Array | int,
-                          num_queries: int, chunk_size: int | None) -> AttentionInputs:
+                          num_queries: int, chunk_size: int | None,
+                          ring_size: int | None = None) -> AttentionInputs:
   """Builds positions and masks for queries at [offset, offset + T) over S keys.
 
   Args:
@@ -60,6 +74,7 @@ def make_attention_inputs(key_segment_ids_BS: jax.Array, query_offset: jax.Array
     query_offset: absolute index of the first query (0 without a cache).
     num_queries: T.
     chunk_size: attention_chunk_size C of the RoPE layers, or None.
+    ring_size: W, the slots of the chunked layers' ring caches (decoding only).
   """
   B, S = key_segment_ids_BS.shape
   key_index_S = jnp.arange(S)
@@ -78,8 +93,18 @@ def make_attention_inputs(key_segment_ids_BS: jax.Array, query_offset: jax.Array
     query_chunk_BT = positions_BT // chunk_size
     key_chunk_BS = (key_index_S[None, :] - starts_BS) // chunk_size
     chunked_mask_BTS = causal_mask_BTS & (query_chunk_BT[:, :, None] == key_chunk_BS[:, None, :])
+  ring_mask_BTR = None
+  if chunk_size and ring_size:
+    key_index_R = jnp.concatenate([ring_slot_indices(query_offset, ring_size), query_index_T])
+    gather = jnp.maximum(key_index_R, 0)
+    key_segment_BR = jnp.where(key_index_R >= 0, key_segment_ids_BS[:, gather], 0)
+    key_chunk_BR = (key_index_R[None, :] - starts_BS[:, gather]) // chunk_size
+    ring_mask_BTR = ((key_index_R[None, None, :] <= query_index_T[None, :, None])
+                     & (key_segment_BR[:, None, :] == query_segment_BT[:, :, None])
+                     & (key_segment_BR[:, None, :] != 0)
+                     & (key_chunk_BR[:, None, :] == query_chunk_BT[:, :, None]))
   return AttentionInputs(positions_BT, query_index_T, causal_mask_BTS, chunked_mask_BTS,
-                         query_segment_BT != 0)
+                         query_segment_BT != 0, ring_mask_BTR)
 
 
 def init_layer_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):
@@ -127,6 +152,8 @@ class Attention(nnx.Module):
       scale_T = 1.0 + self.attn_scale * jnp.log1p(jnp.floor((index_T + 1.0) / self.floor_scale))
       q_BTNH = (q_BTNH.astype(jnp.float32) * scale_T[None, :, None, None]).astype(q_BTNH.dtype)
 
+    if cache is not None and self.use_chunked:
+      return self._attend_with_ring(q_BTNH, k_BTKH, v_BTKH, inputs, cache, cache_offset)
     if cache is not None:
       cache = {
           'k': jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTKH.astype(cache['k'].dtype),
@@ -140,6 +167,24 @@ class Attention(nnx.Module):
 
     mask_BTS = inputs.chunked_mask_BTS if self.use_chunked else inputs.causal_mask_BTS
     y_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    y_BTNH = sharding.shard(y_BTNH, 'act_batch', 'act_seq', 'act_heads', None)
+    return self.o_proj(y_BTNH), cache
+
+
+  def _attend_with_ring(self, q_BTNH, k_BTKH, v_BTKH, inputs, cache, cache_offset):
+    """Chunked layers keep a ring of W = min(C, max_len) slots: all that a chunk needs.
+
+    The queries see the ring (keys before this call) and this call's new keys;
+    then the newest min(T, W) keys overwrite their slots (index % W).
+    """
+    T, W = k_BTKH.shape[1], cache['k'].shape[1]
+    k_BRKH = jnp.concatenate([cache['k'].astype(k_BTKH.dtype), k_BTKH], axis=1)
+    v_BRKH = jnp.concatenate([cache['v'].astype(v_BTKH.dtype), v_BTKH], axis=1)
+    y_BTNH = dot_product_attention(q_BTNH, k_BRKH, v_BRKH, inputs.ring_mask_BTR)
+    n = min(T, W)
+    slots_n = jnp.mod(cache_offset + T - n + jnp.arange(n), W)
+    cache = {'k': cache['k'].at[:, slots_n].set(k_BTKH[:, T - n:].astype(cache['k'].dtype)),
+             'v': cache['v'].at[:, slots_n].set(v_BTKH[:, T - n:].astype(cache['v'].dtype))}
     y_BTNH = sharding.shard(y_BTNH, 'act_batch', 'act_seq', 'act_heads', None)
     return self.o_proj(y_BTNH), cache
 

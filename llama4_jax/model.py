@@ -331,21 +331,34 @@ class Llama4(nnx.Module):
     offset = cache['index']
     key_segments_BS = jax.lax.dynamic_update_slice_in_dim(
         cache['segment_ids'], segment_ids_BT.astype(jnp.int32), offset, 1)
-    inputs = attention.make_attention_inputs(key_segments_BS, offset, tokens_BT.shape[1],
-                                             self.cfg.attention_chunk_size)
+    inputs = attention.make_attention_inputs(
+        key_segments_BS, offset, tokens_BT.shape[1], self.cfg.attention_chunk_size,
+        ring_size=self._ring_size(key_segments_BS.shape[1]))
     x_BTD = self.embed_tokens(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
     x_BTD, layer_caches, _ = self._run_stages(x_BTD, inputs, cache['layers'], offset)
     new_cache = {'index': offset + tokens_BT.shape[1], 'segment_ids': key_segments_BS,
                  'layers': layer_caches}
     return self._logits(x_BTD), new_cache
 
+  def _ring_size(self, max_len: int) -> int | None:
+    chunk = self.cfg.attention_chunk_size
+    return min(chunk, max_len) if chunk else None
+
   def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty KV cache: per stage, per block position, K/V stacked over repeats."""
+    """An empty KV cache: per stage, per block position, K/V stacked over repeats.
+
+    Global (NoPE) layers keep max_len keys; chunked (RoPE) layers a ring of
+    min(attention_chunk_size, max_len) slots.
+    """
     cfg = self.cfg
     dtype = jnp.dtype(dtype or cfg.dtype)
-    layer_cache = attention.init_layer_cache(batch, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
-    stacked = [[jax.tree.map(lambda a: jnp.broadcast_to(a, (stage.repeats,) + a.shape), layer_cache)
-                for _ in stage.kinds] for stage in cfg.stages()]
+
+    def layer_cache(kind, repeats):
+      length = self._ring_size(max_len) if kind.use_rope and cfg.attention_chunk_size else max_len
+      zeros = attention.init_layer_cache(batch, length, cfg.num_kv_heads, cfg.head_dim, dtype)
+      return jax.tree.map(lambda a: jnp.broadcast_to(a, (repeats,) + a.shape), zeros)
+
+    stacked = [[layer_cache(kind, stage.repeats) for kind in stage.kinds] for stage in cfg.stages()]
     return {'index': jnp.zeros((), jnp.int32), 'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
             'layers': stacked}
 

@@ -224,3 +224,14 @@ def load_tokenizer(data_config, vocab_size: int,
         f'Tokenizer has {tokenizer.vocab_size} ids but the model only '
         f'{vocab_size}; raise model.vocab_size.')
   return tokenizer
+
+
+def find_run_tokenizer(config, workdir: str) -> Tokenizer | None:
+  """The tokenizer a training run used (`data.tokenizer` or its cached built-in one), if any."""
+  data_config = config.data
+  if data_config.get('tokenizer'):
+    return Tokenizer.load(data_config.tokenizer)
+  cache_dir = data_config.get('tokenizer_cache') or os.path.join(workdir, 'tokenizer')
+  path = builtin_tokenizer_path(cache_dir, config.model.vocab_size,
+                                data_config.get('tokenizer_train_bytes') or DEFAULT_TRAIN_BYTES)
+  return Tokenizer.load(path) if os.path.exists(path) else None

@@ -1,10 +1,15 @@
 """Benchmarks with their baseline measured in the same run; prints a table, writes JSON.
 
   python scripts/benchmark.py moe [--output=moe.json]
+  python scripts/benchmark.py decode [--output=decode.json]
 
 moe: forward + backward time of one top-1 MoE layer for E = 4, 16, 64 experts at
 fixed active parameters, for the dropless and capacity dispatches and the
 run-every-expert reference (`dense`, what transformers does).
+decode: generation tokens/s at batch 1 and 8 (prompt 128, 128 new tokens) for
+the tiny config and a ~95M-parameter config, with transformers' generate on the
+same converted model in the same run; and one decode step's time at several
+positions of the cache.
 """
 
 import dataclasses
@@ -32,7 +37,22 @@ def moe():
           'rows': [dataclasses.asdict(r) for r in rows]}
 
 
-BENCHMARKS = {'moe': moe}
+def decode():
+  rows = benchmarks.decode_speed()
+  print(f'Decode tokens/s (prompt 128, 128 new tokens, greedy), {jax.devices()[0].device_kind}')
+  print(f'{"config":>7} {"params":>12} {"batch":>5} {"ours":>10} {"transformers":>13} {"ratio":>6}')
+  for r in rows:
+    print(f'{r.config:>7} {r.params:>12,} {r.batch:>5} {r.ours_tokens_per_sec:>10.1f} '
+          f'{r.transformers_tokens_per_sec:>13.1f} {r.ratio:>6.1f}')
+  by_position = benchmarks.decode_step_seconds_by_position()
+  print('one decode step of the 100m config (cache of 2048) at position:')
+  for position, seconds in by_position.items():
+    print(f'  {position:>5}: {1000 * seconds:.2f} ms')
+  return {'device': jax.devices()[0].device_kind, 'rows': [dataclasses.asdict(r) for r in rows],
+          'step_seconds_by_position': by_position}
+
+
+BENCHMARKS = {'moe': moe, 'decode': decode}
 
 
 def main(argv):

@@ -76,3 +76,39 @@ def test_stops_at_eos_per_row(converted):
   stop = greedy[2]
   out = sampling.generate(model, [[1, 17, 33]], max_new_tokens=8, eos_ids=[stop])[0]
   assert out == greedy[:greedy.index(stop) + 1]
+
+
+def test_generate_script_writes_ids(tmp_path, converted):
+  import json
+  import os
+  import subprocess
+  import sys
+  hf, model = converted
+  hf.save_pretrained(tmp_path / 'hf')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', f'--hf_dir={tmp_path}/hf',
+                  f'--workdir={tmp_path}/ours'], check=True, cwd=repo, capture_output=True)
+  result = subprocess.run(
+      [sys.executable, 'scripts/generate.py', f'--workdir={tmp_path}/ours', '--prompt_ids=1,17,33,45',
+       '--prompt_ids=1,64', '--max_new_tokens=10', f'--output={tmp_path}/ids.json'],
+      cwd=repo, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  ids = json.loads((tmp_path / 'ids.json').read_text())['ids']
+  assert ids == sampling.generate(model, [[1, 17, 33, 45], [1, 64]], max_new_tokens=10,
+                                  eos_ids=model.cfg.eos_token_ids)
+  too_long = subprocess.run(
+      [sys.executable, 'scripts/generate.py', f'--workdir={tmp_path}/ours', '--prompt_ids=1,2',
+       '--max_new_tokens=5000'], cwd=repo, capture_output=True, text=True)
+  assert too_long.returncode == 1 and 'max_position_embeddings' in too_long.stderr
+  no_tokenizer = subprocess.run(
+      [sys.executable, 'scripts/generate.py', f'--workdir={tmp_path}/ours', '--prompt=hello'],
+      cwd=repo, capture_output=True, text=True)
+  assert no_tokenizer.returncode == 1 and 'tokenizer' in no_tokenizer.stderr
+
+
+def test_chunked_layers_keep_only_a_chunk_of_keys(converted):
+  _, model = converted
+  cache = model.init_cache(2, 100)
+  lengths = [layer['k'].shape[2] for stage in cache['layers'] for layer in stage]
+  kinds = [kind for stage in model.cfg.stages() for kind in stage.kinds]
+  assert lengths == [8 if kind.use_rope else 100 for kind in kinds]  # attention_chunk_size 8

@@ -1,0 +1,72 @@
+"""Samples from a checkpoint with a KV cache.
+
+  python scripts/generate.py --workdir=DIR --prompt="def main(" [--prompt=...] \\
+      [--max_new_tokens=64 --temperature=0 --top_k=0 --top_p=1 --seed=0 --output=ids.json]
+  python scripts/generate.py --workdir=CONVERTED --prompt_ids=1,2,3 --prompt_ids=1,5
+
+--prompt is tokenized with the run's tokenizer (or --tokenizer); --prompt_ids
+gives ids directly. Prompts of different lengths form one left-padded batch.
+--output writes {"ids": [[...], ...]}: the generated ids per prompt, without
+the prompt, ending at the first EOS.
+"""
+
+import json
+
+from absl import flags
+
+from llama4_jax import config_lib, sampling
+from llama4_jax import tokenizer as tokenizer_lib
+from llama4_jax import workdir as workdir_lib
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training or converted workdir.', required=True)
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+_PROMPT = flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeatable).')
+_PROMPT_IDS = flags.DEFINE_multi_string('prompt_ids', [], 'Comma-separated prompt ids (repeatable).')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'sentencepiece .model (default: the run\'s).')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per prompt.')
+_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 = greedy.')
+_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0 = all).')
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Write {"ids": [[...], ...]} here.')
+
+
+def parse_ids(text: str, vocab_size: int) -> list[int]:
+  try:
+    ids = [int(t) for t in text.split(',') if t.strip()]
+  except ValueError as e:
+    raise ValueError(f'--prompt_ids={text!r}: expected comma-separated integers') from e
+  bad = [i for i in ids if not 0 <= i < vocab_size]
+  if bad or not ids:
+    raise ValueError(f'--prompt_ids={text!r}: ids must be in [0, {vocab_size}), got {bad or "none"}')
+  return ids
+
+
+def main(argv):
+  del argv
+  if not _PROMPT.value and not _PROMPT_IDS.value:
+    raise ValueError('give at least one --prompt or --prompt_ids')
+  model, config, step = workdir_lib.load_model(_WORKDIR.value, _STEP.value)
+  cfg = model.cfg
+  tokenizer = (tokenizer_lib.Tokenizer.load(_TOKENIZER.value) if _TOKENIZER.value
+               else tokenizer_lib.find_run_tokenizer(config, _WORKDIR.value))
+  if _PROMPT.value and tokenizer is None:
+    raise ValueError(f'{_WORKDIR.value} has no tokenizer for --prompt; pass --tokenizer or '
+                     f'use --prompt_ids')
+  prompts = [[cfg.bos_token_id] + tokenizer.encode(text) for text in _PROMPT.value]
+  prompts += [parse_ids(text, cfg.vocab_size) for text in _PROMPT_IDS.value]
+  ids = sampling.generate(model, prompts, max_new_tokens=_MAX_NEW.value, eos_ids=cfg.eos_token_ids,
+                          pad_id=cfg.pad_token_id, temperature=_TEMPERATURE.value,
+                          top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+  for prompt, out in zip(prompts, ids):
+    if tokenizer is not None:
+      print(repr(tokenizer.decode(prompt[1:] + out, skip_special=True)))
+    else:
+      print(prompt, '->', out)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'w') as f:
+      json.dump({'ids': ids, 'step': step}, f)
+
+
+if __name__ == '__main__':
+  config_lib.run_main(main)
