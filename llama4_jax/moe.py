@@ -11,6 +11,8 @@ They differ in how tokens reach their experts and what that costs:
             runs densely, each group is padded to a multiple of `moe_block_size`
             rows and the blocks are multiplied as one batched einsum against
             their experts' weights, so the cost follows the active parameters.
+            With fewer assignments than experts (decoding), each assignment
+            gathers its expert's weights instead.
   capacity  each expert takes at most C = ceil(capacity_factor * N * k / E)
             tokens into an [E, C, D] buffer; later assignments are dropped
             (their routed contribution is zero; the shared expert still applies).
@@ -147,7 +149,26 @@ def capacity_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_E
   return y_ND[:N], dropped
 
 
+def gathered_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+  """Dropless for few tokens (decoding): each assignment gathers its expert's weights.
+
+  Reads k expert matrices per token instead of every expert's (as grouping
+  into per-expert blocks would when there are fewer assignments than experts).
+  """
+  E = wi_gate_EDF.shape[0]
+  valid_NK = experts_NK < E
+  expert_NK = jnp.where(valid_NK, experts_NK, 0)
+  x_NKD = x_ND[:, None, :] * (weights_NK * valid_NK)[..., None]
+  gate = jnp.einsum('NKD,NKDF->NKF', x_NKD, wi_gate_EDF[expert_NK])
+  up = jnp.einsum('NKD,NKDF->NKF', x_NKD, wi_up_EDF[expert_NK])
+  y_NKD = jnp.einsum('NKF,NKFD->NKD', jax.nn.silu(gate) * up, wo_EFD[expert_NK])
+  return jnp.sum(y_NKD, axis=1), jnp.zeros((), jnp.float32)
+
+
 def dropless_dispatch(*args, grouped_matmul='auto', **kw):
+  x_ND, _, experts_NK, wi_gate_EDF = args[:4]
+  if experts_NK.size <= wi_gate_EDF.shape[0]:  # fewer assignments than experts: decoding
+    return gathered_dispatch(*args, **kw)
   if grouped_matmul == 'auto':
     grouped_matmul = 'blocked' if jax.default_backend() == 'cpu' else 'ragged'
   fn = ragged_dropless_dispatch if grouped_matmul == 'ragged' else blocked_dropless_dispatch

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama4_jax import model as model_lib
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens_BP, segment_ids_BP): prompts right-aligned, segment 1 = real, 0 = padding."""
@@ -82,6 +84,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
   """Generated ids per prompt (without the prompt), each cut after its first EOS."""
+  model = model_lib.unstack_layers(model)
   cfg = model.cfg
   tokens, segments = left_pad(prompts, pad_id)
   if tokens.shape[1] + max_new_tokens > cfg.max_position_embeddings:

@@ -35,6 +35,7 @@ DISPATCHES = {
     'blocked': functools.partial(moe.blocked_dropless_dispatch, block_size=8),
     'ragged': moe.ragged_dropless_dispatch,
     'capacity_ample': functools.partial(moe.capacity_dispatch, capacity_factor=8.0),
+    'gathered': moe.gathered_dispatch,
 }
 
 

@@ -172,3 +172,17 @@ def test_two_processes_match_one_process(tmp_path):
   assert '8 devices' in outputs[0][0]
   np.testing.assert_allclose(logged_losses(tmp_path / 'multi'), logged_losses(tmp_path / 'single'),
                              rtol=1e-5)
+
+
+def test_init_from_another_run_and_keep_last_checkpoints(tmp_path):
+  first = small_run.run_train(tmp_path / 'first', train__steps=6, train__keep_checkpoints=2)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert checkpoint.all_steps(str(tmp_path / 'first')) == [4, 6]
+  # Fine-tuning with a zero learning rate keeps the initial parameters exactly.
+  second = small_run.run_train(tmp_path / 'second', train__steps=1, optim__lr=0.0,
+                               train__init_from=str(tmp_path / 'first'))
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'initialised from' in second.stdout
+  start, end = final_params(tmp_path / 'first'), final_params(tmp_path / 'second')
+  for name in start:
+    assert np.array_equal(start[name], end[name]), name

@@ -1,0 +1,38 @@
+"""Optimizer: schedule shape and the weight-decay mask."""
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from flax import nnx
+
+from llama4_jax import model as model_lib
+from llama4_jax import optim
+
+
+def optim_config(**kw):
+  base = dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
+              weight_decay=0.1, decay_norms=False, decay_embeddings=False, clip_norm=1.0)
+  return mlc.ConfigDict({**base, **kw})
+
+
+def test_warmup_then_cosine_to_min_ratio():
+  schedule = optim.learning_rate_schedule(optim_config(), total_steps=100)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(10)), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(schedule(100)), 0.1, rtol=1e-5)
+  assert float(schedule(50)) < float(schedule(20))
+
+
+def test_weight_decay_skips_norms_and_embeddings_unless_asked():
+  params = nnx.state(model_lib.abstract_model(model_lib.PRESETS['parity']), nnx.Param)
+
+  def decayed(**kw):
+    mask = optim.weight_decay_mask(params, optim_config(**kw))
+    flat = jax.tree_util.tree_flatten_with_path(mask)[0]
+    return {jax.tree_util.keystr(path) for path, value in flat if value}
+
+  default = decayed()
+  assert not any('scale' in p or "['embed']" in p for p in default)
+  assert any('q_proj' in p for p in default) and any("['lm_head']" in p for p in default)
+  assert any('scale' in p for p in decayed(decay_norms=True))
+  assert any("['embed']" in p for p in decayed(decay_embeddings=True))
