@@ -54,7 +54,8 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array,
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k', 'cache_dtype'))
 def _generate(graphdef, state, tokens_BP, segments_BP, key, eos_ids, temperature, top_p, pad_id,
               *, max_new_tokens: int, top_k: int, cache_dtype):
-  model = nnx.merge(graphdef, state)
+  # Per-layer weights, sliced once before the loop (see model_lib.unstack_layers).
+  model = model_lib.unstack_layers(nnx.merge(graphdef, state))
   B, P = tokens_BP.shape
   cache = model.init_cache(B, P + max_new_tokens, cache_dtype)
   logits_BPV, cache = model.decode(tokens_BP, cache, segments_BP)
@@ -84,7 +85,6 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
   """Generated ids per prompt (without the prompt), each cut after its first EOS."""
-  model = model_lib.unstack_layers(model)
   cfg = model.cfg
   tokens, segments = left_pad(prompts, pad_id)
   if tokens.shape[1] + max_new_tokens > cfg.max_position_embeddings:
