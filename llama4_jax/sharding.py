@@ -116,6 +116,12 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+  """Each process's rows of a batch -> global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+          for k, v in local_batch.items()}
+
+
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
   """NamedShardings for a state pytree: nnx Variables by their logical names, the rest replicated."""
 

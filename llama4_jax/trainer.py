@@ -21,7 +21,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llama4_jax import checkpoint, config_lib, data, flops, losses, metrics_writer
+from llama4_jax import checkpoint, config_lib, data, evaluation, flops, losses, metrics_writer
 from llama4_jax import model as model_lib
 from llama4_jax import optim, sharding
 from llama4_jax import tokenizer as tokenizer_lib
@@ -130,37 +130,19 @@ def train_step(state, batch, *, setup: Setup):
   return new_state, metrics
 
 
-def eval_step(params, batch, *, setup: Setup):
-  model = nnx.merge(setup.graphdef, params)
-  logits_BTV, _ = model(batch['inputs'], batch['segment_ids'])
-  return losses.cross_entropy_sums(logits_BTV, batch['targets'], batch['weights'])
-
-
 def compile_steps(setup: Setup):
   """The jitted train and eval steps with pinned shardings; the state is donated."""
   s = setup.state_shardings
   train = jax.jit(functools.partial(train_step, setup=setup),
                   in_shardings=(s, setup.batch_sharding), out_shardings=(s, None),
                   donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_step, setup=setup),
-                     in_shardings=(s['params'], setup.batch_sharding))
+  evaluate = evaluation.make_eval_step(setup.graphdef, s['params'], setup.batch_sharding)
   return train, evaluate
 
 
-def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-  """Each process's rows -> global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-          for k, v in local_batch.items()}
-
-
 def evaluate(eval_fn, params, batches, batch_sharding) -> float:
-  """Mean validation NLL over the given (process-local) batches."""
-  nll, count = 0.0, 0.0
-  for batch in batches:
-    n, c = eval_fn(params, to_global_batch(batch, batch_sharding))
-    nll += float(n)
-    count += float(c)
-  return nll / max(count, 1.0)
+  """Mean validation NLL over the given (process-local) batches (see evaluation.evaluate)."""
+  return evaluation.evaluate(eval_fn, params, batches, batch_sharding)['loss']
 
 
 # The loop -------------------------------------------------------------------------
@@ -254,7 +236,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     window_start, window_steps, skipped, final = time.perf_counter(), 0, 0, {}
     unchecked = []  # (step, metrics) whose finiteness the host has not looked at yet
     for step in range(start + 1, train_cfg.steps + 1):
-      batch = to_global_batch(next(train_iter), setup.batch_sharding)
+      batch = sharding.to_global_batch(next(train_iter), setup.batch_sharding)
       state, metrics = train_fn(state, batch)
       unchecked.append((step, metrics))
       window_steps += 1

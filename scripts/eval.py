@@ -1,39 +1,58 @@
-"""Scores a checkpoint: mean next-token loss (nats), perplexity and token count.
+"""Scores checkpoints of a workdir: mean next-token loss (nats), perplexity, token count.
 
-  python scripts/eval.py --workdir=OUT --tokens=FILE.npy --seq_len=S --output=RESULT.json
+  python scripts/eval.py --workdir=OUT [--step=N | --all_steps] [--output=RESULT.json]
+      [--files=GLOBS | --tokens=FILE.npy] [--seq_len=S] [--batch_size=B] [--max_batches=M]
 
---tokens is a 1-D array of token ids, cut into consecutive windows of S+1
-tokens (remainder dropped); tokens 1..S of each window are predicted.
+Data: by default the run's validation data (config data.eval_files, or the
+built-in validation split) with the run's tokenizer, `eval.max_batches`
+batches as in training; --files: text, JSONL ("text" field) or .npy token
+files, packed like training data; --tokens: a 1-D .npy array of token ids cut
+into consecutive windows of S+1 tokens (remainder dropped).
+
+Results are printed, written as JSON with --output, and logged to TensorBoard
+(<workdir>/tensorboard: `eval/loss` and `eval/perplexity`, `eval_files/...` or
+`eval_tokens/...` for other data) at each checkpoint's step. --all_steps
+scores every saved checkpoint and writes eval_steps.md, eval_steps.csv and
+eval_steps.png (loss versus step) to the workdir, or next to --output.
 """
 
+import functools
 import json
+import os
 
-import numpy as np
 from absl import flags
 
-from llama4_jax import config_lib, evaluation, workdir as workdir_lib
+from llama4_jax import config_lib, evaluation
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training or converted workdir.', required=True)
-_TOKENS = flags.DEFINE_string('tokens', None, '1-D .npy array of token ids.', required=True)
-_SEQ_LEN = flags.DEFINE_integer('seq_len', None, 'Predicted tokens per window.', required=True)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
-_BATCH = flags.DEFINE_integer('batch_size', 8, 'Windows per batch.')
+_ALL_STEPS = flags.DEFINE_bool('all_steps', False, 'Score every saved checkpoint.')
+_FILES = flags.DEFINE_string('files', '', 'Comma-separated globs of text, .jsonl or .npy files.')
+_TOKENS = flags.DEFINE_string('tokens', '', '1-D .npy array of token ids, cut into windows.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', '', "Tokenizer .model (default: the run's).")
+_SEQ_LEN = flags.DEFINE_integer('seq_len', None, "Predicted tokens per row (default: the run's).")
+_BATCH = flags.DEFINE_integer('batch_size', None,
+                              "Rows per batch (default: the run's eval.batch_size).")
+_MAX_BATCHES = flags.DEFINE_integer(
+    'max_batches', None, "Batches to score, 0 = all (default: the run's eval.max_batches on its "
+    'validation data, else all).')
+_TAG = flags.DEFINE_string(
+    'tag', '', 'TensorBoard tag prefix (default: eval, or eval_files / eval_tokens).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the result as JSON here.')
 
 
 def main(argv):
   del argv
-  model, _, step = workdir_lib.load_model(_WORKDIR.value, _STEP.value)
-  tokens = np.load(_TOKENS.value, allow_pickle=False)
-  if tokens.size and (tokens.min() < 0 or tokens.max() >= model.cfg.vocab_size):
-    raise ValueError(f'{_TOKENS.value}: token ids must lie in [0, {model.cfg.vocab_size}), '
-                     f'found [{tokens.min()}, {tokens.max()}]')
-  windows = evaluation.token_windows(tokens, _SEQ_LEN.value)
-  result = evaluation.evaluate_batches(model, evaluation.windows_to_batches(windows, _BATCH.value))
-  result['step'] = step
-  print(json.dumps(result))
-  if _OUTPUT.value:
-    with open(_OUTPUT.value, 'w') as f:
+  output = _OUTPUT.value
+  rows = evaluation.evaluate_workdir(
+      _WORKDIR.value, step=_STEP.value, all_steps=_ALL_STEPS.value, tag=_TAG.value,
+      table_dir=os.path.dirname(os.path.abspath(output)) if output else None,
+      log=functools.partial(print, flush=True), files=_FILES.value, tokens=_TOKENS.value,
+      tokenizer=_TOKENIZER.value, seq_len=_SEQ_LEN.value, batch_size=_BATCH.value,
+      max_batches=_MAX_BATCHES.value)
+  result = dict(rows[-1], all_steps=rows) if _ALL_STEPS.value else rows[-1]
+  if output:
+    with open(output, 'w') as f:
       json.dump(result, f, indent=2)
 
 

@@ -36,7 +36,7 @@ def losses_on_mesh(mesh_shape, batches, devices=None, **overrides):
     train_fn, _ = trainer.compile_steps(setup)
     out = []
     for batch in batches:
-      state, metrics = train_fn(state, trainer.to_global_batch(batch, setup.batch_sharding))
+      state, metrics = train_fn(state, sharding.to_global_batch(batch, setup.batch_sharding))
       out.append(float(metrics['loss']))
   return np.array(out), state
 
