@@ -12,7 +12,8 @@ They differ in how tokens reach their experts and what that costs:
             rows and the blocks are multiplied as one batched einsum against
             their experts' weights, so the cost follows the active parameters.
             With fewer assignments than experts (decoding), each assignment
-            gathers its expert's weights instead.
+            gathers its expert's weights instead; with fewer tokens than a
+            block, every expert runs on the few tokens (dense, exact).
   capacity  each expert takes at most C = ceil(capacity_factor * N * k / E)
             tokens into an [E, C, D] buffer; later assignments are dropped
             (their routed contribution is zero; the shared expert still applies).
@@ -165,10 +166,14 @@ def gathered_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_E
   return jnp.sum(y_NKD, axis=1), jnp.zeros((), jnp.float32)
 
 
-def dropless_dispatch(*args, grouped_matmul='auto', **kw):
+def dropless_dispatch(*args, grouped_matmul='auto', block_size=32, **kw):
+  """Picks the cheapest exact dropless form for the (static) shapes."""
   x_ND, _, experts_NK, wi_gate_EDF = args[:4]
   if experts_NK.size <= wi_gate_EDF.shape[0]:  # fewer assignments than experts: decoding
     return gathered_dispatch(*args, **kw)
+  if x_ND.shape[0] < block_size:  # E x N rows are fewer than the E blocks of b rows
+    return dense_dispatch(*args, **kw)
+  kw['block_size'] = block_size
   if grouped_matmul == 'auto':
     grouped_matmul = 'blocked' if jax.default_backend() == 'cpu' else 'ragged'
   fn = ragged_dropless_dispatch if grouped_matmul == 'ragged' else blocked_dropless_dispatch

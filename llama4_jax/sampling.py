@@ -32,23 +32,33 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
   return tokens, segments
 
 
+def _nucleus(scaled_BV: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Keeps the smallest set of most likely tokens whose probability mass reaches top_p."""
+  sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
+  probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  cutoff_index_B = jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p, axis=-1) - 1
+  cutoff_B = jnp.take_along_axis(sorted_BV, cutoff_index_B[:, None], axis=-1)
+  return jnp.where(scaled_BV < cutoff_B, -jnp.inf, scaled_BV)
+
+
 def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array,
                   top_k: int, top_p: jax.Array) -> jax.Array:
-  """Greedy when temperature == 0, else top-k / nucleus (top-p) sampling."""
+  """Greedy when temperature == 0, else top-k / nucleus (top-p) sampling.
+
+  The branches are `lax.cond`s so that greedy decoding never sorts the vocabulary.
+  """
   logits_BV = logits_BV.astype(jnp.float32)
-  greedy_B = jnp.argmax(logits_BV, axis=-1)
-  scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
-  if top_k:
-    kth_B = jax.lax.top_k(scaled_BV, top_k)[0][:, -1:]
-    scaled_BV = jnp.where(scaled_BV < kth_B, -jnp.inf, scaled_BV)
-  # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p.
-  sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
-  mass_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)
-  cutoff_index_B = jnp.sum(mass_BV - jax.nn.softmax(sorted_BV, axis=-1) < top_p, axis=-1) - 1
-  cutoff_B = jnp.take_along_axis(sorted_BV, cutoff_index_B[:, None], axis=-1)
-  scaled_BV = jnp.where(scaled_BV < cutoff_B, -jnp.inf, scaled_BV)
-  sampled_B = jax.random.categorical(key, scaled_BV, axis=-1)
-  return jnp.where(temperature > 0, sampled_B, greedy_B).astype(jnp.int32)
+
+  def sample(_):
+    scaled_BV = logits_BV / temperature
+    if top_k:
+      kth_B = jax.lax.top_k(scaled_BV, top_k)[0][:, -1:]
+      scaled_BV = jnp.where(scaled_BV < kth_B, -jnp.inf, scaled_BV)
+    scaled_BV = jax.lax.cond(top_p < 1.0, _nucleus, lambda x, _: x, scaled_BV, top_p)
+    return jax.random.categorical(key, scaled_BV, axis=-1).astype(jnp.int32)
+
+  greedy = lambda _: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  return jax.lax.cond(temperature > 0, sample, greedy, None)
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k', 'cache_dtype'))
