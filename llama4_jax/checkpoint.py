@@ -17,7 +17,6 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
-from flax import nnx
 from orbax.checkpoint.experimental import v1 as ocp
 
 CHECKPOINT_DIR = 'checkpoints'

@@ -10,7 +10,6 @@ axis and run with `jax.lax.scan`, so deep models compile one block per stage.
 """
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax

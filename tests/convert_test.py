@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file

@@ -22,7 +22,7 @@ SMALL = {
 
 def flag_list(**overrides) -> list[str]:
   values = {**SMALL, **{k.replace('__', '.'): v for k, v in overrides.items()}}
-  return [f'--config=configs/tiny.py'] + [f'--config.{k}={v}' for k, v in values.items()]
+  return ['--config=configs/tiny.py'] + [f'--config.{k}={v}' for k, v in values.items()]
 
 
 def config(**overrides):
