@@ -97,6 +97,12 @@ def load_params(path, abstract_params: Mapping[str, jax.ShapeDtypeStruct]) -> di
   return ocp.load(path, abstract, checkpointable_name=STATE)['params']
 
 
+def load_params_tree(path, abstract_params, shardings=None):
+  """A checkpoint's params in the structure (and shardings) of `abstract_params`."""
+  flat = load_params(path, abstract_flat(abstract_params, shardings))
+  return unflatten_tree(abstract_params, flat)
+
+
 def _check_matches(path, saved: Mapping, abstract: Mapping):
   missing = sorted(set(abstract) - set(saved))
   extra = sorted(set(saved) - set(abstract))

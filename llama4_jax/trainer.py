@@ -190,9 +190,8 @@ def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_ite
   state = init_state(setup, config.seed)
   if config.train.init_from:
     path, from_step = workdir_lib.resolve_checkpoint(config.train.init_from)
-    flat = checkpoint.load_params(path, checkpoint.abstract_flat(
-        setup.abstract_state['params'], setup.state_shardings['params']))
-    state['params'] = checkpoint.unflatten_tree(setup.abstract_state['params'], flat)
+    state['params'] = checkpoint.load_params_tree(path, setup.abstract_state['params'],
+                                                  setup.state_shardings['params'])
     return state, f'initialised from {config.train.init_from} (step {from_step})'
   return state, 'initialised from scratch'
 

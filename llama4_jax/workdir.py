@@ -24,8 +24,7 @@ def load_params_into(model_abstract: model_lib.Llama4, path, mesh=None) -> model
   """Loads a checkpoint's params into the (abstract) model, sharded over `mesh` if given."""
   graphdef, state = nnx.split(model_abstract)
   shardings = sharding.state_shardings(state, mesh) if mesh is not None else None
-  flat = checkpoint.load_params(path, checkpoint.abstract_flat(state, shardings))
-  return nnx.merge(graphdef, checkpoint.unflatten_tree(state, flat))
+  return nnx.merge(graphdef, checkpoint.load_params_tree(path, state, shardings))
 
 
 def load_model(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
