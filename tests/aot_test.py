@@ -1,0 +1,150 @@
+"""The ahead-of-time fit check on Scout and Maverick at full width and reduced depth."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import small_run
+from llama4_jax import aot, config_lib, flops, sharding
+
+V, D, F = 202048, 5120, 8192  # the presets' vocabulary, width and expert width
+SEQ_LEN, BATCH = 256, 8
+
+
+def preset_config(name: str, num_layers: int):
+  args = ['prog', f'--config={small_run.REPO}/configs/{name}.py']
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, lock_config=True, sys_argv=args)
+  values(args)
+  config = aot.truncate_layers(values.config, num_layers)
+  config.train.batch_size, config.data.seq_len = BATCH, SEQ_LEN
+  return config
+
+
+def attention_params() -> int:
+  return D * 40 * 128 * 2 + D * 8 * 128 * 2 + 2 * D  # q, o; k, v; the two norms
+
+
+def start_maverick_script(output) -> subprocess.Popen:
+  """Two Maverick layers (dense, then 128-expert MoE) on 16 devices: experts over 8, FSDP over 2.
+
+  The script runs without the tests' XLA_FLAGS, so it makes its 16 devices itself.
+  """
+  return subprocess.Popen(
+      [sys.executable, 'scripts/aot_check.py', '--config=configs/maverick.py', '--devices=16',
+       '--num_layers=2', f'--config.train.batch_size={2 * BATCH}',
+       f'--config.data.seq_len={SEQ_LEN}', '--accelerator=tpu-v5e', f'--output={output}'],
+      cwd=small_run.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})
+
+
+@pytest.fixture(scope='module')
+def checks(devices, tmp_path_factory):
+  """Scout compiled here while the script compiles Maverick (the two compiles share the cores).
+
+  Scout: one layer (attention + 16-expert MoE) on the 8 test devices, FSDP over all of them.
+  """
+  output = tmp_path_factory.mktemp('aot') / 'maverick.json'
+  script = start_maverick_script(output)
+  config = preset_config('scout', num_layers=1)
+  before = {id(x) for x in jax.live_arrays()}
+  compiled = aot.compile_train_step(config, sharding.make_mesh(dict(config.mesh)))
+  new_arrays = [x for x in jax.live_arrays() if id(x) not in before]
+  stdout, stderr = script.communicate(timeout=600)
+  return {'scout': (compiled, aot.report(compiled), new_arrays),
+          'maverick': (script.returncode, stdout, stderr, output)}
+
+
+@pytest.fixture
+def scout(checks):
+  return checks['scout']
+
+
+def test_compiling_allocates_no_array(scout):
+  _, _, new_arrays = scout
+  assert sum(x.nbytes for x in new_arrays) == 0
+
+
+def test_scout_layer_has_the_real_widths(scout):
+  _, report, _ = scout
+  moe = D * 16 + 3 * 16 * D * F + 3 * D * F  # router, routed experts, shared expert
+  assert report.num_params == 2 * V * D + D + attention_params() + moe
+
+
+def test_scout_state_is_split_over_the_8_devices(scout):
+  _, report, _ = scout
+  assert report.devices == 8 and report.mesh['fsdp'] == 8
+  # FSDP splits every weight along `embed`; only the norm scales are replicated.
+  norms = 3 * D
+  assert report.params == 4 * ((report.num_params - norms) // 8 + norms)
+  assert report.opt_state == pytest.approx(2 * report.params, rel=1e-5)  # Adam's mu and nu
+  assert report.batch == 5 * 4 * BATCH * SEQ_LEN // 8
+  # XLA's own count of the step's inputs is the sharded state: nothing was replicated by
+  # accident, and the donated state is written in place.
+  assert report.arguments == pytest.approx(report.params + report.opt_state + report.batch,
+                                           rel=1e-5)
+  assert report.aliased == pytest.approx(report.params + report.opt_state, rel=1e-5)
+  assert report.temporaries > report.params  # at least the float32 gradients
+  assert report.total == report.arguments + report.outputs - report.aliased + report.temporaries
+
+
+def test_scout_flops(scout):
+  compiled, report, _ = scout
+  tokens = BATCH * SEQ_LEN
+  assert report.model_flops == pytest.approx(
+      flops.train_flops_per_token(compiled.setup.cfg, SEQ_LEN) * tokens / 8)
+  # One layer: no scanned loop whose body XLA would count once. Full remat recomputes the
+  # layer's forward; the blocked expert matmul pads each expert's rows.
+  assert 0.8 < report.xla_flops / report.model_flops < 2.0
+
+
+def test_scout_report_names_the_fit(scout):
+  _, report, _ = scout
+  text = aot.format_report(report)
+  assert f'{report.num_params:,} parameters' in text
+  for name in aot.ACCELERATORS:
+    assert f'  {name}' in text
+  line = next(l for l in text.splitlines() if l.strip().startswith('b200'))
+  assert line.endswith(aot.verdict(report.total, 180))
+
+
+def test_verdicts():
+  gib = aot.GiB
+  assert aot.verdict(40 * gib, 80) == 'fits (50%)'
+  assert aot.verdict(76 * gib, 80) == 'tight (95%)'
+  assert aot.verdict(88 * gib, 80) == 'does not fit (110%)'
+  assert aot.fits(72 * gib, 'h100') and not aot.fits(73 * gib, 'h100')
+
+
+def test_truncate_layers_keeps_the_layer_pattern():
+  config = preset_config('maverick', num_layers=4)
+  assert (config.model.num_layers, tuple(config.model.moe_layers),
+          tuple(config.model.no_rope_layers)) == (4, (1, 3), (1, 1, 1, 0))
+  with pytest.raises(config_lib.ConfigError, match='num_layers'):
+    aot.truncate_layers(config, 5)
+
+
+def test_script_on_maverick_with_16_simulated_devices(checks):
+  returncode, stdout, stderr, output = checks['maverick']
+  report = json.load(open(output))
+  assert report['devices'] == 16 and report['mesh']['expert'] == 8 and report['mesh']['fsdp'] == 2
+  routed = 3 * 128 * D * F
+  dense = 3 * D * 16384
+  shared_and_router = 3 * D * F + D * 128
+  assert report['num_params'] == (2 * V * D + D + 2 * attention_params() + dense + routed
+                                  + shared_and_router)
+  # Routed experts are split 16 ways (expert x fsdp), other weights 2 ways (fsdp), and the
+  # norm scales of the 2 layers and the output are replicated.
+  norms = 5 * D
+  assert report['params'] == 4 * (routed // 16 + (report['num_params'] - routed - norms) // 2
+                                  + norms)
+  assert report['opt_state'] == pytest.approx(2 * report['params'], rel=1e-5)
+  # Far over a 16 GiB TPU v5e: the script says so and exits 1.
+  assert returncode == 1, stderr[-2000:]
+  assert 'tpu-v5e' in stdout and 'does not fit' in stdout

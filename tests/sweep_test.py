@@ -1,0 +1,166 @@
+"""Sweeps: expansion, checks before any run, local runs with skip/resume, SLURM script, summary."""
+
+import csv
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+import small_run
+from llama4_jax import checkpoint, config_lib, sweep
+
+TINY = os.path.join(small_run.REPO, 'configs', 'tiny.py')
+
+# Two learning rates of the small test model; evaluations at steps 3 and 6.
+SMALL = {**small_run.SMALL, 'train.eval_every': 3}
+
+
+def sweep_file(tmp_path, body: str) -> str:
+  """A config file that is tiny.py plus the sweep `body` (lines of `sweep`)."""
+  path = tmp_path / 'sweep_config.py'
+  path.write_text('from configs import tiny\n\nget_config = tiny.get_config\n\n\n'
+                  'def sweep(add, arg=None):\n' + body)
+  return str(path)
+
+
+def test_tiny_sweep_expands_into_named_runs(tmp_path):
+  runs = sweep.plan(TINY, str(tmp_path))
+  assert [r.name for r in runs] == ['lr=0.001', 'lr=0.003', 'lr=0.01']
+  assert [r.config.optim.lr for r in runs] == [1e-3, 3e-3, 1e-2]
+  assert runs[0].workdir == str(tmp_path / 'lr=0.001')
+  assert runs[0].command[-2:] == (f'--workdir={tmp_path}/lr=0.001', '--config.optim.lr=0.001')
+  assert not os.listdir(tmp_path)  # planning writes nothing
+
+
+def test_base_overrides_reach_every_run_and_the_swept_key_wins(tmp_path):
+  runs = sweep.plan(TINY, str(tmp_path), {'train.steps': 7, 'optim.lr': 0.5})
+  assert [(r.config.train.steps, r.config.optim.lr) for r in runs] == [
+      (7, 1e-3), (7, 3e-3), (7, 1e-2)]
+  assert '--config.train.steps=7' in runs[0].command
+  assert '--config.optim.lr=0.5' not in runs[0].command
+
+
+@pytest.mark.parametrize('entry,message', [
+    ("{'optim.lrr': 1e-3}", 'config.optim.lrr: no such key; did you mean optim.lr'),
+    ("{'optimizer.lr': 1e-3}", 'config.optimizer.lr: no such key'),
+    ("{'optim.lr': 'fast'}", 'config.optim.lr: expects float'),
+    ("{'train.steps': 2.5}", 'config.train.steps: expects int'),
+    ("{'train.skip_nonfinite': 1}", 'config.train.skip_nonfinite: expects bool'),
+    ("{'model.num_kv_heads': 3}", 'num_kv_heads'),  # a type-correct value validate() refuses
+])
+def test_bad_entry_fails_before_any_run_naming_the_key(tmp_path, entry, message):
+  config = sweep_file(tmp_path, f"  add(**{{'optim.lr': 1e-3}})\n  add(**{entry})\n")
+  with pytest.raises(config_lib.ConfigError, match='sweep entry 1') as error:
+    sweep.plan(config, str(tmp_path / 'root'))
+  assert message in str(error.value)
+  assert not (tmp_path / 'root').exists()
+
+
+def test_script_refuses_a_bad_key_in_one_line_before_any_run(tmp_path):
+  config = sweep_file(tmp_path, "  add(**{'optim.lr': 1e-3})\n  add(**{'train.stepz': 5})\n")
+  result = subprocess.run(
+      [sys.executable, 'scripts/sweep.py', f'--config={config}', f'--workdir={tmp_path}/root'],
+      cwd=small_run.REPO, capture_output=True, text=True)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: sweep entry 1 ({'train.stepz': 5}): config.train.stepz: no such key; "
+      'did you mean train.steps?')
+  assert not (tmp_path / 'root').exists()
+
+
+def test_duplicate_runs_and_empty_sweeps_are_refused(tmp_path):
+  with pytest.raises(sweep.SweepError, match="entries 0 and 1 both make run 'lr=0.001'"):
+    sweep.plan(sweep_file(tmp_path, "  add(**{'optim.lr': 1e-3})\n" * 2), str(tmp_path))
+  with pytest.raises(sweep.SweepError, match='added no runs'):
+    sweep.plan(sweep_file(tmp_path, '  pass\n'), str(tmp_path))
+
+
+@pytest.mark.parametrize('key,value', [
+    ('optim.lr', 1e-05), ('optim.lr', 0.003), ('train.steps', 12), ('model.moe_layers', (1,)),
+    ('model.moe_layers', (0, 2)), ('train.skip_nonfinite', True), ('model.remat', 'full'),
+])
+def test_command_flags_parse_back_to_the_swept_value(key, value):
+  """What train.py's flag parser reads from a run's command is the value that was swept."""
+  args = ['prog', f'--config={TINY}', f'--config.{key}={sweep.flag_value(value)}']
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=values, lock_config=True, sys_argv=args)
+  values(args)
+  assert values['config'].override_values == {key: value}
+
+
+def test_results_of_a_resumed_run_being_written(tmp_path):
+  """A resumed run re-logs steps (the newest value counts); a line being written is skipped."""
+  lines = [{'step': 2, 'loss': 6.0}, {'step': 2, 'eval_loss': 5.5}, {'step': 4, 'eval_loss': 5.2},
+           {'step': 3, 'loss': 5.8}, {'step': 4, 'eval_loss': 5.3}]  # killed after 4, resumed at 2
+  with open(tmp_path / sweep.METRICS_FILE, 'w') as f:
+    f.writelines(json.dumps(line) + '\n' for line in lines)
+    f.write('{"step": 6, "eval_lo')
+  row = sweep.run_result(str(tmp_path))
+  assert row['status'] == 'partial' and row['step'] == 4 and row['train_loss'] == 5.8
+  assert (row['final_eval_step'], row['final_eval_loss']) == (4, 5.3)
+  assert (row['best_eval_step'], row['best_eval_loss']) == (4, 5.3)
+
+
+def read_csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_small_sweep_end_to_end(tmp_path, monkeypatch):
+  """Two runs two at a time; the SLURM script; skip a finished run, resume a cut one; summary."""
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')  # cheapest runs
+  root = tmp_path / 'root'
+  config = sweep_file(tmp_path, "  for lr in (3e-3, 1e-2):\n    add(**{'optim.lr': lr})\n")
+  runs = sweep.plan(config, str(root), SMALL)
+
+  paths = sweep.emit(runs, str(root), 'slurm', sbatch_options=['--gpus-per-task=1'])
+  script = open(root / sweep.SLURM_FILE).read()
+  assert paths == [str(root / sweep.COMMANDS_FILE), str(root / sweep.SLURM_FILE)]
+  assert '#SBATCH --array=0-1\n' in script and '#SBATCH --gpus-per-task=1\n' in script
+  for index, run in enumerate(runs):
+    assert f'  {index})  # {run.name}\n    srun {shlex.join(run.command)} ;;' in script
+  assert subprocess.run(['bash', '-n', str(root / sweep.SLURM_FILE)]).returncode == 0
+  commands = open(root / sweep.COMMANDS_FILE).read().splitlines()
+  assert commands == [shlex.join(r.command) for r in runs]
+
+  log = []
+  sweep.run_local(runs, parallel=2, log=log.append, poll_s=0.1)
+  assert sorted(log) == sorted([f'{r.name}: {w}' for r in runs for w in ('starting', 'finished')])
+  for run in runs:
+    assert json.load(open(os.path.join(run.workdir, sweep.OVERRIDES_FILE))) == run.overrides
+    assert sweep.run_status(run.workdir, 6) == 'done'
+
+  # Cut the second run back to its step-4 checkpoint, as if it had been killed.
+  shutil.rmtree(checkpoint.step_path(runs[1].workdir, 6))
+  rows, _ = sweep.summarize(str(root))  # a summary of a sweep in progress
+  assert [r['status'] for r in rows] == ['done', 'partial']
+  log.clear()
+  sweep.run_local(runs, log=log.append, poll_s=0.1)
+  assert log == [f'{runs[0].name}: done, skipped', f'{runs[1].name}: resuming',
+                 f'{runs[1].name}: finished']
+  assert 'resumed from step 4' in open(os.path.join(runs[1].workdir, sweep.LOG_FILE)).read()
+  assert open(os.path.join(runs[0].workdir, sweep.LOG_FILE)).read().count('$ ') == 1
+  assert sweep.emit(runs, str(root), 'slurm') == []  # nothing left to launch
+
+  rows, paths = sweep.summarize(str(root))
+  assert paths == [str(root / f'summary.{ext}') for ext in ('md', 'csv', 'png')]
+  table = read_csv(root / 'summary.csv')
+  assert [r['name'] for r in table] == ['lr=0.003', 'lr=0.01']
+  assert [float(r['optim.lr']) for r in table] == [3e-3, 1e-2]
+  for run, row in zip(runs, table):
+    evals = {m['step']: m['eval_loss'] for m in sweep.read_metrics(run.workdir) if 'eval_loss' in m}
+    assert sorted(evals) == [3, 6]
+    assert row['status'] == 'done' and int(row['final_eval_step']) == 6
+    assert float(row['final_eval_loss']) == pytest.approx(evals[6])
+    assert float(row['best_eval_loss']) == pytest.approx(min(evals.values()))
+  markdown = open(root / 'summary.md').read().splitlines()
+  assert markdown[0].startswith('| name | optim.lr | status |')
+  assert markdown[2].startswith('| lr=0.003 | 0.0030 | done | 6 |')
+  with open(root / 'summary.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
