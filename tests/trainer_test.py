@@ -1,12 +1,12 @@
-"""The train step on several meshes, accumulation, resume after SIGKILL, non-finite losses."""
+"""The train step on several meshes, accumulation, non-finite losses, multi-process runs.
+
+Resuming after SIGKILL and other faults: reliability_test.py.
+"""
 
 import json
 import os
-import random
-import signal
 import socket
 import subprocess
-import time
 
 import jax
 import numpy as np
@@ -79,47 +79,6 @@ def test_bf16_compute_with_remat_trains(devices, batches):
 def final_params(workdir):
   path = checkpoint.step_path(str(workdir), checkpoint.latest_step(str(workdir)))
   return {name: checkpoint.read_param(path, name) for name in checkpoint.param_names(path)}
-
-
-def logged_steps(workdir) -> int:
-  try:
-    return sum(1 for line in open(workdir / 'metrics.jsonl') if '"loss"' in line)
-  except FileNotFoundError:
-    return 0
-
-
-def run_and_kill(command, workdir, rng) -> bool:
-  """Starts a run and SIGKILLs it a random moment into training; False if it finished."""
-  target = logged_steps(workdir) + rng.randint(2, 4)
-  process = subprocess.Popen(command, cwd=small_run.REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-  while process.poll() is None and logged_steps(workdir) < target:
-    time.sleep(0.02)
-  if process.poll() is None:
-    time.sleep(rng.uniform(0.0, 0.3))  # anywhere in a step, a log or a checkpoint save
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    return True
-  assert process.returncode == 0, process.stderr.read()[-3000:]
-  return False
-
-
-def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path):
-  overrides = dict(train__steps=16, train__checkpoint_every=2)
-  reference = small_run.run_train(tmp_path / 'straight', **overrides)
-  assert reference.returncode == 0, reference.stderr[-3000:]
-
-  rng = random.Random(0)
-  command = small_run.train_command(tmp_path / 'killed', **overrides)
-  kills = sum(run_and_kill(command, tmp_path / 'killed', rng) for _ in range(3))
-  assert kills == 3
-  resumed = subprocess.run(command, cwd=small_run.REPO, capture_output=True, text=True)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'resumed from step' in resumed.stdout
-  expected, got = final_params(tmp_path / 'straight'), final_params(tmp_path / 'killed')
-  assert sorted(expected) == sorted(got)
-  for name in expected:
-    assert np.array_equal(expected[name], got[name]), name
 
 
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):

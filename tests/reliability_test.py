@@ -1,0 +1,379 @@
+"""Faults, each real: SIGKILL (ten times, five of them inside a checkpoint save), damaged
+checkpoints, a full disk, a resume on fewer devices, and bit-identical reruns.
+
+Runs are scripts/train.py in subprocesses, started through tests/faulty_train.py (which
+skips the start-up MFU peak measurement and can fill the disk), on 1 fake CPU device,
+where a short run is cheapest, unless the test is about devices.
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import small_run
+from llama4_jax import checkpoint, sharding, trainer
+
+STEPS = 18
+RUN = dict(train__steps=STEPS, train__checkpoint_every=1)
+SAVING = '.orbax-checkpoint-tmp'  # Orbax writes checkpoint <step> here, then renames it
+RUN_TIMEOUT = 300  # seconds; a hung run fails the test instead of the suite
+
+
+@pytest.fixture(scope='module')
+def tokenizer_cache(tmp_path_factory):
+  """One built-in tokenizer for every run of the module (the first run trains it)."""
+  return tmp_path_factory.mktemp('tokenizer')
+
+
+def launch(workdir, tokenizer_cache, devices=1, fault_env=None, **overrides) -> subprocess.Popen:
+  """Starts a run printing to <workdir>.log (a file keeps what a killed run said)."""
+  flags = small_run.flag_list(**{**RUN, 'data__tokenizer_cache': tokenizer_cache, **overrides})
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             PYTHONUNBUFFERED='1', **(fault_env or {}))
+  with open(f'{workdir}.log', 'a') as log:
+    return subprocess.Popen(
+        [sys.executable, os.path.join(small_run.REPO, 'tests', 'faulty_train.py'),
+         f'--workdir={workdir}', *flags], cwd=small_run.REPO, env=env, stdout=log,
+        stderr=subprocess.STDOUT)
+
+
+def log_text(workdir) -> str:
+  """What every run in `workdir` printed so far."""
+  try:
+    with open(f'{workdir}.log') as f:
+      return f.read()
+  except FileNotFoundError:
+    return ''
+
+
+def run(workdir, tokenizer_cache, **kwargs) -> tuple[int, str]:
+  """A run to its end: (exit status, what it printed)."""
+  offset = len(log_text(workdir))
+  process = launch(workdir, tokenizer_cache, **kwargs)
+  try:
+    process.wait(timeout=RUN_TIMEOUT)
+  finally:
+    process.kill()
+  return process.returncode, log_text(workdir)[offset:]
+
+
+def started_from(output: str) -> str | None:
+  """What the (last) run says it started from, once it has restored: 'scratch' or a step."""
+  found = re.findall(r'resumed from step (\d+)|initialised from scratch', output)
+  return (found[-1] or 'scratch') if found else None
+
+
+def logged_losses(workdir) -> list[tuple[int, float]]:
+  """(step, loss) of every logged step; a resumed run logs again the steps it redoes."""
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [(m['step'], m['loss']) for m in map(json.loads, f) if 'loss' in m]
+
+
+def logged_lines(workdir) -> int:
+  """Lines of metrics.jsonl written so far (safe to call while a run appends to it)."""
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'rb') as f:
+      return f.read().count(b'\n')
+  except FileNotFoundError:
+    return 0
+
+
+def saved_params(workdir, step) -> dict[str, np.ndarray]:
+  """The parameters of a checkpoint, on the host (one Orbax load)."""
+  path = checkpoint.step_path(str(workdir), step)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device)
+              for name, meta in checkpoint.param_names(path).items()}
+  return jax.device_get(checkpoint.load_params(path, abstract))
+
+
+def assert_same_params(expected: dict, got: dict):
+  assert sorted(expected) == sorted(got)
+  for name in expected:
+    assert np.array_equal(expected[name], got[name]), name
+
+
+def newest(workdir) -> int | None:
+  """The newest committed checkpoint: Orbax commits <step> by renaming its temporary directory,
+  so a directory named by a number is complete (safe to call while a run saves and deletes)."""
+  try:
+    steps = [int(name) for name in os.listdir(workdir / 'checkpoints') if name.isdigit()]
+  except FileNotFoundError:
+    return None
+  return max(steps, default=None)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, tokenizer_cache):
+  """An uninterrupted run that keeps every checkpoint."""
+  workdir = tmp_path_factory.mktemp('runs') / 'reference'
+  status, output = run(workdir, tokenizer_cache, train__keep_checkpoints=STEPS)
+  assert status == 0, output[-3000:]
+  assert checkpoint.all_steps(str(workdir)) == list(range(1, STEPS + 1))
+  return workdir
+
+
+def test_same_seed_config_and_devices_give_bit_identical_losses(reference, tokenizer_cache,
+                                                                 tmp_path):
+  status, output = run(tmp_path / 'again', tokenizer_cache)
+  assert status == 0, output[-3000:]
+  losses = logged_losses(tmp_path / 'again')
+  assert [step for step, _ in losses] == list(range(1, STEPS + 1))
+  assert losses == logged_losses(reference)  # JSON keeps every bit of a float
+  assert_same_params(saved_params(reference, STEPS), saved_params(tmp_path / 'again', STEPS))
+
+
+# SIGKILL ----------------------------------------------------------------------------------
+
+
+def wait_for(condition, process) -> bool:
+  """Polls `condition` every 2 ms while the process runs; False if it ended first."""
+  deadline = time.monotonic() + RUN_TIMEOUT
+  while process.poll() is None:
+    if condition():
+      return True
+    if time.monotonic() > deadline:
+      process.kill()
+      raise AssertionError('the run hung')
+    time.sleep(0.002)
+  return False
+
+
+def saves_in_flight(workdir) -> list[str]:
+  try:
+    return sorted(name for name in os.listdir(workdir / 'checkpoints') if SAVING in name)
+  except FileNotFoundError:
+    return []
+
+
+def all_threads_stopped(pid: int) -> bool:
+  """Whether SIGSTOP has reached every thread (it is delivered asynchronously)."""
+  try:
+    for tid in os.listdir(f'/proc/{pid}/task'):
+      with open(f'/proc/{pid}/task/{tid}/stat') as f:
+        if f.read().rsplit(')', 1)[1].split()[0] not in 'tT':  # the state follows "(name)"
+          return False
+  except FileNotFoundError:  # a thread ended while we looked
+    return False
+  return True
+
+
+def kill_mid_save(process, workdir, rng, after_step: int) -> str | None:
+  """SIGKILLs the run while it writes the checkpoint of a step > after_step.
+
+  When a save's temporary directory appears, the run is frozen (SIGSTOP) a random
+  moment later; if the save is still uncommitted then, it is killed frozen, so the
+  kill provably lands inside the save. Otherwise it continues until the next save.
+  Returns the name of the interrupted save's directory (None if the run ended).
+  """
+  later_saves = lambda: [n for n in saves_in_flight(workdir) if int(n.split('.')[0]) > after_step]
+  while wait_for(later_saves, process):
+    time.sleep(rng.uniform(0.0, 0.005))
+    process.send_signal(signal.SIGSTOP)
+    while not all_threads_stopped(process.pid):
+      if process.poll() is not None:
+        return None
+      time.sleep(0.001)
+    interrupted = later_saves()
+    if interrupted:
+      process.send_signal(signal.SIGKILL)
+      process.wait()
+      return interrupted[0]
+    process.send_signal(signal.SIGCONT)  # it committed meanwhile; try the next save
+  return None
+
+
+def kill_anywhere(process, workdir, rng) -> bool:
+  """SIGKILLs the run a random moment after it logs its next step: in a step, a log or a save."""
+  logged = logged_lines(workdir)
+  if not wait_for(lambda: logged_lines(workdir) > logged, process):
+    return False
+  time.sleep(rng.uniform(0.0, 0.3))
+  process.kill()
+  return process.wait() == -signal.SIGKILL
+
+
+def kill_in_start_up(process, rng) -> bool:
+  """SIGKILLs the run a random moment into its start: imports, restore, compilation."""
+  time.sleep(rng.uniform(0.5, 4.0))
+  process.kill()
+  return process.wait() == -signal.SIGKILL
+
+
+def test_sigkill_ten_times_including_mid_save_then_resume_is_bit_exact(reference, tokenizer_cache,
+                                                                       tmp_path):
+  """Every restart resumes from the newest complete checkpoint; every step any run logged has
+  the uninterrupted run's loss, and the final parameters are the uninterrupted run's."""
+  rng = random.Random(0)
+  workdir = tmp_path / 'killed'
+  kinds = ['start-up'] + ['mid-save', 'anywhere'] * 4 + ['mid-save']
+  for i, kind in enumerate(kinds):
+    resume_from = newest(workdir)
+    offset = len(log_text(workdir))
+    process = launch(workdir, tokenizer_cache)
+    if kind == 'mid-save':
+      # after resume_from + 1: each launch commits at least one new checkpoint
+      interrupted = kill_mid_save(process, workdir, rng, after_step=(resume_from or 0) + 1)
+      killed = interrupted is not None
+      if killed:  # its half-written directory is left behind, never mistaken for a checkpoint
+        assert (workdir / 'checkpoints' / interrupted).is_dir() and newest(workdir) is not None
+        assert newest(workdir) < int(interrupted.split('.')[0])
+    elif kind == 'anywhere':
+      killed = kill_anywhere(process, workdir, rng)
+    else:
+      killed = kill_in_start_up(process, rng)
+    output = log_text(workdir)[offset:]
+    assert killed, f'launch {i} ({kind}) ended before it was killed:\n{output[-3000:]}'
+    said = started_from(output)
+    if kind != 'start-up':
+      assert said is not None, output[-3000:]
+    if said is not None:
+      assert said == ('scratch' if resume_from is None else str(resume_from)), (i, kind, said)
+
+  resume_from = newest(workdir)
+  status, output = run(workdir, tokenizer_cache)
+  assert status == 0, output[-3000:]
+  assert started_from(output) == str(resume_from)
+  assert not saves_in_flight(workdir)  # the interrupted saves were cleaned up on restart
+
+  expected = dict(logged_losses(reference))
+  losses = logged_losses(workdir)
+  assert {step for step, _ in losses} == set(expected)
+  for step, loss in losses:
+    assert loss == expected[step], step
+  assert_same_params(saved_params(reference, STEPS), saved_params(workdir, STEPS))
+
+
+# A full disk, and a resume on fewer devices ------------------------------------------------
+
+
+def test_full_disk_stops_the_run_and_keeps_written_checkpoints(reference, tokenizer_cache,
+                                                               tmp_path):
+  """The disk fills up after 3 checkpoints: the run stops naming the step and the cause; the
+  3 checkpoints are the uninterrupted run's, and a rerun resumes and ends bit-exactly."""
+  workdir = tmp_path / 'full'
+  status, output = run(workdir, tokenizer_cache,
+                       fault_env={'FAULT_DISK_FULL_AFTER_SAVES': '3'})
+  assert status == 1, output[-3000:]
+  errors = re.findall(r'^error: (.*)$', output, re.M)
+  assert len(errors) == 1, output[-3000:]
+  assert errors[0].startswith('could not write checkpoint step 4 ')
+  assert 'No space left on device' in errors[0]
+  assert 'complete checkpoints [1, 2, 3] are intact (a rerun resumes from step 3)' in errors[0]
+  assert 'Traceback' not in output
+  assert checkpoint.all_steps(str(workdir)) == [1, 2, 3]
+  for step in (1, 2, 3):
+    assert_same_params(saved_params(reference, step), saved_params(workdir, step))
+
+  status, output = run(workdir, tokenizer_cache)  # the disk has room again
+  assert status == 0, output[-3000:]
+  assert started_from(output) == '3'
+  assert_same_params(saved_params(reference, STEPS), saved_params(workdir, STEPS))
+
+
+def test_preempted_on_8_devices_resumes_on_4(reference, tokenizer_cache, tmp_path):
+  """Killed on 8 devices once checkpoint 3 exists; resharded onto 4 devices, it goes on to the
+  end with the losses of the 1-device run (within float reassociation)."""
+  workdir = tmp_path / 'devices'
+  process = launch(workdir, tokenizer_cache, devices=8)
+  assert wait_for(lambda: (newest(workdir) or 0) >= 3, process), log_text(workdir)[-3000:]
+  process.kill()
+  process.wait()
+  resume_from = newest(workdir)
+  status, output = run(workdir, tokenizer_cache, devices=4)
+  assert status == 0, output[-3000:]
+  assert started_from(output) == str(resume_from)
+  assert "4 devices, mesh {'data': 1, 'fsdp': 4, 'tensor': 1, 'expert': 1}" in output
+  expected = dict(logged_losses(reference))
+  losses = logged_losses(workdir)
+  assert {step for step, _ in losses} == set(expected)
+  for step, loss in losses:
+    np.testing.assert_allclose(loss, expected[step], rtol=2e-5, err_msg=f'step {step}')
+
+
+# Damaged checkpoints (in-process: the trainer's restore path) --------------------------------
+
+
+@pytest.fixture(scope='module')
+def setup(devices):
+  """The run's abstract state and shardings on the 8-device mesh (no compilation)."""
+  config = small_run.config(**RUN)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+    return trainer.make_setup(config, mesh)
+
+
+@pytest.fixture
+def last_two(reference, tmp_path):
+  """A workdir holding copies of the reference's last two checkpoints."""
+  for step in (STEPS - 1, STEPS):
+    shutil.copytree(checkpoint.step_path(str(reference), step),
+                    checkpoint.step_path(str(tmp_path), step))
+  return tmp_path
+
+
+def damage(workdir, step: int, pattern: str, how: str):
+  """Truncates to half, or deletes, the file(s) of checkpoint `step` matching `pattern`."""
+  files = [f for f in checkpoint.step_path(str(workdir), step).glob(pattern) if f.is_file()]
+  assert files, pattern
+  for file in files:
+    if how == 'truncate':
+      data = file.read_bytes()
+      file.write_bytes(data[:len(data) // 2])
+    else:
+      file.unlink()
+
+
+def restore_latest(workdir, setup):
+  with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+    ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+    return ckpt, ckpt.restore_latest(setup.abstract_state, setup.state_shardings)
+
+
+@pytest.mark.parametrize('pattern,how', [
+    ('state/ocdbt.process_0/d/*', 'truncate'),  # the array data
+    ('state/ocdbt.process_0/d/*', 'delete'),
+    ('state/_METADATA', 'truncate'),  # the tree
+    ('state/manifest.ocdbt', 'delete'),  # the index of the data
+    ('state/_strings.json', 'delete'),  # the input iterator's state
+], ids=['data-truncated', 'data-deleted', 'tree-truncated', 'manifest-deleted',
+        'iterator-state-deleted'])
+def test_damaged_newest_checkpoint_is_skipped_with_a_warning(reference, last_two, setup, caplog,
+                                                              pattern, how):
+  damage(last_two, STEPS, pattern, how)
+  with caplog.at_level(logging.WARNING):
+    ckpt, (step, state, data_states) = restore_latest(last_two, setup)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any(w.startswith(f'checkpoint step {STEPS} cannot be read') for w in warnings), warnings
+  # The previous checkpoint, exactly (it was written on 1 device, restored onto 8).
+  assert step == STEPS - 1 and int(state['step']) == STEPS - 1 and len(data_states) == 1
+  restored = checkpoint.flatten_tree(jax.device_get(state['params']))
+  assert_same_params(saved_params(reference, STEPS - 1), restored)
+  # The unreadable one is kept aside, so that the resumed run can save that step again.
+  assert (last_two / 'checkpoints' / f'{STEPS}.unreadable').is_dir()
+  assert ckpt.steps() == [STEPS - 1]
+  with jax.set_mesh(setup.mesh):
+    ckpt.save(STEPS, state, data_states)
+    ckpt.close()
+  assert checkpoint.all_steps(str(last_two)) == [STEPS - 1, STEPS]
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(last_two, setup):
+  damage(last_two, STEPS, 'state/_METADATA', 'truncate')
+  damage(last_two, STEPS - 1, 'state/ocdbt.process_0/d/*', 'delete')
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=f'no checkpoint can be read; step {STEPS}: .*; step {STEPS - 1}: '):
+    restore_latest(last_two, setup)
+  assert checkpoint.all_steps(str(last_two)) == [STEPS - 1, STEPS]  # nothing was moved
