@@ -137,6 +137,7 @@ class Attention(nnx.Module):
   def __call__(self, x_BTD: jax.Array, inputs: AttentionInputs, cache=None,
                cache_offset=None):
     """Returns (y_BTD, cache); with a cache, writes K/V at cache_offset first."""
+    T = x_BTD.shape[1]
     q_BTNH = self.q_proj(x_BTD)
     k_BTKH = self.k_proj(x_BTD)
     v_BTKH = self.v_proj(x_BTD)
@@ -165,8 +166,12 @@ class Attention(nnx.Module):
     else:
       k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
-    mask_BTS = inputs.chunked_mask_BTS if self.use_chunked else inputs.causal_mask_BTS
-    y_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    chunk = self.cfg.attention_chunk_size
+    if self.use_chunked and cache is None and T > chunk and T % chunk == 0:
+      y_BTNH = banded_attention(q_BTNH, k_BSKH, v_BSKH, inputs.chunked_mask_BTS, chunk)
+    else:
+      mask_BTS = inputs.chunked_mask_BTS if self.use_chunked else inputs.causal_mask_BTS
+      y_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
     y_BTNH = sharding.shard(y_BTNH, 'act_batch', 'act_seq', 'act_heads', None)
     return self.o_proj(y_BTNH), cache
 
@@ -196,11 +201,42 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
   """
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-  scores_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH) * np.float32(H ** -0.5).astype(
-      q_BTNH.dtype)
-  big_negative = jnp.finfo(scores_BKGTS.dtype).min
-  scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, big_negative)
-  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
-  y_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
+  with jax.named_scope('attention_core'):
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH) * np.float32(
+        H ** -0.5).astype(q_BTNH.dtype)
+    big_negative = jnp.finfo(scores_BKGTS.dtype).min
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, big_negative)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
+    y_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
   return y_BTKGH.reshape(B, T, N, H)
+
+
+def banded_attention(q_BTNH, k_BTKH, v_BTKH, chunked_mask_BTS, chunk: int):
+  """Chunked attention without a cache, computing only the band the mask allows.
+
+  A query's chunk starts at most C - 1 tokens before it, so query block i
+  (C tokens) only needs keys of blocks i - 1 and i: 2C keys per query
+  instead of T. Equal to dot_product_attention under the same mask (masked
+  keys get exactly zero weight in both).
+  """
+  B, T, K, H = k_BTKH.shape
+  n = T // chunk
+
+  def with_previous_block(x_BnC):  # [B, n, C, ...] -> [B, n, 2C, ...]
+    previous = jnp.concatenate([jnp.zeros_like(x_BnC[:, :1]), x_BnC[:, :-1]], axis=1)
+    return jnp.concatenate([previous, x_BnC], axis=2)
+
+  k_BnRKH = with_previous_block(k_BTKH.reshape(B, n, chunk, K, H))
+  v_BnRKH = with_previous_block(v_BTKH.reshape(B, n, chunk, K, H))
+  # The mask's diagonal blocks (query block i, key block i) and the ones below them.
+  mask_BiCjC = chunked_mask_BTS.reshape(B, n, chunk, n, chunk)  # query block i, key block j
+  diagonal_BCCn = jnp.diagonal(mask_BiCjC, axis1=1, axis2=3)
+  below_BCCm = jnp.diagonal(mask_BiCjC, offset=-1, axis1=1, axis2=3)  # m = n - 1
+  below_BCCn = jnp.pad(below_BCCm, ((0, 0), (0, 0), (0, 0), (1, 0)))
+  mask_BnCR = jnp.concatenate([below_BCCn, diagonal_BCCn], axis=2).transpose(0, 3, 1, 2)
+  q_BnCNH = q_BTNH.reshape(B * n, chunk, *q_BTNH.shape[2:])
+  y = dot_product_attention(q_BnCNH, k_BnRKH.reshape(B * n, 2 * chunk, K, H),
+                            v_BnRKH.reshape(B * n, 2 * chunk, K, H),
+                            mask_BnCR.reshape(B * n, chunk, 2 * chunk))
+  return y.reshape(q_BTNH.shape)

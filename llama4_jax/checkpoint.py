@@ -11,16 +11,35 @@ one tensor at a time (`write_params_streaming`).
 
 import ctypes
 import gc
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint.experimental import v1 as ocp
 
 CHECKPOINT_DIR = 'checkpoints'
 STATE = 'state'  # the checkpointable holding the pytree (Orbax's default name)
+UNREADABLE_SUFFIX = '.unreadable'  # a skipped checkpoint is kept under <step>.unreadable
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read or written; the message names its step or path."""
+
+
+class ModelMismatchError(ValueError):
+  """A readable checkpoint of another model (names or shapes differ from the config)."""
+
+
+def _reason(e: Exception, limit: int = 300) -> str:
+  """An exception as one short line (Orbax/tensorstore messages carry whole specs)."""
+  text = ' '.join(str(e).split())
+  text = text if len(text) <= limit else text[:limit] + '...'
+  return f'{type(e).__name__}: {text}' if not isinstance(e, (OSError, CheckpointError)) else text
 
 
 def checkpoint_root(workdir: str) -> epath.Path:
@@ -46,8 +65,8 @@ def unflatten_tree(template, flat: Mapping[str, Any]):
   names = list(flatten_tree(template))
   missing, extra = sorted(set(names) - set(flat)), sorted(set(flat) - set(names))
   if missing or extra:
-    raise ValueError(f'checkpoint does not match the model: missing {missing[:5]}, '
-                     f'unexpected {extra[:5]}')
+    raise ModelMismatchError(f'checkpoint does not match the model: missing {missing[:5]}, '
+                             f'unexpected {extra[:5]}')
   treedef = jax.tree_util.tree_structure(template)
   return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
 
@@ -87,14 +106,41 @@ def load_params(path, abstract_params: Mapping[str, jax.ShapeDtypeStruct]) -> di
   path = epath.Path(path)
   if not ocp.is_orbax_checkpoint(path):
     raise FileNotFoundError(f'{path} is not an Orbax checkpoint')
-  saved = ocp.metadata(path, checkpointable_name=STATE).metadata
+  saved = _saved_tree(path)
   if 'params' not in saved:
     raise ValueError(f'{path}: checkpoint has no "params" (entries: {sorted(saved)})')
   _check_matches(path, saved['params'], abstract_params)
   abstract = {key: (abstract_params if key == 'params' else
                     jax.tree.map(lambda _: ocp.PLACEHOLDER, value))
               for key, value in saved.items()}
-  return ocp.load(path, abstract, checkpointable_name=STATE)['params']
+  try:
+    return ocp.load(path, abstract, checkpointable_name=STATE)['params']
+  except Exception as e:  # tensorstore and Orbax raise many types for a damaged file
+    raise CheckpointError(f'{path}: unreadable checkpoint ({_reason(e)})') from e
+
+
+def _saved_tree(path: epath.Path) -> Mapping[str, Any]:
+  """The checkpoint's tree of leaf metadata; CheckpointError if its files are damaged.
+
+  Orbax's metadata files are JSON: a truncated one is named here, before Orbax
+  half-reads the checkpoint (it returns None for a broken tree, or fails with
+  pending reads that flood the log).
+  """
+  state = path / STATE
+  json_files = [state / name for name in ('_METADATA', '_sharding', '_strings.json')]
+  for file in json_files + list((state / 'array_metadatas').glob('*')):
+    if file.exists():  # a missing file is Orbax's to judge (some are optional)
+      try:
+        json.loads(file.read_text())
+      except (ValueError, OSError) as e:
+        raise CheckpointError(f'{file}: damaged checkpoint file ({_reason(e)})') from e
+  try:
+    saved = ocp.metadata(path, checkpointable_name=STATE).metadata
+  except Exception as e:  # a missing file surfaces as one of several Orbax errors
+    raise CheckpointError(f'{path}: unreadable checkpoint ({_reason(e)})') from e
+  if not isinstance(saved, Mapping):
+    raise CheckpointError(f'{path}: unreadable checkpoint (no tree metadata)')
+  return saved
 
 
 def load_params_tree(path, abstract_params, shardings=None):
@@ -107,29 +153,32 @@ def _check_matches(path, saved: Mapping, abstract: Mapping):
   missing = sorted(set(abstract) - set(saved))
   extra = sorted(set(saved) - set(abstract))
   if missing or extra:
-    raise ValueError(f'{path}: parameters do not match the model config: '
-                     f'missing {missing[:5]}{"..." if len(missing) > 5 else ""}, '
-                     f'unexpected {extra[:5]}{"..." if len(extra) > 5 else ""}')
+    raise ModelMismatchError(f'{path}: parameters do not match the model config: '
+                             f'missing {missing[:5]}{"..." if len(missing) > 5 else ""}, '
+                             f'unexpected {extra[:5]}{"..." if len(extra) > 5 else ""}')
   for name, spec in abstract.items():
     if tuple(saved[name].shape) != tuple(spec.shape):
-      raise ValueError(f'{path}: parameter {name} has shape {tuple(saved[name].shape)} in the '
-                       f'checkpoint but {tuple(spec.shape)} in the model config')
+      raise ModelMismatchError(f'{path}: parameter {name} has shape {tuple(saved[name].shape)} in '
+                               f'the checkpoint but {tuple(spec.shape)} in the model config')
 
 
 def read_param(path, name: str) -> np.ndarray:
   """Loads one parameter of a checkpoint to host memory (for streaming export)."""
   path = epath.Path(path)
-  saved = ocp.metadata(path, checkpointable_name=STATE).metadata
+  saved = _saved_tree(path)
   abstract = jax.tree.map(lambda _: ocp.PLACEHOLDER, saved)
   meta = saved['params'][name]
   abstract['params'][name] = jax.ShapeDtypeStruct(
       meta.shape, meta.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0]))
-  return np.asarray(ocp.load(path, abstract, checkpointable_name=STATE)['params'][name])
+  try:
+    return np.asarray(ocp.load(path, abstract, checkpointable_name=STATE)['params'][name])
+  except Exception as e:  # tensorstore and Orbax raise many types for a damaged file
+    raise CheckpointError(f'{path}: unreadable checkpoint ({_reason(e)})') from e
 
 
 def param_names(path) -> dict[str, Any]:
   """{name: metadata with .shape and .dtype} of a checkpoint's params."""
-  return dict(ocp.metadata(epath.Path(path), checkpointable_name=STATE).metadata['params'])
+  return dict(_saved_tree(epath.Path(path))['params'])
 
 
 def write_params_streaming(path, named_arrays: Iterable[tuple[str, np.ndarray]]):
@@ -146,11 +195,11 @@ def write_params_streaming(path, named_arrays: Iterable[tuple[str, np.ndarray]])
   for name, array in named_arrays:
     ocp.partial.save(path, {'params': {name: array}})
     del array
-    _release_freed_memory()
+    release_freed_memory()
   ocp.partial.finalize(path)
 
 
-def _release_freed_memory():
+def release_freed_memory():
   """Hands freed heap pages back to the OS (glibc keeps them otherwise, so RSS
   would grow towards the model size although only one tensor is alive)."""
   gc.collect()
@@ -178,7 +227,9 @@ class TrainCheckpointer:
   where 'data' holds each process's input-iterator state as a JSON string.
   Orbax writes into a temporary directory and renames it on commit, so a crash
   mid-save leaves the previous checkpoints untouched; leftovers of an
-  interrupted save are removed on the next start.
+  interrupted save are removed on the next start. A save that fails (a full
+  disk) raises CheckpointError at the next save or wait; a checkpoint that
+  cannot be read is skipped by `restore_latest`.
   """
 
   def __init__(self, workdir: str, keep: int):
@@ -188,23 +239,52 @@ class TrainCheckpointer:
         preservation_policy=training.preservation_policies.LatestN(keep),
         cleanup_tmp_directories=True)
     self.workdir = workdir
+    self._pending = None  # the step of the save in flight
+
+  def steps(self) -> list[int]:
+    """Steps of the committed checkpoints, oldest first."""
+    return [int(c.step) for c in self._ckpt.checkpoints]
 
   def latest_step(self) -> int | None:
     latest = self._ckpt.latest
     return None if latest is None else int(latest.step)
 
   def save(self, step: int, train_state: Mapping, data_states: list[str]):
-    """Starts an asynchronous save (returns once the arrays are copied off device)."""
+    """Starts an asynchronous save (returns once the arrays are copied off device).
+
+    Waits for the previous save first (Orbax would too) so that a failure is
+    reported with the step it belongs to.
+    """
+    self.wait()
     tree = {'params': flatten_tree(train_state['params']),
             'opt_state': flatten_tree(train_state['opt_state']),
             'step': train_state['step'],
             'data': {str(i): s for i, s in enumerate(data_states)}}
-    self._ckpt.save_pytree_async(step, tree, force=True)
+    try:
+      self._ckpt.save_async(step, tree, force=True)
+    except Exception as e:  # an OSError, or whatever Orbax wraps it in
+      raise self._save_error(step, e) from e
+    self._pending = step
+
+  def _save_error(self, step: int | None, e: Exception) -> CheckpointError:
+    steps = all_steps(self.workdir)  # what is on disk now
+    kept = (f'complete checkpoints {steps} are intact (a rerun resumes from step {steps[-1]})'
+            if steps else 'no checkpoint is complete yet')
+    what = (f'could not write checkpoint step {step} to {step_path(self.workdir, step)}'
+            if step is not None else f'checkpointing in {checkpoint_root(self.workdir)} failed')
+    return CheckpointError(f'{what}: {_reason(e)}; {kept}')
 
   def restore(self, step: int, abstract_state: Mapping, shardings: Mapping):
-    """Returns (train state in `abstract_state`'s structure and shardings, data states)."""
+    """Returns (train state in `abstract_state`'s structure and shardings, data states).
+
+    Raises CheckpointError if the checkpoint cannot be read (a file truncated or
+    missing) and ModelMismatchError if it holds another model.
+    """
     path = step_path(self.workdir, step)
-    saved = self._ckpt.metadata(step).metadata
+    saved = _saved_tree(path)
+    if not {'params', 'opt_state', 'step', 'data'} <= set(saved):
+      raise CheckpointError(f'{path}: not a complete training checkpoint '
+                            f'(entries: {sorted(saved)})')
     abstract = {'params': abstract_flat(abstract_state['params'], shardings['params']),
                 'opt_state': abstract_flat(abstract_state['opt_state'], shardings['opt_state']),
                 'step': jax.ShapeDtypeStruct((), abstract_state['step'].dtype,
@@ -212,14 +292,65 @@ class TrainCheckpointer:
                 'data': {k: '' for k in saved['data']}}
     _check_matches(path, saved['params'], abstract['params'])
     _check_matches(path, saved['opt_state'], abstract['opt_state'])
-    tree = self._ckpt.load_pytree(step, abstract)
+    try:
+      tree = self._ckpt.load(step, abstract)
+    except Exception as e:  # tensorstore and Orbax raise many types for a damaged file
+      raise CheckpointError(f'{path}: unreadable checkpoint ({_reason(e)})') from e
+    if int(jax.device_get(tree['step'])) != step:
+      raise CheckpointError(f'{path}: holds step {int(jax.device_get(tree["step"]))}, not {step}')
     state = {'params': unflatten_tree(abstract_state['params'], tree['params']),
              'opt_state': unflatten_tree(abstract_state['opt_state'], tree['opt_state']),
              'step': tree['step']}
     return state, [tree['data'][str(i)] for i in range(len(tree['data']))]
 
+  def restore_latest(self, abstract_state: Mapping, shardings: Mapping):
+    """(step, train state, data states) of the newest checkpoint that can be read; None if none.
+
+    A newer checkpoint that cannot be read (a truncated or deleted file) is
+    skipped with a warning naming its step, and moved aside to
+    `<step>.unreadable` so that the run can save that step again. If no
+    checkpoint can be read this raises CheckpointError: starting from scratch
+    would silently throw the run away.
+    """
+    unreadable = []
+    for step in reversed(self.steps()):
+      try:
+        state, data_states = self.restore(step, abstract_state, shardings)
+      except CheckpointError as e:
+        logging.warning('checkpoint step %d cannot be read, trying an older one: %s', step, e)
+        unreadable.append((step, e))
+        continue
+      self._set_aside([s for s, _ in unreadable])
+      return step, state, data_states
+    if unreadable:
+      raise CheckpointError(f'{checkpoint_root(self.workdir)}: no checkpoint can be read; '
+                            + '; '.join(f'step {s}: {e}' for s, e in unreadable))
+    return None
+
+  def _set_aside(self, steps: list[int]):
+    """Renames unreadable checkpoints to <step>.unreadable (kept for inspection)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for step in steps:
+        path = step_path(self.workdir, step)
+        aside, n = path.parent / f'{step}{UNREADABLE_SUFFIX}', 1
+        while aside.exists():
+          aside, n = path.parent / f'{step}{UNREADABLE_SUFFIX}{n}', n + 1
+        path.rename(aside)
+        logging.warning('unreadable checkpoint step %d moved to %s', step, aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('llama4_jax: unreadable checkpoints set aside')
+    self._ckpt.reload()
+
   def wait(self):
-    self._ckpt.wait()
+    """Blocks until the save in flight is committed; CheckpointError if it failed."""
+    step, self._pending = self._pending, None
+    try:
+      self._ckpt.wait()
+    except Exception as e:
+      raise self._save_error(step, e) from e
 
   def close(self):
+    self.wait()
     self._ckpt.close()

@@ -3,7 +3,9 @@
 Config files are Python and run as code; a workdir's `config.json` is data.
 """
 
+import difflib
 import json
+import logging as py_logging
 import os
 import sys
 from collections.abc import Callable
@@ -60,6 +62,52 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> model_li
   return cfg
 
 
+def _accepts(old, value) -> bool:
+  """Whether `value` may replace `old`, by the rules of a `--config.key=value` flag."""
+  if isinstance(old, bool) or isinstance(value, bool):  # bool is an int in Python; not here
+    return isinstance(old, bool) and isinstance(value, bool)
+  if isinstance(old, float):
+    return isinstance(value, (int, float))
+  if isinstance(old, (tuple, list)):
+    return isinstance(value, (tuple, list))
+  return old is None or isinstance(value, type(old))
+
+
+def _parent(config: mlc.ConfigDict, key: str) -> mlc.ConfigDict:
+  """The section that holds dotted `key`; a ConfigError names the first missing part."""
+  parts = key.split('.')
+  node = config
+  for depth, part in enumerate(parts):
+    if not isinstance(node, mlc.ConfigDict) or part not in node:
+      known = list(node) if isinstance(node, mlc.ConfigDict) else []
+      close = difflib.get_close_matches(part, known)
+      hint = f'; did you mean {".".join(parts[:depth] + close[:1])}?' if close else ''
+      raise ConfigError(f'config.{key}: no such key{hint}')
+    parent, node = node, node[part]
+  return parent
+
+
+def set_override(config: mlc.ConfigDict, key: str, value):
+  """Sets dotted `key` of `config` to `value`, checked as a `--config.key=value` flag is.
+
+  An unknown key, a section, or a value of another type is a ConfigError naming
+  the key (ConfigDict alone would let a bool into an int field, or None anywhere).
+  """
+  parent, leaf = _parent(config, key), key.split('.')[-1]
+  old = parent[leaf]
+  if isinstance(old, mlc.ConfigDict):
+    raise ConfigError(f'config.{key}: is a section; override its keys one by one')
+  if not _accepts(old, value):
+    raise ConfigError(f'config.{key}: expects {type(old).__name__} (like {old!r}), got '
+                      f'{type(value).__name__} {value!r}')
+  if isinstance(old, float):
+    value = float(value)
+  elif isinstance(old, (tuple, list)):
+    value = type(old)(value)
+  with parent.ignore_type():  # checked above, by the flag's rules
+    parent[leaf] = value
+
+
 def save(config: mlc.ConfigDict, workdir: str):
   """Writes the resolved config to <workdir>/config.json (atomically)."""
   path = epath.Path(workdir) / CONFIG_FILE
@@ -112,6 +160,42 @@ def define_config_flag(name: str = 'config'):
 
 
 USER_ERRORS = (ValueError, OSError)
+# run_main reads it from sys.argv (it must work before the flags parse); defined so absl accepts it.
+flags.DEFINE_bool('traceback', False, 'On an error, raise it with its traceback instead of one line.')
+
+
+def _drop_library_tracebacks(record) -> bool:
+  """A logging filter: Orbax's and asyncio's error logs without their tracebacks.
+
+  A failed checkpoint write (a full disk) is logged with a traceback by each of
+  Orbax's background threads; the run then stops with one line that names the
+  step and the cause. `--traceback` keeps them.
+  """
+  if record.name == 'asyncio' or f'{os.sep}orbax{os.sep}' in record.pathname:
+    record.exc_info = record.exc_text = None
+  return True
+
+
+def _drop_abandoned_io_errors(unraisable):
+  """sys.unraisablehook: after a failed save or restore, Orbax abandons its other
+  reads and writes, and each is reported when collected (a coroutine that never
+  finished, a write completing into a closed event loop) with a long traceback."""
+  code = getattr(unraisable.object, 'cr_code', None)
+  abandoned = code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+  closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                 and str(unraisable.exc_value) == 'Event loop is closed')
+  if not (abandoned or closed_loop):
+    sys.__unraisablehook__(unraisable)
+
+
+def _flag_error(e: Exception) -> str:
+  """A flag error in one line. ml_collections puts the traceback of a config file that
+  raised into the message: keep its last line, the config file's own error."""
+  text = str(e)
+  if 'Traceback (most recent call last)' in text:
+    flag = text.split(':', 1)[0]  # flag --config=PATH
+    return f'{flag}: the config file raised {text.strip().splitlines()[-1]}'
+  return ' '.join(text.split())
 
 
 def run_main(main: Callable):
@@ -120,6 +204,10 @@ def run_main(main: Callable):
   def wrapped(argv):
     if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):
       logging.set_verbosity(logging.WARNING)  # Orbax logs every save and load at INFO
+    if '--traceback' not in sys.argv:
+      for name in ('absl', 'asyncio'):  # Orbax logs through absl's logger
+        py_logging.getLogger(name).addFilter(_drop_library_tracebacks)
+      sys.unraisablehook = _drop_abandoned_io_errors
     try:
       return main(argv)
     except USER_ERRORS as e:
@@ -134,7 +222,7 @@ def run_main(main: Callable):
     if 'config' in flags.FLAGS:
       flags.FLAGS.config  # pylint: disable=pointless-statement  (raises if the file failed)
   except flags.Error as e:
-    sys.exit(f'error: {e}')
+    sys.exit(f'error: {_flag_error(e)}')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     message = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ')
     sys.exit(f'error: bad config override: {message}')

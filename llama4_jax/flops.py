@@ -43,17 +43,23 @@ def train_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int) -> float:
   return 6.0 * active_matmul_params(cfg) + 3.0 * attention
 
 
-def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
-  """Achieved FLOP/s of a large square matmul on the default device (median)."""
+def matmul_probe(n: int = 2048, dtype=jnp.float32):
+  """(fn, FLOPs of one call): a compiled n x n matmul, for timing the device's peak."""
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
+  return (lambda: f(a)), 2 * n ** 3
+
+
+def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
+  """Achieved FLOP/s of a large square matmul on the default device (median)."""
+  fn, flops = matmul_probe(n, dtype)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    f(a).block_until_ready()
+    fn().block_until_ready()
     times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / float(np.median(times))
+  return flops / float(np.median(times))
 
 
 def device_peak_flops() -> tuple[float, str]:

@@ -6,6 +6,7 @@ Axis letters (used in names and einsum strings across the package):
   E experts, V vocabulary, L layers.
 """
 
+import functools
 import math
 
 import jax
@@ -34,18 +35,75 @@ class RMSNorm(nnx.Module):
     return rms_normalize(x, self.eps) * self.scale[...].astype(x.dtype)
 
 
+def _as_matrices(x, w, contracted):
+  """x[..., K1..Kn] and w[K1..Kn, ...] as [M, K] and [K, O] matrices."""
+  K = math.prod(w.shape[:contracted])
+  return x.reshape(-1, K), w.reshape(K, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project_cpu(x, w, contracted):
+  x_MK, w_KO = _as_matrices(x, w, contracted)
+  return (x_MK @ w_KO).reshape(x.shape[:x.ndim - contracted] + w.shape[contracted:])
+
+
+def _project_cpu_fwd(x, w, contracted):
+  return _project_cpu(x, w, contracted), (x, w)
+
+
+def _project_cpu_bwd(contracted, residuals, dy):
+  x, w = residuals
+  x_MK, w_KO = _as_matrices(x, w, contracted)
+  dy_MO = dy.reshape(x_MK.shape[0], -1)
+  dx = (dy_MO @ w_KO.T).reshape(x.shape)
+  # The barrier keeps XLA from folding the transpose back into the dot.
+  xT_KM = jax.lax.optimization_barrier(x_MK.T)
+  return dx, (xT_KM @ dy_MO).reshape(w.shape)
+
+
+_project_cpu.defvjp(_project_cpu_fwd, _project_cpu_bwd)
+
+
+def project(x: jax.Array, w: jax.Array, contracted: int = 1) -> jax.Array:
+  """Contracts the last `contracted` axes of x with the first of w (`tensordot`).
+
+  On CPU it runs as one 2-D matmul with a hand-written backward pass. XLA on
+  CPU otherwise (a) re-lays out w on every call when two axes are contracted
+  (o_proj's N, H: 7x slower at decode) and (b) computes the weight gradient
+  x^T @ dy by transposing dy, the wide activation, inside an elementwise
+  fusion at one cache miss per element; transposing x as its own op instead
+  makes an MLP's forward + backward 1.8x faster (4096 x 512 -> 2048, measured).
+  XLA on GPU and TPU needs neither.
+  """
+  if jax.default_backend() == 'cpu':
+    return _project_cpu(x, w, contracted)
+  return jnp.tensordot(x, w, axes=contracted)
+
+
 class Einsum(nnx.Module):
-  """A bias-free projection `einsum(eqn, x, w)` with logical axis names on w."""
+  """A bias-free projection with logical axis names on its weight.
+
+  `eqn` names the axes ('BTD,DF->BTF', 'BTNH,NHD->BTD'); it must contract the
+  trailing axes of x with the leading axes of w, as every projection here does.
+  """
 
   def __init__(self, eqn: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
                *, rngs: nnx.Rngs, std: float, dtype, param_dtype=jnp.float32):
+    inputs, out = eqn.split('->')
+    x_axes, w_axes = inputs.split(',')
+    n = (len(x_axes) + len(w_axes) - len(out)) // 2  # contracted axes
+    kept = len(x_axes) - n
+    if len(w_axes) != len(shape) or x_axes[kept:] != w_axes[:n] or out != x_axes[:kept] + w_axes[n:]:
+      raise ValueError(f'Einsum {eqn!r} must contract the trailing axes of x with the leading '
+                       f'axes of a weight of shape {shape}')
+    self.contracted = n
     self.eqn = eqn
     self.dtype = dtype
     init = nnx.initializers.normal(std)
     self.w = nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=axes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum(self.eqn, x.astype(self.dtype), self.w[...].astype(self.dtype))
+    return project(x.astype(self.dtype), self.w[...].astype(self.dtype), self.contracted)
 
 
 class MLP(nnx.Module):

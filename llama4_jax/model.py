@@ -56,7 +56,7 @@ class ModelConfig:
   param_dtype: str = 'float32'           # parameter (and optimizer state) dtype
   moe_dispatch: str = 'dropless'         # 'dropless', 'capacity' or 'dense' (see moe.py)
   moe_grouped_matmul: str = 'auto'       # dropless: 'ragged' (GPU/TPU), 'blocked' (CPU), 'auto'
-  moe_block_size: int = 32               # blocked dropless: rows per block
+  moe_block_size: int = 0                # blocked dropless: rows per block (0 = auto, moe.py)
   moe_capacity_factor: float = 1.25      # capacity: slots per expert = cf * tokens * k / E
   remat: str = 'none'                    # see REMAT_POLICIES
   scan_layers: bool = True               # scan repeated blocks (False: unroll, for debugging)
@@ -113,8 +113,8 @@ class ModelConfig:
       fail('moe_dispatch', f'{self.moe_dispatch!r} is not one of {moe.DISPATCHES}')
     if self.moe_grouped_matmul not in moe.GROUPED_MATMULS:
       fail('moe_grouped_matmul', f'{self.moe_grouped_matmul!r} is not one of {moe.GROUPED_MATMULS}')
-    if self.moe_block_size <= 0:
-      fail('moe_block_size', f'must be positive, got {self.moe_block_size}')
+    if self.moe_block_size < 0:
+      fail('moe_block_size', f'must be positive (or 0 = auto), got {self.moe_block_size}')
     if self.moe_capacity_factor <= 0:
       fail('moe_capacity_factor', f'must be positive, got {self.moe_capacity_factor}')
     if self.remat not in REMAT_POLICIES:

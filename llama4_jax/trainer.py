@@ -116,8 +116,9 @@ def train_step(state, batch, *, setup: Setup):
 
   grad_norm = optax.tree.norm(grads)
   loss = nll_sum / total_weight
-  updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
+  with jax.named_scope('optimizer'):
+    updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
   # A non-finite loss or gradient never reaches the parameters: the update is
   # skipped here, and the host stops the run or counts the skip (train.skip_nonfinite).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -178,9 +179,10 @@ def _check_workdir_config(config: mlc.ConfigDict, workdir: str):
 def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_iter):
   """Resume order: newest checkpoint in the workdir, then train.init_from, then scratch."""
   config = setup.config
-  step = ckpt.latest_step()
-  if step is not None:
-    state, data_states = ckpt.restore(step, setup.abstract_state, setup.state_shardings)
+  # An unreadable newest checkpoint is skipped (with a warning naming it) for the one before.
+  restored = ckpt.restore_latest(setup.abstract_state, setup.state_shardings)
+  if restored is not None:
+    step, state, data_states = restored
     if len(data_states) == jax.process_count():
       train_iter.set_state(json.loads(data_states[jax.process_index()]))
     else:

@@ -2,6 +2,7 @@
 
   python scripts/benchmark.py moe [--output=moe.json]
   python scripts/benchmark.py decode [--output=decode.json]
+  python scripts/benchmark.py train [--train_configs=tiny,80m-e8,80m-e32] [--output=train.json]
 
 moe: forward + backward time of one top-1 MoE layer for E = 4, 16, 64 experts at
 fixed active parameters, for the dropless and capacity dispatches and the
@@ -10,6 +11,11 @@ decode: generation tokens/s at batch 1 and 8 (prompt 128, 128 new tokens) for
 the tiny config and a ~95M-parameter config, with transformers' generate on the
 same converted model in the same run; and one decode step's time at several
 positions of the cache.
+train: the full training step (forward, backward, AdamW) of llama4_jax and of
+transformers' Llama4ForCausalLM (PyTorch, float32, AdamW) on the same
+architecture and batch, alternating between them: median step time, tokens/s,
+the ratio, MFU against the matmul peak measured in the same run, and the
+memory each step takes above its resident state.
 """
 
 import dataclasses
@@ -22,6 +28,10 @@ from llama4_jax import benchmarks
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the results as JSON here.')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'moe: tokens per step.')
+_TRAIN_CONFIGS = flags.DEFINE_list('train_configs', list(benchmarks.TRAIN_CONFIGS),
+                                   'train: configs to measure.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'train: timed steps per implementation.')
+_PROFILE = flags.DEFINE_bool('profile', False, 'train: also profile one step of ours, by part.')
 
 
 def moe():
@@ -52,7 +62,34 @@ def decode():
           'step_seconds_by_position': by_position}
 
 
-BENCHMARKS = {'moe': moe, 'decode': decode}
+def train():
+  unknown = set(_TRAIN_CONFIGS.value) - set(benchmarks.TRAIN_CONFIGS)
+  if unknown:
+    raise app.UsageError(f'--train_configs: unknown {sorted(unknown)}; '
+                         f'known: {sorted(benchmarks.TRAIN_CONFIGS)}')
+  rows = benchmarks.train_speed(_TRAIN_CONFIGS.value, repeats=_REPEATS.value,
+                                profile=_PROFILE.value)
+  print(f'Train step (forward, backward, AdamW), {rows[0].device}; peak {rows[0].peak_flops / 1e9:.1f} '
+        f'GFLOP/s ({rows[0].peak_source})')
+  print(f'{"config":>8} {"params":>12} {"tokens":>6} | {"ours s":>7} {"tok/s":>7} {"MFU":>5} '
+        f'{"MiB":>6} | {"hf s":>7} {"tok/s":>7} {"MFU":>5} {"MiB":>6} | {"ratio":>5}')
+  fmt = lambda value, spec: '-' if value is None else format(value, spec)
+  for r in rows:
+    print(f'{r.config:>8} {r.params:>12,} {r.tokens_per_step:>6} | {r.ours_step_seconds:>7.2f} '
+          f'{r.ours_tokens_per_sec:>7.0f} {r.ours_mfu:>5.0%} {r.ours_step_memory_mib:>6.0f} | '
+          f'{fmt(r.transformers_step_seconds, ">7.2f")} {fmt(r.transformers_tokens_per_sec, ">7.0f")} '
+          f'{fmt(r.transformers_mfu, ">5.0%")} {fmt(r.transformers_step_memory_mib, ">6.0f")} | '
+          f'{fmt(r.ratio, ">5.1f")}')
+  for r in rows:
+    if r.ours_breakdown:
+      total = sum(r.ours_breakdown.values())
+      print(f'{r.config}: one step of llama4_jax by part ({total:.2f} s of op time)')
+      for part, seconds in r.ours_breakdown.items():
+        print(f'  {seconds:7.2f} s {seconds / total:5.1%}  {part}')
+  return {'rows': [dataclasses.asdict(r) for r in rows]}
+
+
+BENCHMARKS = {'moe': moe, 'decode': decode, 'train': train}
 
 
 def main(argv):

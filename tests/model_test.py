@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import hf_reference
-from llama4_jax import hf_convert, sharding
+from llama4_jax import attention, hf_convert, layers, sharding
 from llama4_jax import model as model_lib
 
 ATOL = 1e-4
@@ -35,11 +35,12 @@ def assert_matches_hf(ours, ref, mask):
   np.testing.assert_allclose(ours[valid], ref[valid], atol=ATOL, rtol=ATOL)
 
 
-@pytest.mark.parametrize('top_k', [1, 2])
-def test_logits_match_transformers(tmp_path, top_k):
+# 64 tokens are 8 whole chunks: the chunked layers take the banded path.
+@pytest.mark.parametrize('top_k, length', [(1, 60), (2, 64)])
+def test_logits_match_transformers(tmp_path, top_k, length):
   hf = hf_reference.text_model(num_experts_per_tok=top_k)
   model = converted(tmp_path, hf)
-  tokens, mask = inputs()
+  tokens, mask = inputs(length=length)
   ref = hf_reference.text_logits(hf, tokens, mask)
   ours, _ = model(jnp.asarray(tokens), jnp.asarray(mask))
   assert_matches_hf(np.asarray(ours), ref, mask)
@@ -88,6 +89,36 @@ def test_sharded_logits_match_transformers(tmp_path, devices, mesh_shape):
     batch = sharding.batch_sharding(mesh)
     ours = forward(state, jax.device_put(tokens, batch), jax.device_put(mask, batch))
   assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens, mask), mask)
+
+
+def test_banded_attention_equals_masked_attention_with_packing():
+  B, T, N, K, H, C = 2, 64, 4, 2, 8, 16
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
+  segments = np.ones((B, T), np.int32)
+  segments[0, :5] = 0  # left padding
+  segments[1, 20:], segments[1, 41:] = 2, 3  # packed documents, chunks not block-aligned
+  inputs_ = attention.make_attention_inputs(jnp.asarray(segments), 0, T, C)
+  full = attention.dot_product_attention(q, k, v, inputs_.chunked_mask_BTS)
+  banded = attention.banded_attention(q, k, v, inputs_.chunked_mask_BTS, C)
+  valid = segments != 0  # padding queries attend to nothing; their output is unused
+  np.testing.assert_allclose(np.asarray(banded)[valid], np.asarray(full)[valid], atol=1e-6)
+
+
+@pytest.mark.parametrize('x_shape, w_shape, contracted', [
+    ((2, 5, 8), (8, 3, 4), 1),  # q_proj: BTD,DNH->BTNH
+    ((2, 5, 3, 4), (3, 4, 8), 2),  # o_proj: BTNH,NHD->BTD
+])
+def test_project_and_its_gradients_equal_tensordot(x_shape, w_shape, contracted):
+  rng = np.random.default_rng(0)
+  x, w, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+              for s in (x_shape, w_shape, x_shape[:len(x_shape) - contracted] + w_shape[contracted:]))
+  reference = lambda x, w: jnp.sum(jnp.tensordot(x, w, contracted) * dy)
+  ours = lambda x, w: jnp.sum(layers.project(x, w, contracted) * dy)
+  for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-6)
 
 
 def test_layer_stages_cover_every_layer():
