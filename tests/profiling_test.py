@@ -1,0 +1,33 @@
+"""The step profiler attributes executed ops to the model's named scopes."""
+
+import jax
+import jax.numpy as jnp
+
+from llama4_jax import profiling
+
+
+def test_step_breakdown_groups_ops_by_named_scope():
+  @jax.jit
+  def step(x):
+    with jax.named_scope('attention_core'):
+      y = jax.nn.softmax(x @ x.T, axis=-1)
+    with jax.named_scope('optimizer'):
+      y = jnp.sqrt(jnp.abs(y) + 1.0)
+    return jnp.tanh(y @ x)
+
+  x = jnp.ones((256, 256))
+  step(x).block_until_ready()
+  breakdown = profiling.step_breakdown(lambda: step(x), step.lower(x).compile().as_text())
+  assert {'attention core (scores, mask, softmax, values)',
+          'optimizer (AdamW update, clipping)'} <= set(breakdown)
+  assert all(seconds >= 0 for seconds in breakdown.values())
+  assert sum(breakdown.values()) > 0
+
+
+def test_categorize_falls_back_to_the_op_kind():
+  assert profiling.categorize('dot.3', 'jit(step)/dot_general') == profiling.DENSE_MATMULS
+  assert profiling.categorize('fusion.1', 'jit(step)/moe_dispatch/gather') == (
+      'MoE dispatch (sort, gather, scatter, padding)')
+  assert profiling.categorize('fusion.2', 'jit(step)/moe_dispatch/expert_matmuls/dot_general') == (
+      'MoE expert matmuls')
+  assert profiling.categorize('add.1', '') == profiling.OTHER
