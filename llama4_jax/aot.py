@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from llama4_jax import config_lib, flops, sharding, trainer
+from llama4_jax import model as model_lib
 
 GiB = 2 ** 30
 
@@ -152,7 +153,7 @@ def report(compiled: Compiled) -> Report:
   model_flops = flops.train_flops_per_token(setup.cfg, config.data.seq_len) * tokens
   return Report(
       devices=setup.mesh.size, mesh=dict(setup.mesh.shape),
-      num_params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(compiled.state['params'])),
+      num_params=model_lib.count_params(compiled.state['params']),
       params=per_device_bytes(compiled.state['params']),
       opt_state=per_device_bytes(compiled.state['opt_state']),
       batch=per_device_bytes(compiled.batch),

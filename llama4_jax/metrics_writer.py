@@ -5,6 +5,8 @@ import os
 
 import tqdm
 
+METRICS_FILE = 'metrics.jsonl'  # in the workdir; sweep summaries read it
+
 
 class MetricsWriter:
   """Appends metrics to <workdir>/metrics.jsonl and TensorBoard (process 0 only)."""
@@ -15,7 +17,7 @@ class MetricsWriter:
       return
     from tensorboardX import SummaryWriter  # imported here: only process 0 writes logs
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
     self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict):

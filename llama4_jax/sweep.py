@@ -34,13 +34,13 @@ from typing import Any
 
 import ml_collections as mlc
 
-from llama4_jax import checkpoint, config_lib
+from llama4_jax import checkpoint, config_lib, metrics_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(REPO, 'scripts', 'train.py')
 OVERRIDES_FILE = 'overrides.json'  # in each run's workdir: {dotted key: value}
 LOG_FILE = 'train.log'             # a local run's stdout and stderr
-METRICS_FILE = 'metrics.jsonl'     # written by the trainer (metrics_writer.py)
+METRICS_FILE = metrics_writer.METRICS_FILE
 SUMMARY = 'summary'                # ROOT/summary.md, .csv, .png
 COMMANDS_FILE = 'commands.txt'
 SLURM_FILE = 'sweep.sbatch'
