@@ -25,6 +25,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
   ))
 
   config.data = mlc.ConfigDict(dict(
+      modality='text',               # 'text', or 'image_text' (needs model.vision; see llama4_jax/image_text.py)
       train_files='',                # comma-separated globs (.txt, .jsonl with "text", .npy ids); '' = built-in corpus
       eval_files='',                 # same forms; '' = the built-in corpus' validation split
       tokenizer='',                  # sentencepiece .model; '' = train/reuse one for the built-in corpus
@@ -33,6 +34,14 @@ def get_config(arg=None) -> mlc.ConfigDict:
       seq_len=256,                   # tokens per training sequence
       packing_bins=0,                # rows packed together per first-fit group (0 = max(4 x batch, 64))
       tokenizer_train_bytes=0,       # text used to train the built-in tokenizer (0 = 4 MB)
+      tiles_per_row=0,               # image_text: image tiles per row (0 = model.vision.max_tiles + 1)
+      # image_text with train_files/eval_files '': the built-in shapes questions (llama4_jax/shapes_data.py).
+      shapes=mlc.ConfigDict(dict(
+          dir='',                    # where they are written ('' = <workdir>/shapes_data)
+          train_examples=20000,
+          eval_examples=600,
+          seed=0,
+      )),
   ))
 
   config.train = mlc.ConfigDict(dict(
@@ -48,6 +57,7 @@ def get_config(arg=None) -> mlc.ConfigDict:
       router_z_coef=0.0,             # MoE router z-loss weight
       skip_nonfinite=False,          # on a non-finite loss/grad: False = stop, True = skip the update
       sample_tokens=48,              # length of the sample printed at the end (0 = none)
+      freeze='',                     # '', 'vision' (the vision tower) or 'language' (all but vision + projector)
   ))
 
   config.optim = mlc.ConfigDict(dict(

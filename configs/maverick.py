@@ -1,6 +1,7 @@
 """Llama 4 Maverick (17B active, 128 experts, 400B total) pre-training shape.
 
   python scripts/train.py --config=configs/maverick.py --workdir=$WORKDIR
+  python scripts/train.py --config=configs/maverick.py:vision ...   # with the vision tower (maverick_mm)
 
 Experts sharded over the `expert` axis (8) and weights over `fsdp` (the rest);
 bf16 compute, full remat.
@@ -10,8 +11,9 @@ from configs import base, common
 
 
 def get_config(arg=None):
-  config = base.get_config(arg)
-  config.model = common.model_preset('maverick')
+  args = common.parse_arg(arg, vision=False)
+  config = base.get_config()
+  config.model = common.model_preset('maverick_mm' if args.vision else 'maverick')
   config.mesh.expert = 8
   config.mesh.fsdp = -1
   config.data.seq_len = 8192

@@ -1,6 +1,7 @@
 """Llama 4 Scout (17B active, 16 experts, 109B total) pre-training shape.
 
   python scripts/train.py --config=configs/scout.py --workdir=$WORKDIR
+  python scripts/train.py --config=configs/scout.py:vision ...   # with the vision tower (scout_mm)
 
 Sized for a TPU v5p-256 / 256 H100-class GPUs: FSDP over all devices, bf16
 compute, full remat. Fine-tune a converted checkpoint with
@@ -11,8 +12,9 @@ from configs import base, common
 
 
 def get_config(arg=None):
-  config = base.get_config(arg)
-  config.model = common.model_preset('scout')
+  args = common.parse_arg(arg, vision=False)
+  config = base.get_config()
+  config.model = common.model_preset('scout_mm' if args.vision else 'scout')
   config.mesh.fsdp = -1
   config.data.seq_len = 8192
   config.train.steps = 100_000

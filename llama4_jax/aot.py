@@ -23,7 +23,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
-from llama4_jax import config_lib, flops, sharding, trainer
+from llama4_jax import config_lib, flops, image_text, sharding, trainer
 from llama4_jax import model as model_lib
 
 GiB = 2 ** 30
@@ -77,7 +77,14 @@ def abstract_batch(config: mlc.ConfigDict, batch_sharding) -> dict[str, jax.Shap
   shape = (config.train.batch_size, config.data.seq_len)
   dtypes = {'inputs': jnp.int32, 'targets': jnp.int32, 'segment_ids': jnp.int32,
             'positions': jnp.int32, 'weights': jnp.float32}
-  return {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding) for k, d in dtypes.items()}
+  batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding) for k, d in dtypes.items()}
+  if config.data.get('modality', 'text') == 'image_text':  # image_text.RowMaker.row
+    v = config_lib.model_config(config).vision
+    tiles = config.data.tiles_per_row or image_text.default_tiles_per_row(v)
+    batch['pixels'] = jax.ShapeDtypeStruct(
+        (shape[0], tiles, v.num_channels, v.image_size, v.image_size), jnp.float32,
+        sharding=batch_sharding)
+  return batch
 
 
 def _with_shardings(abstract_tree, shardings):

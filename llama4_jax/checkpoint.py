@@ -181,21 +181,37 @@ def param_names(path) -> dict[str, Any]:
   return dict(_saved_tree(epath.Path(path))['params'])
 
 
-def write_params_streaming(path, named_arrays: Iterable[tuple[str, np.ndarray]]):
-  """Writes a params-only checkpoint one array at a time, then commits it.
+def write_params_streaming(path, named_arrays: Iterable[tuple[str, np.ndarray]],
+                           group_bytes: int = 4 << 20):
+  """Writes a params-only checkpoint a few arrays at a time, then commits it.
 
-  Orbax's partial save stages each array in a temporary directory and
+  Orbax's partial save stages each group in a temporary directory and
   `finalize` moves the finished checkpoint into place, so a crash leaves no
-  half-written checkpoint at `path`, and host memory holds one array at a time.
+  half-written checkpoint at `path`. Small arrays are saved in groups of about
+  `group_bytes` (one partial save costs ~0.2 s, which dominated converting
+  small models), a large one as soon as it arrives: host memory holds one
+  group or one large array.
   """
   path = epath.Path(path)
   if path.exists():
     raise FileExistsError(f'{path} exists; refusing to overwrite a checkpoint')
   path.parent.mkdir(parents=True, exist_ok=True)
+  group, size = {}, 0
+
+  def flush():
+    nonlocal group, size
+    if group:
+      ocp.partial.save(path, {'params': group})
+      group, size = {}, 0
+      release_freed_memory()
+
   for name, array in named_arrays:
-    ocp.partial.save(path, {'params': {name: array}})
+    group[name] = array
+    size += array.nbytes
     del array
-    release_freed_memory()
+    if size >= group_bytes:  # now, before the next array is made
+      flush()
+  flush()
   ocp.partial.finalize(path)
 
 

@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from etils import epath
 
 from llama4_jax import model as model_lib
+from llama4_jax import optim
 from llama4_jax import sharding
 
 CONFIG_FILE = 'config.json'
@@ -53,12 +54,21 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> model_li
         fail(f'train.{key}', f'must be positive, got {t[key]}')
     if t.batch_size % t.grad_accum_steps:
       fail('train.grad_accum_steps', f'{t.grad_accum_steps} does not divide train.batch_size={t.batch_size}')
+    if t.get('freeze', '') not in optim.FREEZE_OPTIONS:
+      fail('train.freeze', f'{t.freeze!r} is not one of {optim.FREEZE_OPTIONS}')
+    if t.get('freeze') and cfg.vision is None:
+      fail('train.freeze', f'{t.freeze!r} needs a model with a vision tower (model.vision)')
   if 'data' in config:
     if config.data.seq_len <= 0:
       fail('data.seq_len', f'must be positive, got {config.data.seq_len}')
     if config.data.seq_len > cfg.max_position_embeddings:
       fail('data.seq_len', f'{config.data.seq_len} exceeds model.max_position_embeddings='
            f'{cfg.max_position_embeddings}')
+    modality = config.data.get('modality', 'text')
+    if modality not in ('text', 'image_text'):
+      fail('data.modality', f'{modality!r} is not "text" or "image_text"')
+    if modality == 'image_text' and cfg.vision is None:
+      fail('data.modality', '"image_text" needs a model with a vision tower (model.vision)')
   return cfg
 
 

@@ -19,7 +19,7 @@ import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
-from llama4_jax import checkpoint, config_lib, data, losses
+from llama4_jax import checkpoint, config_lib, data, image_text, losses
 from llama4_jax import model as model_lib
 from llama4_jax import sharding
 from llama4_jax import tokenizer as tokenizer_lib
@@ -87,12 +87,26 @@ def make_eval_step(graphdef, param_shardings=None, batch_sharding=None):
 
   def eval_step(params, batch):
     model = nnx.merge(graphdef, params)
-    logits_BTV, _ = model(batch['inputs'], batch.get('segment_ids'))
+    logits_BTV, _ = model(batch['inputs'], batch.get('segment_ids'), batch.get('pixels'))
     return losses.cross_entropy_sums(logits_BTV, batch['targets'], batch['weights'])
 
   if param_shardings is None:
     return jax.jit(eval_step)
   return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+
+
+def make_row_score_fn(graphdef, params):
+  """Jitted batch -> per-row summed log-likelihood of the weighted targets [B]."""
+
+  @jax.jit
+  def score(params, batch):
+    model = nnx.merge(graphdef, params)
+    logits_BTV, _ = model(batch['inputs'], batch.get('segment_ids'), batch.get('pixels'))
+    log_probs_BTV = jax.nn.log_softmax(logits_BTV)
+    picked_BT = jnp.take_along_axis(log_probs_BTV, batch['targets'][..., None], axis=-1)[..., 0]
+    return jnp.sum(picked_BT * batch['weights'], axis=-1)
+
+  return lambda batch: score(params, batch)
 
 
 def evaluate(eval_fn, params, batches: Iterable[dict[str, np.ndarray]],
@@ -176,12 +190,22 @@ def data_tokenizer(workdir: str, config: mlc.ConfigDict, files: str = '', path: 
 
 
 def eval_batches(config: mlc.ConfigDict, tokenizer, *, files: str = '', batch_size: int,
-                 seq_len: int, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
-  """Packed batches of `files` (text, JSONL, .npy globs), or of the run's validation data."""
-  data_config = mlc.ConfigDict(config.data.to_dict())
+                 seq_len: int, max_batches: int = 0, workdir: str = ''
+                 ) -> list[dict[str, np.ndarray]]:
+  """Packed batches of `files` (text, JSONL, .npy globs), or of the run's validation data.
+
+  An image-text run's data (and `files`, one JSON Lines file of image records)
+  are scored as its training scored them (image_text.make_eval_batches).
+  """
+  config = mlc.ConfigDict(config.to_dict())
   if files:
-    data_config.eval_files = files
-  return data.make_eval_batches(data_config, tokenizer, batch_size=batch_size, seq_len=seq_len,
+    config.data.eval_files = files
+  if config.data.get('modality', 'text') == 'image_text':
+    config.data.seq_len, config.eval.batch_size = seq_len, batch_size
+    config.eval.max_batches = max_batches
+    return image_text.make_eval_batches(config, config_lib.model_config(config), tokenizer,
+                                        workdir=workdir)
+  return data.make_eval_batches(config.data, tokenizer, batch_size=batch_size, seq_len=seq_len,
                                 max_batches=max_batches)
 
 
@@ -242,7 +266,7 @@ class CheckpointEvaluator:
       return batches[:max_batches] if max_batches else batches
     return eval_batches(config, data_tokenizer(self.workdir, config, files, tokenizer),
                         files=files, batch_size=batch_size, seq_len=seq_len,
-                        max_batches=max_batches)
+                        max_batches=max_batches, workdir=self.workdir)
 
   def score(self, step: int, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     """{'step', 'loss', 'perplexity', 'tokens'} of checkpoint `step` on `batches`."""

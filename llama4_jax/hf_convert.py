@@ -1,8 +1,9 @@
 """Hugging Face Llama 4 checkpoints <-> llama4_jax parameters, one tensor at a time.
 
 Reads `config.json` and safetensors (single file or sharded with an index) of
-`Llama4ForCausalLM` (`model_type: llama4_text`) or the text part of
-`Llama4ForConditionalGeneration` (`llama4`, tensors under `language_model.`).
+`Llama4ForCausalLM` (`model_type: llama4_text`) or
+`Llama4ForConditionalGeneration` (`llama4`: text tensors under `language_model.`,
+the vision tower under `vision_model.`, the projector `multi_modal_projector.`).
 Every HF `nn.Linear` weight [out, in] is transposed to our [in, out] layout and
 split into heads where we keep heads as an axis; the fused experts'
 `gate_up_proj` [E, D, 2F] is split on its last axis. Our stacked tensors (one
@@ -20,6 +21,7 @@ import numpy as np
 from etils import epath
 
 from llama4_jax import model as model_lib
+from llama4_jax import vision as vision_lib
 
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
 
@@ -61,6 +63,8 @@ def model_config_from_hf(hf: dict[str, Any], source: str = 'config.json',
   no_rope_layers = c.get('no_rope_layers') or [int((i + 1) % interval != 0) for i in range(L)]
   rope = _rope_parameters(c, source)
   eos = get('eos_token_id', 2)
+  if 'vision' not in overrides:
+    overrides['vision'] = vision_config_from_hf(hf, source)
   try:
     return model_lib.ModelConfig(
         vocab_size=get('vocab_size', 202048), hidden_size=D, num_layers=L, num_heads=N,
@@ -81,6 +85,32 @@ def model_config_from_hf(hf: dict[str, Any], source: str = 'config.json',
         eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),),
         pad_token_id=int(get('pad_token_id', 0)),
         **rope, **overrides)
+  except (ValueError, TypeError) as e:
+    raise ConversionError(f'{source}: {e}') from e
+
+
+def vision_config_from_hf(hf: dict[str, Any], source: str = 'config.json'
+                          ) -> vision_lib.VisionConfig | None:
+  """The vision tower of a `llama4` config (None for a text-only checkpoint)."""
+  v = hf.get('vision_config') if hf.get('model_type') == 'llama4' else None
+  if not v:
+    return None
+  rope = dict(v.get('rope_parameters') or {})
+  defaults = vision_lib.VisionConfig()
+  try:
+    return vision_lib.VisionConfig(
+        hidden_size=v['hidden_size'], num_layers=v['num_hidden_layers'],
+        num_heads=v['num_attention_heads'], intermediate_size=v['intermediate_size'],
+        image_size=v['image_size'], patch_size=v['patch_size'],
+        num_channels=v.get('num_channels', 3), pixel_shuffle_ratio=v['pixel_shuffle_ratio'],
+        projector_input_dim=v['projector_input_dim'],
+        projector_output_dim=v['projector_output_dim'], vision_output_dim=v['vision_output_dim'],
+        rope_theta=float(rope.get('rope_theta', v.get('rope_theta', 10000.0))),
+        image_token_id=hf.get('image_token_index', defaults.image_token_id),
+        boi_token_id=hf.get('boi_token_index', defaults.boi_token_id),
+        eoi_token_id=hf.get('eoi_token_index', defaults.eoi_token_id))
+  except KeyError as e:
+    raise ConversionError(f'{source}: vision_config lacks {e.args[0]!r}') from e
   except (ValueError, TypeError) as e:
     raise ConversionError(f'{source}: {e}') from e
 
@@ -131,6 +161,29 @@ def hf_text_config(cfg: model_lib.ModelConfig) -> dict[str, Any]:
       'eos_token_id': cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids),
       'pad_token_id': cfg.pad_token_id, 'tie_word_embeddings': False, 'attention_bias': False,
   }
+
+
+def hf_config(cfg: model_lib.ModelConfig) -> dict[str, Any]:
+  """config.json: `llama4_text` for a text model, `llama4` with the vision tower."""
+  text = hf_text_config(cfg)
+  v = cfg.vision
+  if v is None:
+    return text
+  vision = {
+      'model_type': 'llama4_vision_model', 'hidden_size': v.hidden_size,
+      'num_hidden_layers': v.num_layers, 'num_attention_heads': v.num_heads,
+      'intermediate_size': v.intermediate_size, 'image_size': v.image_size,
+      'patch_size': v.patch_size, 'num_channels': v.num_channels,
+      'pixel_shuffle_ratio': v.pixel_shuffle_ratio, 'projector_input_dim': v.projector_input_dim,
+      'projector_output_dim': v.projector_output_dim, 'vision_output_dim': v.vision_output_dim,
+      'rope_parameters': {'rope_type': 'default', 'rope_theta': v.rope_theta},
+      'rope_theta': v.rope_theta, 'norm_eps': v.norm_eps, 'hidden_act': 'gelu',
+      'vision_feature_select_strategy': 'default', 'multi_modal_projector_bias': False}
+  del text['architectures']
+  return {'architectures': ['Llama4ForConditionalGeneration'], 'model_type': 'llama4',
+          'text_config': text, 'vision_config': vision, 'image_token_index': v.image_token_id,
+          'boi_token_index': v.boi_token_id, 'eoi_token_index': v.eoi_token_id,
+          'tie_word_embeddings': False}
 
 
 # Tensor name mapping -----------------------------------------------------------
@@ -193,6 +246,64 @@ GLOBAL_RULES = {
     'final_norm.scale': TensorRule('model.norm.weight', *_IDENTITY),
     'lm_head.w': TensorRule('lm_head.weight', *_linear()),
 }
+
+
+VISION_GLOBAL_RULES = {  # full HF names (no language_model. prefix)
+    'vision.patch_embed.w': TensorRule('vision_model.patch_embedding.linear.weight', *_linear()),
+    'vision.class_embedding': TensorRule('vision_model.class_embedding', *_IDENTITY),
+    'vision.positions': TensorRule('vision_model.positional_embedding_vlm', *_IDENTITY),
+    'vision.pre_norm.scale': TensorRule('vision_model.layernorm_pre.weight', *_IDENTITY),
+    'vision.pre_norm.bias': TensorRule('vision_model.layernorm_pre.bias', *_IDENTITY),
+    'vision.post_norm.scale': TensorRule('vision_model.layernorm_post.weight', *_IDENTITY),
+    'vision.post_norm.bias': TensorRule('vision_model.layernorm_post.bias', *_IDENTITY),
+    'vision.adapter_fc1.w': TensorRule('vision_model.vision_adapter.mlp.fc1.weight', *_linear()),
+    'vision.adapter_fc2.w': TensorRule('vision_model.vision_adapter.mlp.fc2.weight', *_linear()),
+    'projector.w': TensorRule('multi_modal_projector.linear_1.weight', *_linear()),
+}
+
+
+def vision_layer_rules(v: vision_lib.VisionConfig) -> dict[str, TensorRule]:
+  """Our vision-layer parameter name -> rule (suffix after `vision_model.model.layers.{j}.`)."""
+  N, H = v.num_heads, v.hidden_size // v.num_heads
+  heads = (lambda b: b.reshape(N, H), lambda b: b.reshape(-1))
+  rules = {
+      'attn_norm.scale': TensorRule('input_layernorm.weight', *_IDENTITY),
+      'attn_norm.bias': TensorRule('input_layernorm.bias', *_IDENTITY),
+      'mlp_norm.scale': TensorRule('post_attention_layernorm.weight', *_IDENTITY),
+      'mlp_norm.bias': TensorRule('post_attention_layernorm.bias', *_IDENTITY),
+      'o.w': TensorRule('self_attn.o_proj.weight', *_linear_in_split(N, H)),
+      'o.b': TensorRule('self_attn.o_proj.bias', *_IDENTITY),
+      'fc1.w': TensorRule('mlp.fc1.weight', *_linear()),
+      'fc1.b': TensorRule('mlp.fc1.bias', *_IDENTITY),
+      'fc2.w': TensorRule('mlp.fc2.weight', *_linear()),
+      'fc2.b': TensorRule('mlp.fc2.bias', *_IDENTITY),
+  }
+  for x in 'qkv':
+    rules[f'{x}.w'] = TensorRule(f'self_attn.{x}_proj.weight', *_linear(N, H))
+    rules[f'{x}.b'] = TensorRule(f'self_attn.{x}_proj.bias', *heads)
+  return rules
+
+
+def expected_vision_shapes(v: vision_lib.VisionConfig, D: int) -> dict[str, tuple[int, ...]]:
+  """Every HF vision/projector tensor name with the shape the config implies."""
+  W, F, A = v.hidden_size, v.intermediate_size, v.projector_output_dim
+  shapes = {'vision_model.patch_embedding.linear.weight': (W, v.num_channels * v.patch_size ** 2),
+            'vision_model.class_embedding': (W,),
+            'vision_model.positional_embedding_vlm': (v.grid ** 2 + 1, W),
+            'vision_model.vision_adapter.mlp.fc1.weight': (v.projector_input_dim, F),
+            'vision_model.vision_adapter.mlp.fc2.weight': (A, A),
+            'multi_modal_projector.linear_1.weight': (D, v.vision_output_dim)}
+  for norm in ('layernorm_pre', 'layernorm_post'):
+    shapes.update({f'vision_model.{norm}.weight': (W,), f'vision_model.{norm}.bias': (W,)})
+  for j in range(v.num_layers):
+    p = f'vision_model.model.layers.{j}.'
+    for x in 'qkvo':
+      shapes.update({p + f'self_attn.{x}_proj.weight': (W, W), p + f'self_attn.{x}_proj.bias': (W,)})
+    for norm in ('input_layernorm', 'post_attention_layernorm'):
+      shapes.update({p + f'{norm}.weight': (W,), p + f'{norm}.bias': (W,)})
+    shapes.update({p + 'mlp.fc1.weight': (F, W), p + 'mlp.fc1.bias': (F,),
+                   p + 'mlp.fc2.weight': (W, F), p + 'mlp.fc2.bias': (W,)})
+  return shapes
 
 
 def expected_hf_shapes(cfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -268,15 +379,16 @@ class HFCheckpointReader:
     """Fails on unknown or missing tensors and on shapes that disagree with config.json."""
     from safetensors import safe_open
     expected = {self.prefix + k: v for k, v in expected_hf_shapes(self.config).items()}
-    text_names = {n for n in self.file_of
-                  if not self.prefix or n.startswith(self.prefix)}
-    other = set(self.file_of) - text_names
-    unknown = sorted(n for n in other if not n.startswith(('vision_model.', 'multi_modal_projector.')))
-    unknown += sorted(text_names - set(expected))
+    if self.config.vision is not None:
+      expected.update(expected_vision_shapes(self.config.vision, self.config.hidden_size))
+    names = set(self.file_of)
+    if self.config.vision is None:  # a text model from a checkpoint without vision_config
+      names = {n for n in names if not n.startswith(('vision_model.', 'multi_modal_projector.'))}
+    unknown = sorted(names - set(expected))
     if unknown:
       raise ConversionError(f'{self.dir}: unknown tensor {unknown[0]} in {self.file_of[unknown[0]]} '
                             f'(not part of a Llama 4 checkpoint with this config.json)')
-    missing = sorted(set(expected) - text_names)
+    missing = sorted(set(expected) - names)
     if missing:
       raise ConversionError(f'{self.dir}: tensor {missing[0]} is missing '
                             f'({len(missing)} missing in all)')
@@ -296,9 +408,10 @@ class HFCheckpointReader:
       except Exception as e:
         raise ConversionError(f'{path}: unreadable safetensors file ({e})') from e
 
-  def get(self, name: str) -> np.ndarray:
+  def get(self, name: str, text: bool = True) -> np.ndarray:
+    """A tensor by its name; text tensors without the `language_model.` prefix."""
     from safetensors import safe_open
-    name = self.prefix + name
+    name = self.prefix + name if text else name
     path = self.dir / self.file_of[name]
     try:
       with safe_open(os.fspath(path), 'np') as f:
@@ -327,13 +440,22 @@ def iter_our_params(reader: HFCheckpointReader, cfg: model_lib.ModelConfig,
           del piece
         yield f'stages.{s}.layers.{j}.{ours}', stacked
         del stacked
+  if cfg.vision is None:
+    return
+  for name, rule in VISION_GLOBAL_RULES.items():
+    yield name, cast(rule.to_ours(reader.get(rule.hf_suffix, text=False)))
+  for ours, rule in vision_layer_rules(cfg.vision).items():
+    yield f'vision.layers.{ours}', np.stack([
+        cast(rule.to_ours(reader.get(f'vision_model.model.layers.{j}.{rule.hf_suffix}', text=False)))
+        for j in range(cfg.vision.num_layers)])
 
 
 def iter_hf_tensors(get_param: Callable[[str], np.ndarray],
                     cfg: model_lib.ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, array) from our flat params, fetched one at a time by name."""
+  text = 'language_model.' if cfg.vision is not None else ''
   for name, rule in GLOBAL_RULES.items():
-    yield rule.hf_suffix, np.ascontiguousarray(rule.to_hf(get_param(name)))
+    yield text + rule.hf_suffix, np.ascontiguousarray(rule.to_hf(get_param(name)))
   index_map = model_lib.layer_index_map(cfg)
   for s, stage in enumerate(cfg.stages()):
     for j, kind in enumerate(stage.kinds):
@@ -348,9 +470,18 @@ def iter_hf_tensors(get_param: Callable[[str], np.ndarray],
           stacked = np.concatenate([stacked, up], axis=-1)
           del up
         for i, r in layers:
-          yield (f'model.layers.{i}.{rule.hf_suffix}',
+          yield (f'{text}model.layers.{i}.{rule.hf_suffix}',
                  np.ascontiguousarray(stacked[r] if rule.to_hf is None else rule.to_hf(stacked[r])))
         del stacked
+  if cfg.vision is None:
+    return
+  for name, rule in VISION_GLOBAL_RULES.items():
+    yield rule.hf_suffix, np.ascontiguousarray(rule.to_hf(get_param(name)))
+  for ours, rule in vision_layer_rules(cfg.vision).items():
+    stacked = get_param(f'vision.layers.{ours}')
+    for j in range(cfg.vision.num_layers):
+      yield (f'vision_model.model.layers.{j}.{rule.hf_suffix}',
+             np.ascontiguousarray(rule.to_hf(stacked[j])))
 
 
 def write_safetensors(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]],
@@ -438,7 +569,7 @@ def workdir_to_hf(workdir: str, hf_dir: str, step: int | None = None,
   path, _ = workdir_lib.resolve_checkpoint(workdir, step)
   tensors = iter_hf_tensors(lambda name: checkpoint.read_param(path, name), cfg)
   files = write_safetensors(hf_dir, tensors, max_shard_bytes)
-  hf_config = hf_text_config(cfg)
-  hf_config['torch_dtype'] = cfg.param_dtype
-  (epath.Path(hf_dir) / 'config.json').write_text(json.dumps(hf_config, indent=2))
+  config_json = hf_config(cfg)
+  config_json['torch_dtype'] = cfg.param_dtype
+  (epath.Path(hf_dir) / 'config.json').write_text(json.dumps(config_json, indent=2))
   return files

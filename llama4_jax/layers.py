@@ -35,6 +35,22 @@ class RMSNorm(nnx.Module):
     return rms_normalize(x, self.eps) * self.scale[...].astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias, normalised in float32 (the vision tower's norm)."""
+
+  def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
+    self.eps = eps
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=('norm',))
+    self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=('norm',))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+    return y * self.scale[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
 def _as_matrices(x, w, contracted):
   """x[..., K1..Kn] and w[K1..Kn, ...] as [M, K] and [K, O] matrices."""
   K = math.prod(w.shape[:contracted])
@@ -88,7 +104,8 @@ class Einsum(nnx.Module):
   """
 
   def __init__(self, eqn: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
-               *, rngs: nnx.Rngs, std: float, dtype, param_dtype=jnp.float32):
+               *, rngs: nnx.Rngs, std: float | None, dtype, param_dtype=jnp.float32,
+               use_bias: bool = False):
     inputs, out = eqn.split('->')
     x_axes, w_axes = inputs.split(',')
     n = (len(x_axes) + len(w_axes) - len(out)) // 2  # contracted axes
@@ -99,11 +116,17 @@ class Einsum(nnx.Module):
     self.contracted = n
     self.eqn = eqn
     self.dtype = dtype
+    if std is None:  # LeCun: unit-variance outputs for unit-variance inputs
+      std = math.prod(shape[:n]) ** -0.5
     init = nnx.initializers.normal(std)
     self.w = nnx.Param(init(rngs.params(), shape, param_dtype), out_sharding=axes)
+    if use_bias:  # over the output axes (the vision tower's projections)
+      self.b = nnx.Param(jnp.zeros(shape[n:], param_dtype), out_sharding=axes[n:])
+    self.use_bias = use_bias
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return project(x.astype(self.dtype), self.w[...].astype(self.dtype), self.contracted)
+    y = project(x.astype(self.dtype), self.w[...].astype(self.dtype), self.contracted)
+    return y + self.b[...].astype(self.dtype) if self.use_bias else y
 
 
 class MLP(nnx.Module):
@@ -152,6 +175,11 @@ def rope_inverse_frequencies(head_dim: int, theta: float, rope_type: str = 'defa
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotates interleaved pairs (x[2j], x[2j+1]) by pos * inv_freq[j] (Meta's complex form)."""
   angles_BTJ = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  return rotate_pairs(x_BTNH, angles_BTJ)
+
+
+def rotate_pairs(x_BTNH: jax.Array, angles_BTJ: jax.Array) -> jax.Array:
+  """Rotates each interleaved pair (x[2j], x[2j+1]) by angles[j], in float32."""
   cos, sin = jnp.cos(angles_BTJ)[:, :, None, :], jnp.sin(angles_BTJ)[:, :, None, :]
   x32 = x_BTNH.astype(jnp.float32).reshape(*x_BTNH.shape[:-1], -1, 2)
   x_even, x_odd = x32[..., 0], x32[..., 1]

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from llama4_jax import attention, layers, moe, sharding
+from llama4_jax import vision as vision_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +61,13 @@ class ModelConfig:
   moe_capacity_factor: float = 1.25      # capacity: slots per expert = cf * tokens * k / E
   remat: str = 'none'                    # see REMAT_POLICIES
   scan_layers: bool = True               # scan repeated blocks (False: unroll, for debugging)
+  vision: vision_lib.VisionConfig | None = None  # the vision tower; None = text only
 
   def __post_init__(self):
     for name in ('moe_layers', 'no_rope_layers', 'eos_token_ids'):
       object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+    if isinstance(self.vision, dict):
+      object.__setattr__(self, 'vision', vision_lib.VisionConfig.from_dict(self.vision))
     self._validate()
 
   @classmethod
@@ -119,6 +123,9 @@ class ModelConfig:
       fail('moe_capacity_factor', f'must be positive, got {self.moe_capacity_factor}')
     if self.remat not in REMAT_POLICIES:
       fail('remat', f'{self.remat!r} is not one of {sorted(REMAT_POLICIES)}')
+    if self.vision is not None and not 0 <= self.vision.image_token_id < self.vocab_size:
+      fail('vision.image_token_id', f'{self.vision.image_token_id} is not a token id '
+           f'(vocab_size={self.vocab_size})')
 
   def rope_inverse_frequencies(self) -> np.ndarray:
     return layers.rope_inverse_frequencies(
@@ -223,6 +230,16 @@ PRESETS: dict[str, ModelConfig] = {
         rope_type='default', max_position_embeddings=1048576),
 }
 
+# The released vision tower (both models): 336-pixel tiles of 24 x 24 patches, 144 tokens per tile.
+LLAMA4_VISION = vision_lib.VisionConfig(
+    hidden_size=1408, num_layers=34, num_heads=16, intermediate_size=5632, image_size=336,
+    patch_size=14, pixel_shuffle_ratio=0.5, projector_input_dim=4096, projector_output_dim=4096,
+    vision_output_dim=4096, rope_theta=10000.0, max_tiles=16,
+    image_token_id=200092, boi_token_id=200080, eoi_token_id=200081)
+# The released multimodal checkpoints (HF Llama4ForConditionalGeneration).
+PRESETS['scout_mm'] = PRESETS['scout'].replace(vision=LLAMA4_VISION)
+PRESETS['maverick_mm'] = PRESETS['maverick'].replace(vision=LLAMA4_VISION)
+
 
 # Modules ----------------------------------------------------------------------
 
@@ -298,30 +315,59 @@ class Llama4(nnx.Module):
     self.lm_head = layers.Einsum('BTD,DV->BTV', (D, V), ('embed', 'vocab'), rngs=rngs,
                                  std=cfg.initializer_range, dtype=cfg.dtype,
                                  param_dtype=cfg.param_dtype)
+    if cfg.vision is not None:
+      # LeCun init (std=None): with HF's 0.02 a tower trained from scratch starts with
+      # nearly image-independent tokens and the language model learns to ignore them.
+      kw = dict(rngs=rngs, std=None, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+      self.vision = vision_lib.VisionEncoder(cfg.vision, remat=cfg.remat != 'none', **kw)
+      self.projector = layers.Einsum('NPA,AD->NPD', (cfg.vision.vision_output_dim, D),
+                                     ('mlp', 'embed'), **kw)
 
   def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
     x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.cfg.dtype)
     return sharding.shard(x_BTD, 'act_batch', 'act_seq', 'act_embed')
 
+  def encode_images(self, pixels_BMCHW: jax.Array) -> jax.Array:
+    """Tiles [B, M, C, I, I] -> their image tokens in the text width, [B, M * P, D]."""
+    if self.cfg.vision is None:
+      raise ValueError('images were given to a text-only model (config.model.vision is None)')
+    if pixels_BMCHW.ndim != 5:
+      raise ValueError(f'images must be [batch, tiles, channels, height, width], '
+                       f'got shape {tuple(pixels_BMCHW.shape)}')
+    B, M = pixels_BMCHW.shape[:2]
+    tokens_NPA = self.vision(pixels_BMCHW.reshape(B * M, *pixels_BMCHW.shape[2:]))
+    tokens_NPD = self.projector(tokens_NPA)
+    return tokens_NPD.reshape(B, -1, tokens_NPD.shape[-1])
+
+  def embed_inputs(self, tokens_BT: jax.Array, pixels_BMCHW: jax.Array | None = None):
+    """Token embeddings, with image tokens in place of the `<|patch|>` placeholders."""
+    x_BTD = self.embed_tokens(tokens_BT)
+    if pixels_BMCHW is None:
+      return x_BTD
+    return merge_image_features(x_BTD, tokens_BT, self.encode_images(pixels_BMCHW),
+                                self.cfg.vision.image_token_id)
+
   def __call__(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None,
-               inputs_embeds_BTD: jax.Array | None = None):
+               pixels_BMCHW: jax.Array | None = None):
     """Full-sequence forward pass. Returns (logits_BTV in float32, moe statistics).
 
     segment_ids_BT: 0 marks padding; tokens attend within their segment, and
     positions restart at each segment's first token (left padding and packed
     documents). Defaults to one segment per row.
+    pixels_BMCHW: each row's image tiles, in the order of its `<|patch|>` runs
+    (rows with fewer tiles are padded with any value; see merge_image_features).
     """
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
     inputs = attention.make_attention_inputs(segment_ids_BT, 0, tokens_BT.shape[1],
                                              self.cfg.attention_chunk_size)
-    x_BTD = self.embed_tokens(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
+    x_BTD = self.embed_inputs(tokens_BT, pixels_BMCHW)
     x_BTD, _, stats = self._run_stages(x_BTD, inputs, None, None)
     return self._logits(x_BTD), stats
 
   def decode(self, tokens_BT: jax.Array, cache: dict, segment_ids_BT: jax.Array | None = None,
-             inputs_embeds_BTD: jax.Array | None = None):
-    """Runs T new tokens against a KV cache (prefill or one decode step).
+             pixels_BMCHW: jax.Array | None = None):
+    """Runs T new tokens against a KV cache (prefill, with images if any, or one decode step).
 
     Returns (logits_BTV in float32, updated cache).
     """
@@ -333,7 +379,7 @@ class Llama4(nnx.Module):
     inputs = attention.make_attention_inputs(
         key_segments_BS, offset, tokens_BT.shape[1], self.cfg.attention_chunk_size,
         ring_size=self._ring_size(key_segments_BS.shape[1]))
-    x_BTD = self.embed_tokens(tokens_BT) if inputs_embeds_BTD is None else inputs_embeds_BTD
+    x_BTD = self.embed_inputs(tokens_BT, pixels_BMCHW)
     x_BTD, layer_caches, _ = self._run_stages(x_BTD, inputs, cache['layers'], offset)
     new_cache = {'index': offset + tokens_BT.shape[1], 'segment_ids': key_segments_BS,
                  'layers': layer_caches}
@@ -387,6 +433,21 @@ class Llama4(nnx.Module):
         all_stats.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stats))
     stats = (jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats) if all_stats else None)
     return x_BTD, new_caches, stats
+
+
+def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, image_BKD: jax.Array,
+                         image_token_id: int) -> jax.Array:
+  """Row b's k-th `<|patch|>` token takes image_BKD[b, k]; other tokens keep x_BTD.
+
+  Per row, so rows may hold different numbers of tiles (the rest of image_BKD
+  is padding). When every row's tiles are all used this is HF's batch-major
+  `masked_scatter`. Callers check the placeholder counts (they cannot be
+  checked under jit); surplus placeholders would reuse the last image token.
+  """
+  is_patch_BT = tokens_BT == image_token_id
+  k_BT = jnp.clip(jnp.cumsum(is_patch_BT, axis=1) - 1, 0, image_BKD.shape[1] - 1)
+  image_BTD = jnp.take_along_axis(image_BKD, k_BT[..., None], axis=1)
+  return jnp.where(is_patch_BT[..., None], image_BTD.astype(x_BTD.dtype), x_BTD)
 
 
 def unstack_layers(model: Llama4) -> Llama4:

@@ -1,4 +1,4 @@
-"""AdamW with warmup + cosine decay, global-norm clipping and a weight-decay mask."""
+"""AdamW with warmup + cosine decay, global-norm clipping, a weight-decay mask, freezing."""
 
 import jax
 import ml_collections as mlc
@@ -14,12 +14,34 @@ def learning_rate_schedule(optim: mlc.ConfigDict, total_steps: int) -> optax.Sch
       decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
 
 
+# train.freeze: which top-level parts of the model keep their initial values.
+FREEZE_OPTIONS = ('', 'vision', 'language')
+_VISION_PARTS = ('vision', 'projector')
+
+
+def _names(path) -> list[str]:
+  return [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+
+
+def is_frozen(path, freeze: str) -> bool:
+  """'vision' freezes the vision tower (the projector still learns); 'language'
+  freezes everything but the vision tower and projector."""
+  top = _names(path)[0]
+  if freeze == 'vision':
+    return top == 'vision'
+  if freeze == 'language':
+    return top not in _VISION_PARTS
+  return False
+
+
 def weight_decay_mask(params: nnx.State, optim: mlc.ConfigDict):
-  """True for parameters that get weight decay; norms and embeddings are opt-in."""
+  """True for parameters that get weight decay; norms and embeddings are opt-in, biases never."""
 
   def decays(path, _):
-    names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
-    if 'scale' in names:  # RMSNorm scales
+    names = _names(path)
+    if names[-1] in ('b', 'bias'):
+      return False
+    if 'scale' in names:  # RMSNorm / LayerNorm scales
       return optim.decay_norms
     if names and names[0] == 'embed':
       return optim.decay_embeddings
@@ -28,8 +50,19 @@ def weight_decay_mask(params: nnx.State, optim: mlc.ConfigDict):
   return jax.tree.map_with_path(decays, params)
 
 
-def make_optimizer(optim: mlc.ConfigDict, total_steps: int, params: nnx.State
-                   ) -> optax.GradientTransformation:
+def make_optimizer(optim: mlc.ConfigDict, total_steps: int, params: nnx.State,
+                   freeze: str = '') -> optax.GradientTransformation:
+  tx = _adamw(optim, total_steps, params)
+  if not freeze:
+    return tx
+  # Frozen parameters get zero updates and no optimizer state.
+  labels = jax.tree.map_with_path(lambda p, _: 'frozen' if is_frozen(p, freeze) else 'trained',
+                                  params)
+  return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
+
+
+def _adamw(optim: mlc.ConfigDict, total_steps: int, params: nnx.State
+           ) -> optax.GradientTransformation:
   parts = []
   if optim.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.clip_norm))

@@ -62,13 +62,14 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k', 'cache_dtype'))
-def _generate(graphdef, state, tokens_BP, segments_BP, key, eos_ids, temperature, top_p, pad_id,
-              *, max_new_tokens: int, top_k: int, cache_dtype):
+def _generate(graphdef, state, tokens_BP, segments_BP, pixels_BMCHW, key, eos_ids, temperature,
+              top_p, pad_id, *, max_new_tokens: int, top_k: int, cache_dtype):
   # Per-layer weights, sliced once before the loop (see model_lib.unstack_layers).
   model = model_lib.unstack_layers(nnx.merge(graphdef, state))
   B, P = tokens_BP.shape
   cache = model.init_cache(B, P + max_new_tokens, cache_dtype)
-  logits_BPV, cache = model.decode(tokens_BP, cache, segments_BP)
+  # The images are encoded once, in the prefill; decode steps see only tokens.
+  logits_BPV, cache = model.decode(tokens_BP, cache, segments_BP, pixels_BMCHW)
   key, first_key = jax.random.split(key)
   token_B = sample_logits(logits_BPV[:, -1], first_key, temperature, top_k, top_p)
   out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
@@ -93,15 +94,19 @@ def _generate(graphdef, state, tokens_BP, segments_BP, key, eos_ids, temperature
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
-  """Generated ids per prompt (without the prompt), each cut after its first EOS."""
+             top_p: float = 1.0, seed: int = 0, pixels_BMCHW=None) -> list[list[int]]:
+  """Generated ids per prompt (without the prompt), each cut after its first EOS.
+
+  pixels_BMCHW: with a multimodal model, each prompt's image tiles in the order
+  of its `<|patch|>` runs (image_text.place_images builds both).
+  """
   cfg = model.cfg
   tokens, segments = left_pad(prompts, pad_id)
   if tokens.shape[1] + max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(f'prompt of {tokens.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds '
                      f'the model\'s max_position_embeddings={cfg.max_position_embeddings}')
   graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, tokens, segments, jax.random.key(seed),
+  out = _generate(graphdef, state, tokens, segments, pixels_BMCHW, jax.random.key(seed),
                   jnp.asarray(list(eos_ids), jnp.int32), jnp.float32(temperature),
                   jnp.float32(top_p), jnp.int32(pad_id), max_new_tokens=max_new_tokens,
                   top_k=int(top_k), cache_dtype=cfg.dtype)

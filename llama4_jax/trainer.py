@@ -21,7 +21,8 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llama4_jax import checkpoint, config_lib, data, evaluation, flops, losses, metrics_writer
+from llama4_jax import checkpoint, config_lib, data, evaluation, flops, image_text, losses
+from llama4_jax import metrics_writer
 from llama4_jax import model as model_lib
 from llama4_jax import optim, sharding
 from llama4_jax import tokenizer as tokenizer_lib
@@ -48,7 +49,8 @@ class Setup:
 def make_setup(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   cfg = config_lib.model_config(config)
   graphdef, abstract_params = nnx.split(model_lib.abstract_model(cfg))
-  tx = optim.make_optimizer(config.optim, config.train.steps, abstract_params)
+  tx = optim.make_optimizer(config.optim, config.train.steps, abstract_params,
+                            config.train.get('freeze', ''))
   abstract_state = {'params': abstract_params, 'opt_state': jax.eval_shape(tx.init, abstract_params),
                     'step': jax.ShapeDtypeStruct((), jnp.int32)}
   shardings = sharding.state_shardings(abstract_state, mesh)
@@ -92,7 +94,7 @@ def train_step(state, batch, *, setup: Setup):
 
   def micro_loss(params, micro):
     model = nnx.merge(setup.graphdef, params)
-    logits_BTV, stats = model(micro['inputs'], micro['segment_ids'])
+    logits_BTV, stats = model(micro['inputs'], micro['segment_ids'], micro.get('pixels'))
     nll_sum, _ = losses.cross_entropy_sums(logits_BTV, micro['targets'], micro['weights'])
     aux_loss, moe_metrics = _moe_terms(stats, train)
     return nll_sum / total_weight + aux_loss / accum, (nll_sum, moe_metrics)
@@ -209,13 +211,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   tokenizer = tokenizer_lib.load_tokenizer(
       config.data, cfg.vocab_size, default_cache_dir=os.path.join(workdir, 'tokenizer'))
   seq_len = config.data.seq_len
-  train_iter = data.make_train_iterator(
-      config.data, tokenizer, batch_size=train_cfg.batch_size, seq_len=seq_len, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  eval_batches = data.make_eval_batches(
-      config.data, tokenizer, batch_size=config.eval.batch_size, seq_len=seq_len,
-      max_batches=config.eval.max_batches, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  train_iter, eval_batches = make_data(config, cfg, tokenizer, workdir)
 
   mesh = sharding.make_mesh(dict(config.mesh))
   writer = metrics_writer.MetricsWriter(workdir, enabled=is_main)
@@ -289,10 +285,45 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     # The sample is for small runs: one process holding the whole model.
     want_sample = train_cfg.sample_tokens and start < train_cfg.steps and jax.process_count() == 1
     params = jax.device_get(state['params']) if want_sample else None
-  if want_sample:
+  if want_sample and is_image_text(config):
+    final.update(shapes_accuracy(config, setup, params, tokenizer, workdir))
+  elif want_sample:
     final['sample'] = sample_text(setup, params, tokenizer, train_cfg.sample_tokens)
     final['unigram_loss'] = data.unigram_loss(config.data, tokenizer, seq_len=seq_len)
   return final
+
+
+def is_image_text(config: mlc.ConfigDict) -> bool:
+  return config.data.get('modality', 'text') == 'image_text'
+
+
+def make_data(config: mlc.ConfigDict, cfg: model_lib.ModelConfig, tokenizer, workdir: str):
+  """(training iterator, validation batches) of this process, text or image-text."""
+  where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  if is_image_text(config):
+    return (image_text.make_train_iterator(config, cfg, tokenizer, workdir=workdir, **where),
+            image_text.make_eval_batches(config, cfg, tokenizer, workdir=workdir, **where))
+  seq_len = config.data.seq_len
+  train_iter = data.make_train_iterator(
+      config.data, tokenizer, batch_size=config.train.batch_size, seq_len=seq_len,
+      seed=config.seed, **where)
+  eval_batches = data.make_eval_batches(
+      config.data, tokenizer, batch_size=config.eval.batch_size, seq_len=seq_len,
+      max_batches=config.eval.max_batches, **where)
+  return train_iter, eval_batches
+
+
+def shapes_accuracy(config: mlc.ConfigDict, setup: Setup, params, tokenizer, workdir: str):
+  """Held-out question accuracy and the text-only best, when the data has questions."""
+  held_out = image_text.split_records(config, 'validation', workdir)
+  if not all(r.question and r.answer for r in held_out):
+    return {}
+  train = image_text.split_records(config, 'train', workdir)
+  maker = image_text.row_maker(config, setup.cfg, tokenizer)
+  score_fn = evaluation.make_row_score_fn(setup.graphdef, params)
+  result = image_text.shapes_accuracy(score_fn, maker, train, held_out)
+  return {'qa_accuracy': result['accuracy'], 'qa_accuracy_by_question': result['accuracy_by_question'],
+          'text_only_accuracy': result['text_only_accuracy'], 'qa_questions': result['questions']}
 
 
 def sample_text(setup: Setup, params, tokenizer, num_tokens: int,

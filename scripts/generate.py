@@ -3,18 +3,22 @@
   python scripts/generate.py --workdir=DIR --prompt="def main(" [--prompt=...] \\
       [--max_new_tokens=64 --temperature=0 --top_k=0 --top_p=1 --seed=0 --output=ids.json]
   python scripts/generate.py --workdir=CONVERTED --prompt_ids=1,2,3 --prompt_ids=1,5
+  python scripts/generate.py --workdir=MULTIMODAL --image=cat.png --prompt="<|image|>What is this?"
 
 --prompt is tokenized with the run's tokenizer (or --tokenizer); --prompt_ids
 gives ids directly. Prompts of different lengths form one left-padded batch.
 --output writes {"ids": [[...], ...]}: the generated ids per prompt, without
-the prompt, ending at the first EOS.
+the prompt, ending at the first EOS. --image (repeatable; multimodal models)
+fills the prompts' `<|image|>` markers in order; a single prompt without
+markers gets its images at the start. Each image is tiled, encoded once in the
+prefill, and decoding goes on from the KV cache.
 """
 
 import json
 
 from absl import flags
 
-from llama4_jax import config_lib, sampling
+from llama4_jax import config_lib, image_processing, image_text, sampling
 from llama4_jax import tokenizer as tokenizer_lib
 from llama4_jax import workdir as workdir_lib
 
@@ -29,6 +33,8 @@ _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write {"ids": [[...], ...]} here.')
+_IMAGE = flags.DEFINE_multi_string('image', [], 'Image file (PNG, JPEG, ...) for the prompts '
+                                   '(repeatable).')
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
@@ -40,6 +46,15 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
   if bad or not ids:
     raise ValueError(f'--prompt_ids={text!r}: ids must be in [0, {vocab_size}), got {bad or "none"}')
   return ids
+
+
+def image_token_ids(cfg, tokenizer) -> image_processing.ImageTokenIds:
+  """The run's tokenizer's image tokens, or the released models' for their vocabulary."""
+  if tokenizer is not None:
+    return image_processing.ImageTokenIds.from_tokenizer(tokenizer)
+  if cfg.vision.image_token_id == image_processing.LLAMA4_IMAGE_TOKEN_IDS.patch:
+    return image_processing.LLAMA4_IMAGE_TOKEN_IDS
+  raise ValueError('--image needs the tokenizer that defines the image tokens; pass --tokenizer')
 
 
 def main(argv):
@@ -55,9 +70,17 @@ def main(argv):
                      f'use --prompt_ids')
   prompts = [[cfg.bos_token_id] + tokenizer.encode(text) for text in _PROMPT.value]
   prompts += [parse_ids(text, cfg.vocab_size) for text in _PROMPT_IDS.value]
+  pixels = None
+  if _IMAGE.value:
+    if cfg.vision is None:
+      raise ValueError(f'--image: the model in {_WORKDIR.value} has no vision tower')
+    images = [image_processing.load_image(path) for path in _IMAGE.value]
+    prompts, pixels = image_text.place_images(prompts, images, cfg.vision,
+                                              image_token_ids(cfg, tokenizer))
   ids = sampling.generate(model, prompts, max_new_tokens=_MAX_NEW.value, eos_ids=cfg.eos_token_ids,
                           pad_id=cfg.pad_token_id, temperature=_TEMPERATURE.value,
-                          top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value)
+                          top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
+                          pixels_BMCHW=pixels)
   for prompt, out in zip(prompts, ids):
     if tokenizer is not None:
       print(repr(tokenizer.decode(prompt[1:] + out, skip_special=True)))

@@ -49,6 +49,27 @@ def write_run(workdir, config):
   config_lib.save(config, str(workdir))
 
 
+def write_image_files(root, config):
+  """A multimodal run (the small model with a tiny vision tower), a tokenizer and bad images."""
+  from PIL import Image
+  from llama4_jax import tokenizer as tokenizer_lib
+  from llama4_jax import vision
+  tokenizer_lib.train_tokenizer(['What colour are the shapes? red green blue'] * 50, vocab_size=300,
+                                output_path=str(root / 'tok.model'))
+  mm_config = config.copy_and_resolve_references()
+  with mm_config.unlocked():
+    mm_config.model.vision = vision.VisionConfig(
+        hidden_size=16, num_heads=2, num_layers=1, intermediate_size=64, image_size=16,
+        patch_size=4, projector_input_dim=16, projector_output_dim=16, vision_output_dim=16,
+        max_tiles=1, image_token_id=12, boi_token_id=9, eoi_token_id=10).to_dict()
+  write_run(root / 'mm_run', mm_config)
+  Image.new('RGB', (16, 16), (255, 0, 0)).save(root / 'red.png')
+  Image.new('RGB', (64, 64), (0, 255, 0)).save(root / 'big.png')
+  (root / 'truncated.png').write_bytes((root / 'big.png').read_bytes()[:60])
+  (root / 'text.png').write_text('not an image')
+  Image.new('F', (16, 16)).save(root / 'float.tiff')
+
+
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
   """Every workdir and file the command lines below refer to, by name."""
@@ -78,6 +99,7 @@ def files(tmp_path_factory):
   (root / 'raising.py').write_text('def get_config():\n  raise ValueError("broken on purpose")\n')
   (root / 'hf_bad_json').mkdir()
   (root / 'hf_bad_json' / 'config.json').write_text('{"model_type": "llama4_text",')
+  write_image_files(root, config)
   (root / 'hf_no_weights').mkdir()
   from llama4_jax import hf_convert
   (root / 'hf_no_weights' / 'config.json').write_text(
@@ -164,6 +186,30 @@ CASES = {
         ['parameter embed has shape (512, 64) in the checkpoint but (512, 128) in the model']),
     'generate-damaged-checkpoint': (['generate.py', '--workdir={root}/damaged', '--prompt_ids=1'],
                                     ['_METADATA: damaged checkpoint file']),
+    # generate.py with images
+    'generate-image-missing': (
+        ['generate.py', '--workdir={root}/mm_run', '--prompt_ids=1', '--image={root}/none.png'],
+        ['none.png', 'does not exist']),
+    'generate-image-not-an-image': (
+        ['generate.py', '--workdir={root}/mm_run', '--prompt_ids=1', '--image={root}/text.png'],
+        ['text.png', 'not an image file']),
+    'generate-image-truncated': (
+        ['generate.py', '--workdir={root}/mm_run', '--prompt_ids=1', '--image={root}/truncated.png'],
+        ['Cannot decode image file', 'truncated.png']),
+    'generate-image-mode-not-rgb': (
+        ['generate.py', '--workdir={root}/mm_run', '--prompt_ids=1', '--image={root}/float.tiff'],
+        ['float.tiff', "pixel mode 'F'"]),
+    'generate-more-images-than-placeholders': (
+        ['generate.py', '--workdir={root}/mm_run', '--tokenizer={root}/tok.model',
+         '--prompt=<|image|>red', '--image={root}/red.png', '--image={root}/red.png'],
+        ['1 <|image|> placeholder but 2 images were given']),
+    'generate-more-placeholders-than-images': (
+        ['generate.py', '--workdir={root}/mm_run', '--tokenizer={root}/tok.model',
+         '--prompt=<|image|><|image|>red', '--image={root}/red.png'],
+        ['2 <|image|> placeholders but 1 image was given']),
+    'generate-image-for-a-text-model': (
+        ['generate.py', '--workdir={root}/run', '--prompt_ids=1', '--image={root}/red.png'],
+        ['has no vision tower']),
     # convert_checkpoint.py
     'convert-config-not-json': (
         ['convert_checkpoint.py', '--hf_dir={root}/hf_bad_json', '--workdir={root}/c1'],

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,24 +10,14 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import hf_reference
+import small_run
 from llama4_jax import hf_convert
 from llama4_jax import model as model_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(name, *args):
-  return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', name), *args],
-                        capture_output=True, text=True, cwd=REPO)
-
-
-def read_all(hf_dir):
-  out = {}
-  for file in sorted(os.listdir(hf_dir)):
-    if file.endswith('.safetensors'):
-      with safe_open(os.path.join(hf_dir, file), 'np') as f:
-        out.update({name: f.get_tensor(name) for name in f.keys()})
-  return out
+run_script = small_run.run_script
 
 
 @pytest.fixture(scope='module')
@@ -48,7 +36,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, hf_checkpoi
   result = run_script('convert_checkpoint.py', '--to_hf', f'--workdir={tmp_path}/ours',
                       f'--hf_dir={tmp_path}/back', '--max_shard_gb=0.0001')
   assert result.returncode == 0, result.stderr
-  original, back = read_all(hf_dir), read_all(tmp_path / 'back')
+  original, back = hf_reference.read_safetensors(hf_dir), hf_reference.read_safetensors(tmp_path / 'back')
   assert sorted(original) == sorted(back)
   for name, tensor in original.items():
     assert back[name].dtype == tensor.dtype and np.array_equal(back[name], tensor), name
@@ -63,7 +51,7 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, hf_checkpoi
 def test_multimodal_checkpoint_text_part_converts(tmp_path, hf_checkpoint):
   """Tensors under `language_model.` with a `llama4` config (vision tensors are skipped)."""
   hf_dir, _ = hf_checkpoint
-  tensors = {f'language_model.{k}': v for k, v in read_all(hf_dir).items()}
+  tensors = {f'language_model.{k}': v for k, v in hf_reference.read_safetensors(hf_dir).items()}
   tensors['vision_model.class_embedding'] = np.zeros(8, np.float32)
   (tmp_path / 'mm').mkdir()
   save_file(tensors, str(tmp_path / 'mm' / 'model.safetensors'))

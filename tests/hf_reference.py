@@ -1,5 +1,7 @@
 """The transformers reference (test-only): tiny random Llama 4 models with large weights."""
 
+import os
+
 import numpy as np
 import torch
 import transformers
@@ -51,3 +53,46 @@ def text_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = N
     kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
   with torch.no_grad():
     return model(input_ids=ids, **kwargs).logits.float().numpy()
+
+
+# Architecture doc §9: 8 x 8 patches of 7 pixels, 16 image tokens per tile.
+PARITY_VISION_CONFIG = dict(
+    hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
+    image_size=56, patch_size=7, num_channels=3, pixel_shuffle_ratio=0.5,
+    projector_input_dim=48, projector_output_dim=48, vision_output_dim=48,
+    rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0})
+PATCH_ID = 5  # image_token_index of the parity config
+
+
+def multimodal_model(seed: int = 0, **text_overrides) -> transformers.Llama4ForConditionalGeneration:
+  torch.manual_seed(seed)
+  config = transformers.Llama4Config(
+      text_config={**PARITY_TEXT_CONFIG, **text_overrides}, vision_config=PARITY_VISION_CONFIG,
+      image_token_index=PATCH_ID, boi_token_index=6, eoi_token_index=7)
+  model = transformers.Llama4ForConditionalGeneration(config).eval()
+  scale_weights_(model, seed)
+  return model
+
+
+def multimodal_logits(model, tokens: np.ndarray, pixels_NCHW: np.ndarray,
+                      attention_mask: np.ndarray | None = None) -> np.ndarray:
+  """HF logits with images: pixels are all tiles of the batch, in placeholder order."""
+  ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+  kwargs = {}
+  if attention_mask is not None:
+    mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+    kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+  with torch.no_grad():
+    return model(input_ids=ids, pixel_values=torch.as_tensor(pixels_NCHW, dtype=torch.float32),
+                 **kwargs).logits.float().numpy()
+
+
+def read_safetensors(hf_dir) -> dict[str, np.ndarray]:
+  """Every tensor of an HF checkpoint directory."""
+  from safetensors import safe_open
+  out = {}
+  for file in sorted(os.listdir(hf_dir)):
+    if file.endswith('.safetensors'):
+      with safe_open(os.path.join(hf_dir, file), 'np') as f:
+        out.update({name: f.get_tensor(name) for name in f.keys()})
+  return out

@@ -130,7 +130,9 @@ def test_layer_stages_cover_every_layer():
   assert model_lib.layer_stages((R, N, d)) == (model_lib.Stage((R, N, d), 1),)
 
 
-@pytest.mark.parametrize('name,total', [('scout', 107_769_861_120), ('maverick', 400_711_848_960)])
+@pytest.mark.parametrize('name,total', [
+    ('scout', 107_769_861_120), ('maverick', 400_711_848_960),
+    ('scout_mm', 108_641_793_536), ('maverick_mm', 401_583_781_376)])  # doc §3
 def test_preset_parameter_counts(name, total):
   cfg = model_lib.PRESETS[name]
   abstract = model_lib.abstract_model(cfg)
@@ -139,13 +141,13 @@ def test_preset_parameter_counts(name, total):
 
 
 def test_every_parameter_has_known_logical_axes():
-  state = nnx.state(model_lib.abstract_model(model_lib.PRESETS['maverick']), nnx.Param)
+  state = nnx.state(model_lib.abstract_model(model_lib.PRESETS['maverick_mm']), nnx.Param)
   table = dict(sharding.LOGICAL_RULES)
   for path, var in nnx.to_flat_state(state):
     names = var.out_sharding
     assert names is not None and len(names) == var.shape.__len__(), path
     assert all(n is None or n in table for n in names), (path, names)
-    if path[0] == 'stages':
+    if path[0] == 'stages' or path[:2] == ('vision', 'layers'):
       assert names[0] == 'layers', path
 
 

@@ -48,6 +48,12 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(REPO, '.pytest_c
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
+def run_script(name, *args) -> subprocess.CompletedProcess:
+  """scripts/<name> with args, from the repo root."""
+  return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', name), *args],
+                        capture_output=True, text=True, cwd=REPO)
+
+
 def run_train(workdir, env=None, **overrides) -> subprocess.CompletedProcess:
   return subprocess.run(train_command(workdir, **overrides), cwd=REPO, capture_output=True,
                         text=True, env=env)
