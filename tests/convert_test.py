@@ -14,9 +14,6 @@ import small_run
 from llama4_jax import hf_convert
 from llama4_jax import model as model_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 run_script = small_run.run_script
 
 

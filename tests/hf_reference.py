@@ -47,12 +47,16 @@ def text_model(seed: int = 0, **overrides) -> transformers.Llama4ForCausalLM:
 def text_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
   """HF logits; with a mask, positions count from each row's first real token."""
   ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
-  kwargs = {}
-  if attention_mask is not None:
-    mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
-    kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
   with torch.no_grad():
-    return model(input_ids=ids, **kwargs).logits.float().numpy()
+    return model(input_ids=ids, **_mask_kwargs(attention_mask)).logits.float().numpy()
+
+
+def _mask_kwargs(attention_mask) -> dict:
+  """HF's mask and positions that count from each row's first real token."""
+  if attention_mask is None:
+    return {}
+  mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+  return dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
 
 
 # Architecture doc §9: 8 x 8 patches of 7 pixels, 16 image tokens per tile.
@@ -78,13 +82,9 @@ def multimodal_logits(model, tokens: np.ndarray, pixels_NCHW: np.ndarray,
                       attention_mask: np.ndarray | None = None) -> np.ndarray:
   """HF logits with images: pixels are all tiles of the batch, in placeholder order."""
   ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
-  kwargs = {}
-  if attention_mask is not None:
-    mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
-    kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
   with torch.no_grad():
     return model(input_ids=ids, pixel_values=torch.as_tensor(pixels_NCHW, dtype=torch.float32),
-                 **kwargs).logits.float().numpy()
+                 **_mask_kwargs(attention_mask)).logits.float().numpy()
 
 
 def read_safetensors(hf_dir) -> dict[str, np.ndarray]:

@@ -2,7 +2,6 @@
 
 import json
 import re
-import os
 
 import jax
 import numpy as np
