@@ -78,9 +78,10 @@ def abstract_batch(config: mlc.ConfigDict, batch_sharding) -> dict[str, jax.Shap
   dtypes = {'inputs': jnp.int32, 'targets': jnp.int32, 'segment_ids': jnp.int32,
             'positions': jnp.int32, 'weights': jnp.float32}
   batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding) for k, d in dtypes.items()}
-  if config.data.get('modality', 'text') == 'image_text':  # image_text.RowMaker.row
-    v = config_lib.model_config(config).vision
-    tiles = config.data.tiles_per_row or image_text.default_tiles_per_row(v)
+  cfg = config_lib.model_config(config)
+  tiles = image_text.tiles_per_row(config, cfg)
+  if tiles:  # image_text.RowMaker.row
+    v = cfg.vision
     batch['pixels'] = jax.ShapeDtypeStruct(
         (shape[0], tiles, v.num_channels, v.image_size, v.image_size), jnp.float32,
         sharding=batch_sharding)
@@ -156,8 +157,8 @@ def report(compiled: Compiled) -> Report:
   memory = exe.memory_analysis()
   cost = exe.cost_analysis()
   config = setup.config
-  tokens = config.train.batch_size * config.data.seq_len
-  model_flops = flops.train_flops_per_token(setup.cfg, config.data.seq_len) * tokens
+  model_flops = config.train.batch_size * flops.train_flops_per_row(
+      setup.cfg, config.data.seq_len, image_text.tiles_per_row(config, setup.cfg))
   return Report(
       devices=setup.mesh.size, mesh=dict(setup.mesh.shape),
       num_params=model_lib.count_params(compiled.state['params']),

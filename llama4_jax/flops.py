@@ -43,6 +43,24 @@ def train_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int) -> float:
   return 6.0 * active_matmul_params(cfg) + 3.0 * attention
 
 
+def vision_forward_flops_per_tile(cfg: model_lib.ModelConfig) -> float:
+  """Forward FLOPs of one tile through the vision tower and the projector."""
+  v = cfg.vision
+  P, W, F, A = v.grid ** 2, v.hidden_size, v.intermediate_size, v.projector_output_dim
+  T = P + 1  # with the class token
+  layer = 2 * T * (4 * W * W + 2 * W * F) + 2 * 2 * T * T * W  # projections, MLP; scores, values
+  out_tokens = v.tokens_per_tile
+  adapter = 2 * out_tokens * (F * A + A * A + A * cfg.hidden_size)  # adapter, projector
+  return 2 * P * v.num_channels * v.patch_size ** 2 * W + v.num_layers * layer + adapter
+
+
+def train_flops_per_row(cfg: model_lib.ModelConfig, seq_len: int, tiles_per_row: int = 0
+                        ) -> float:
+  """Forward + backward FLOPs of one training row: its tokens and its image tiles."""
+  text = seq_len * train_flops_per_token(cfg, seq_len)
+  return text + (3.0 * tiles_per_row * vision_forward_flops_per_tile(cfg) if tiles_per_row else 0)
+
+
 def matmul_probe(n: int = 2048, dtype=jnp.float32):
   """(fn, FLOPs of one call): a compiled n x n matmul, for timing the device's peak."""
   a = jnp.ones((n, n), dtype)

@@ -111,14 +111,18 @@ class RowMaker:
             'pixels': self.pad_tiles(tiles, source)}
 
 
-def default_tiles_per_row(vision_cfg) -> int:
-  """Every tile an image may need: max_tiles plus the global tile (1 if single-tile)."""
-  return vision_cfg.max_tiles + 1 if vision_cfg.max_tiles > 1 else 1
+def tiles_per_row(config, cfg) -> int:
+  """Tile slots per row: data.tiles_per_row, else every tile an image may need
+  (max_tiles plus the global tile, or 1 for single-tile images); 0 for text data."""
+  if config.data.get('modality', 'text') != 'image_text':
+    return 0
+  v = cfg.vision
+  return config.data.tiles_per_row or (v.max_tiles + 1 if v.max_tiles > 1 else 1)
 
 
 def row_maker(config, cfg, tokenizer) -> RowMaker:
   return RowMaker(cfg.vision, tokenizer, seq_len=config.data.seq_len,
-                  tiles_per_row=config.data.tiles_per_row or default_tiles_per_row(cfg.vision))
+                  tiles_per_row=tiles_per_row(config, cfg))
 
 
 def _load_row(record: Record, maker: RowMaker) -> dict[str, np.ndarray]:

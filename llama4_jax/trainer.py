@@ -222,7 +222,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     train_fn, eval_fn = compile_steps(setup)
     start = int(jax.device_get(state['step']))
     peak, peak_source = flops.device_peak_flops()
-    flops_per_token = flops.train_flops_per_token(cfg, seq_len)
+    flops_per_token = flops.train_flops_per_row(
+        cfg, seq_len, image_text.tiles_per_row(config, cfg)) / seq_len  # images included
     if is_main:
       print(f'{how}; {jax.device_count()} devices, mesh {dict(mesh.shape)}; '
             f'{model_lib.count_params(setup.abstract_state["params"]):,} parameters; '
