@@ -154,3 +154,20 @@ def test_eval_scores_an_image_text_run_as_training_did(trained):
   (row,) = evaluation.evaluate_workdir(str(workdir), log=lambda *_: None)
   assert row['step'] == 6
   np.testing.assert_allclose(row['loss'], result['eval_loss'], rtol=1e-5)
+
+
+def test_train_iterator_resumes_from_its_state(config, tok, tmp_path):
+  """The checkpointed iterator state gives the batches an uninterrupted iterator gives."""
+  cfg = config_lib.model_config(config)
+  make = lambda: image_text.make_train_iterator(config, cfg, tok[0], workdir=str(tmp_path))
+  it = make()
+  next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(2)]
+  assert not np.array_equal(expected[0]['pixels'], expected[1]['pixels'])
+  resumed = make()
+  resumed.set_state(state)
+  for batch in expected:
+    again = next(resumed)
+    for key in batch:
+      np.testing.assert_array_equal(again[key], batch[key])
