@@ -200,7 +200,7 @@ def eval_batches(config: mlc.ConfigDict, tokenizer, *, files: str = '', batch_si
   config = mlc.ConfigDict(config.to_dict())
   if files:
     config.data.eval_files = files
-  if config.data.get('modality', 'text') == 'image_text':
+  if image_text.is_image_text(config):
     config.data.seq_len, config.eval.batch_size = seq_len, batch_size
     config.eval.max_batches = max_batches
     return image_text.make_eval_batches(config, config_lib.model_config(config), tokenizer,

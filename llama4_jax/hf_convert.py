@@ -431,23 +431,27 @@ def iter_our_params(reader: HFCheckpointReader, cfg: model_lib.ModelConfig,
     for j, kind in enumerate(stage.kinds):
       layers = [i for i, (si, _, ji) in enumerate(index_map) if si == s and ji == j]
       for ours, rule in layer_rules(cfg, kind.is_moe).items():
-        stacked = None
-        for r, i in enumerate(layers):  # fill slice by slice: one HF tensor alive at a time
-          piece = cast(rule.to_ours(reader.get(f'model.layers.{i}.{rule.hf_suffix}')))
-          if stacked is None:
-            stacked = np.empty((len(layers),) + piece.shape, piece.dtype)
-          stacked[r] = piece
-          del piece
-        yield f'stages.{s}.layers.{j}.{ours}', stacked
-        del stacked
+        yield f'stages.{s}.layers.{j}.{ours}', _stack(len(layers), (
+            cast(rule.to_ours(reader.get(f'model.layers.{i}.{rule.hf_suffix}'))) for i in layers))
   if cfg.vision is None:
     return
   for name, rule in VISION_GLOBAL_RULES.items():
     yield name, cast(rule.to_ours(reader.get(rule.hf_suffix, text=False)))
   for ours, rule in vision_layer_rules(cfg.vision).items():
-    yield f'vision.layers.{ours}', np.stack([
+    yield f'vision.layers.{ours}', _stack(cfg.vision.num_layers, (
         cast(rule.to_ours(reader.get(f'vision_model.model.layers.{j}.{rule.hf_suffix}', text=False)))
-        for j in range(cfg.vision.num_layers)])
+        for j in range(cfg.vision.num_layers)))
+
+
+def _stack(count: int, pieces: Iterator[np.ndarray]) -> np.ndarray:
+  """np.stack of `count` pieces, filled slice by slice: one HF tensor alive at a time."""
+  stacked = None
+  for r, piece in enumerate(pieces):
+    if stacked is None:
+      stacked = np.empty((count,) + piece.shape, piece.dtype)
+    stacked[r] = piece
+    del piece
+  return stacked
 
 
 def iter_hf_tensors(get_param: Callable[[str], np.ndarray],

@@ -111,10 +111,15 @@ class RowMaker:
             'pixels': self.pad_tiles(tiles, source)}
 
 
+def is_image_text(config) -> bool:
+  """Whether a run trains on image-text records (data.modality)."""
+  return config.data.get('modality', 'text') == 'image_text'
+
+
 def tiles_per_row(config, cfg) -> int:
   """Tile slots per row: data.tiles_per_row, else every tile an image may need
   (max_tiles plus the global tile, or 1 for single-tile images); 0 for text data."""
-  if config.data.get('modality', 'text') != 'image_text':
+  if not is_image_text(config):
     return 0
   v = cfg.vision
   return config.data.tiles_per_row or (v.max_tiles + 1 if v.max_tiles > 1 else 1)

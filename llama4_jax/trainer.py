@@ -286,7 +286,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     # The sample is for small runs: one process holding the whole model.
     want_sample = train_cfg.sample_tokens and start < train_cfg.steps and jax.process_count() == 1
     params = jax.device_get(state['params']) if want_sample else None
-  if want_sample and is_image_text(config):
+  if want_sample and image_text.is_image_text(config):
     final.update(shapes_accuracy(config, setup, params, tokenizer, workdir))
   elif want_sample:
     final['sample'] = sample_text(setup, params, tokenizer, train_cfg.sample_tokens)
@@ -294,14 +294,10 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   return final
 
 
-def is_image_text(config: mlc.ConfigDict) -> bool:
-  return config.data.get('modality', 'text') == 'image_text'
-
-
 def make_data(config: mlc.ConfigDict, cfg: model_lib.ModelConfig, tokenizer, workdir: str):
   """(training iterator, validation batches) of this process, text or image-text."""
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if is_image_text(config):
+  if image_text.is_image_text(config):
     return (image_text.make_train_iterator(config, cfg, tokenizer, workdir=workdir, **where),
             image_text.make_eval_batches(config, cfg, tokenizer, workdir=workdir, **where))
   seq_len = config.data.seq_len
