@@ -118,8 +118,8 @@ def decode_speed(names=('tiny', '100m'), batches=(1, 8), prompt_len=128, new_tok
     cfg = model_lib.PRESETS['tiny'].replace(max_position_embeddings=4096, **DECODE_CONFIGS[name])
     with tempfile.TemporaryDirectory() as directory:
       hf, ours = hf_and_ours(cfg, directory)
-    # As a server would: per-layer weights, sliced once (see model_lib.unstack_layers).
-    ours = model_lib.unstack_layers(ours)
+    # As a server would: weights laid out for decoding once (model_lib.decode_layout).
+    ours = model_lib.decode_layout(ours)
     params = model_lib.count_params(nnx.state(ours, nnx.Param))
     for batch in batches:
       prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len))
@@ -133,8 +133,10 @@ def decode_speed(names=('tiny', '100m'), batches=(1, 8), prompt_len=128, new_tok
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              eos_token_id=None, pad_token_id=0)
 
-      ours_s = median_seconds(run_ours, repeats)
-      hf_s = median_seconds(run_hf, repeats)
+      for run in (run_ours, run_hf):  # compile and warm up
+        run()
+      medians = alternating_medians({'ours': run_ours, 'hf': run_hf}, repeats)
+      ours_s, hf_s = medians['ours'], medians['hf']
       tokens = batch * new_tokens
       rows.append(DecodeRow(name, params, batch, tokens / ours_s, tokens / hf_s, hf_s / ours_s))
   return rows
@@ -142,9 +144,9 @@ def decode_speed(names=('tiny', '100m'), batches=(1, 8), prompt_len=128, new_tok
 
 def decode_step_seconds_by_position(name='100m', positions=(128, 512, 1920), cache_len=2048,
                                     batch=1, repeats=20) -> dict[int, float]:
-  """Time of one jitted decode step at several positions of the same cache."""
+  """Time of one jitted decode step (decode layout) at several positions of the same cache."""
   cfg = model_lib.PRESETS['tiny'].replace(max_position_embeddings=4096, **DECODE_CONFIGS[name])
-  model = model_lib.Llama4(cfg, rngs=nnx.Rngs(0))
+  model = model_lib.decode_layout(model_lib.Llama4(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(model)
 
   @jax.jit

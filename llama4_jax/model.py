@@ -366,10 +366,11 @@ class Llama4(nnx.Module):
     return self._logits(x_BTD), stats
 
   def decode(self, tokens_BT: jax.Array, cache: dict, segment_ids_BT: jax.Array | None = None,
-             pixels_BMCHW: jax.Array | None = None):
+             pixels_BMCHW: jax.Array | None = None, last_logits_only: bool = False):
     """Runs T new tokens against a KV cache (prefill, with images if any, or one decode step).
 
-    Returns (logits_BTV in float32, updated cache).
+    Returns (logits_BTV in float32, updated cache); with last_logits_only, the
+    logits of the last position only (T = 1), which is all a sampler's prefill needs.
     """
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
@@ -383,7 +384,7 @@ class Llama4(nnx.Module):
     x_BTD, layer_caches, _ = self._run_stages(x_BTD, inputs, cache['layers'], offset)
     new_cache = {'index': offset + tokens_BT.shape[1], 'segment_ids': key_segments_BS,
                  'layers': layer_caches}
-    return self._logits(x_BTD), new_cache
+    return self._logits(x_BTD[:, -1:] if last_logits_only else x_BTD), new_cache
 
   def _ring_size(self, max_len: int) -> int | None:
     chunk = self.cfg.attention_chunk_size
@@ -450,12 +451,23 @@ def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, image_BKD: jax.
   return jnp.where(is_patch_BT[..., None], image_BTD.astype(x_BTD.dtype), x_BTD)
 
 
-def unstack_layers(model: Llama4) -> Llama4:
-  """The same model with each layer's weights as separate arrays (one stage, no scan).
+def decode_layout(model: Llama4) -> Llama4:
+  """The same model laid out for decoding: weights sliced once, read in place each step.
 
-  For decoding: XLA on CPU copies a layer's slice of the stacked weights on
-  every step, which made a decode step of a ~100M model 3x slower.
+  Each layer's weights become separate arrays (`unstack_layers`) and so do each
+  expert's (`moe.MoE.split_experts`). XLA on CPU copies a slice of a stacked
+  weight every time it is used: of the stacked layers, that made a decode step
+  of a ~100M model 3x slower; of the selected experts, it cost 1 of 11 ms
+  (BENCHMARKS.md). For inference only; `model` itself is left as it was.
   """
+  model = nnx.clone(unstack_layers(model))
+  for module in [m for _, m in nnx.iter_graph(model) if isinstance(m, moe.MoE)]:
+    module.split_experts()
+  return model
+
+
+def unstack_layers(model: Llama4) -> Llama4:
+  """The same model with each layer's weights as separate arrays (one stage, no scan)."""
   cfg = model.cfg
   if len(cfg.stages()) == 1 and cfg.stages()[0].repeats == 1:
     return model

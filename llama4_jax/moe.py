@@ -74,6 +74,10 @@ def _swiglu_grouped(x_MD, wi_gate, wi_up, wo, matmul):
   return matmul(jax.nn.silu(matmul(x_MD, wi_gate)) * matmul(x_MD, wi_up), wo)
 
 
+def _swiglu(wi_gate_DF, wi_up_DF, wo_FD, x_MD):
+  return _swiglu_grouped(x_MD, wi_gate_DF, wi_up_DF, wo_FD, jnp.matmul)
+
+
 def ragged_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
   """Dropless with `jax.lax.ragged_dot` (native grouped matmul on GPU and TPU)."""
   N, K = experts_NK.shape
@@ -86,17 +90,16 @@ def ragged_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_ED
   return y_ND.reshape(N, K, -1).sum(axis=1), jnp.zeros((), jnp.float32)
 
 
-def blocked_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
-                              block_size=32, **_):
-  """Dropless on any backend: groups padded to blocks, one batched einsum over blocks.
+def _block_layout(x_ND, weights_NK, experts_NK, num_experts, b):
+  """Assignments sorted by expert, each expert's group padded to whole blocks of b rows.
 
-  With A = N*k assignments the blocks number at most A/b + E (static), so the
-  work is (A + E*b) rows of expert MLP, plus gathering each block's weights:
-  it grows with E only through the padding of E*b rows.
+  Returns (x_BbD, token_R, expert_B, used_blocks): the blocks' router-scaled
+  inputs, the token of each row (N for padding), each block's expert, and how
+  many blocks hold assignments (the rest are padding). The blocks number
+  A/b + E (static), enough for any routing.
   """
   N, K = experts_NK.shape
-  E, D, _ = wi_gate_EDF.shape
-  A, b = N * K, block_size
+  E, D, A = num_experts, x_ND.shape[1], N * K
   order_A, expert_sorted_A, sizes_E = _sort_assignments(experts_NK, E)
   padded_E = (sizes_E + b - 1) // b * b
   padded_end_E = jnp.cumsum(padded_E)
@@ -111,17 +114,35 @@ def blocked_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_E
   token_R = jnp.full((rows + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[:rows]
   weight_R = jnp.zeros((rows + 1,), x_ND.dtype).at[dest_A].set(
       weights_NK.reshape(-1)[order_A])[:rows]
-  block_expert_B = jnp.minimum(
+  expert_B = jnp.minimum(
       jnp.searchsorted(padded_end_E, jnp.arange(num_blocks) * b, side='right'), E - 1)
   x_RD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[token_R] * weight_R[:, None]
-  x_BbD = x_RD.reshape(num_blocks, b, D)
-  wi_gate_BDF, wi_up_BDF, wo_BFD = (w[block_expert_B] for w in (wi_gate_EDF, wi_up_EDF, wo_EFD))
+  return x_RD.reshape(num_blocks, b, D), token_R, expert_B, padded_end_E[-1] // b
+
+
+def _unblock(y_BbD, token_R, N):
+  """Sums each row's output into its token (padding rows land on a dropped row N)."""
+  y_ND = jnp.zeros((N + 1, y_BbD.shape[-1]), y_BbD.dtype).at[token_R].add(
+      y_BbD.reshape(-1, y_BbD.shape[-1]))
+  return y_ND[:N]
+
+
+def blocked_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
+                              block_size=32, **_):
+  """Dropless on any backend: groups padded to blocks, one batched einsum over blocks.
+
+  With A = N*k assignments the blocks number at most A/b + E (static), so the
+  work is (A + E*b) rows of expert MLP, plus gathering each block's weights:
+  it grows with E only through the padding of E*b rows.
+  """
+  x_BbD, token_R, expert_B, _ = _block_layout(
+      x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], block_size)
+  wi_gate_BDF, wi_up_BDF, wo_BFD = (w[expert_B] for w in (wi_gate_EDF, wi_up_EDF, wo_EFD))
   with jax.named_scope('expert_matmuls'):
     gate = jnp.einsum('BbD,BDF->BbF', x_BbD, wi_gate_BDF)
     up = jnp.einsum('BbD,BDF->BbF', x_BbD, wi_up_BDF)
     y_BbD = jnp.einsum('BbF,BFD->BbD', jax.nn.silu(gate) * up, wo_BFD)
-  y_ND = jnp.zeros((N + 1, D), y_BbD.dtype).at[token_R].add(y_BbD.reshape(rows, D))
-  return y_ND[:N], jnp.zeros((), jnp.float32)
+  return _unblock(y_BbD, token_R, x_ND.shape[0]), jnp.zeros((), jnp.float32)
 
 
 def capacity_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
@@ -168,6 +189,36 @@ def gathered_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_E
   up = jnp.einsum('NKD,NKDF->NKF', x_NKD, wi_up_EDF[expert_NK])
   y_NKD = jnp.einsum('NKF,NKFD->NKD', jax.nn.silu(gate) * up, wo_EFD[expert_NK])
   return jnp.sum(y_NKD, axis=1), jnp.zeros((), jnp.float32)
+
+
+def switched_dispatch(x_ND, weights_NK, experts_NK, expert_weights, *, block_size=0, **_):
+  """Dropless for the inference layout (`MoE.split_experts`): expert weights read in place.
+
+  expert_weights: per expert, its (wi_gate_DF, wi_up_DF, wo_FD) as separate
+  arrays. Each group of rows runs its expert's SwiGLU under `lax.switch`, which
+  reads that expert's arrays where they are; the other dispatches index a
+  stacked [E, D, F] weight, and XLA on CPU copies the indexed expert before
+  multiplying (at decode batch sizes the copy costs as much as the matmul).
+  With at most E assignments (decoding) each assignment is a group of one row;
+  otherwise groups are padded to blocks as in the blocked dispatch, and the
+  padding blocks past the used ones are skipped. Inference only: the gradient
+  of a switch would materialise every expert's weights for every group.
+  """
+  N, K = experts_NK.shape
+  E = len(expert_weights)
+  if N * K <= E:
+    x_BbD = (x_ND[:, None, :] * weights_NK[..., None]).reshape(N * K, 1, -1)
+    token_R, expert_B = jnp.repeat(jnp.arange(N), K), experts_NK.reshape(-1)
+  else:
+    b = block_size or auto_block_size(N * K, E)
+    x_BbD, token_R, expert_B, used_blocks = _block_layout(x_ND, weights_NK, experts_NK, E, b)
+    expert_B = jnp.where(jnp.arange(expert_B.shape[0]) < used_blocks, expert_B, E)
+  branches = [functools.partial(_swiglu, *weights) for weights in expert_weights]
+  branches.append(jnp.zeros_like)  # expert E: padding blocks, or experts outside [0, E)
+  with jax.named_scope('expert_matmuls'):
+    y_BbD = jax.lax.map(lambda block: jax.lax.switch(block[1], branches, block[0]),
+                        (x_BbD, jnp.minimum(expert_B, E)))
+  return _unblock(y_BbD, token_R, N), jnp.zeros((), jnp.float32)
 
 
 def auto_block_size(assignments: int, num_experts: int) -> int:
@@ -266,9 +317,29 @@ class MoE(nnx.Module):
     self.shared_expert = layers.MLP(D, F, rngs=rngs, std=std, dtype=dtype, param_dtype=pdt)
     self.top_k = cfg.num_experts_per_tok
     self.dtype = dtype
+    self.block_size = cfg.moe_block_size
     self.dispatch = functools.partial(
         DISPATCHERS[cfg.moe_dispatch], grouped_matmul=cfg.moe_grouped_matmul,
         block_size=cfg.moe_block_size, capacity_factor=cfg.moe_capacity_factor)
+
+  @property
+  def experts_split(self) -> bool:
+    return isinstance(self.wi_gate, nnx.List)
+
+  def split_experts(self):
+    """Inference layout: each expert's weights as arrays of their own (`switched_dispatch`).
+
+    wi_gate, wi_up and wo [..., E, D, F] become lists of E arrays [..., D, F]
+    (leading stacked-layer axes are kept). Decoding then reads the selected
+    experts in place instead of copying them out of the stack. A capacity
+    dispatch keeps the stacked layout, to keep dropping what it drops.
+    """
+    if self.experts_split or self.dispatch.func is capacity_dispatch:
+      return
+    for name in ('wi_gate', 'wi_up', 'wo'):
+      stacked = getattr(self, name)[...]
+      setattr(self, name, nnx.List(
+          [nnx.Param(stacked[..., e, :, :]) for e in range(stacked.shape[-3])]))
 
   def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
     """Returns (y_BTD, statistics); valid_BT (False = padding) only affects statistics."""
@@ -278,17 +349,9 @@ class MoE(nnx.Module):
       logits_BTE = self.router(x_BTD)
       top_logits_BTK, experts_BTK = jax.lax.top_k(logits_BTE, self.top_k)
       weights_BTK = jax.nn.sigmoid(top_logits_BTK.astype(jnp.float32)).astype(self.dtype)
-    wi_gate, wi_up, wo = (w[...].astype(self.dtype) for w in (self.wi_gate, self.wi_up, self.wo))
-    x_ND = x_BTD.reshape(B * T, D)
-    args = (x_ND, weights_BTK.reshape(B * T, -1), experts_BTK.reshape(B * T, -1), wi_gate, wi_up, wo)
     with jax.named_scope('moe_dispatch'):  # profiling.py: everything but the expert matmuls
-      # Whenever the mesh splits the tokens, each device dispatches its own (and,
-      # with an expert axis, its expert group's): a global sort would make
-      # every device run the experts on every token of the global batch.
-      if _batch_shards() > 1 and (B * T) % _batch_shards() == 0:
-        routed_ND, dropped = _sharded_dispatch(self.dispatch, *args)
-      else:
-        routed_ND, dropped = self.dispatch(*args)
+      routed_ND, dropped = self._routed(x_BTD.reshape(B * T, D), weights_BTK.reshape(B * T, -1),
+                                        experts_BTK.reshape(B * T, -1))
     y_BTD = self.shared_expert(x_BTD) + routed_ND.reshape(B, T, D)
     y_BTD = sharding.shard(y_BTD, 'act_batch', 'act_seq', 'act_embed')
     if valid_BT is None:
@@ -296,6 +359,21 @@ class MoE(nnx.Module):
     stats = router_statistics(logits_BTE, experts_BTK, valid_BT)
     stats['dropped_fraction'] = dropped / (B * T * self.top_k)
     return y_BTD, stats
+
+  def _routed(self, x_ND, weights_NK, experts_NK):
+    """The routed experts' output summed per token, and the dropped assignments."""
+    cast = lambda w: w[...].astype(self.dtype)
+    if self.experts_split:
+      expert_weights = [tuple(map(cast, w)) for w in zip(self.wi_gate, self.wi_up, self.wo)]
+      return switched_dispatch(x_ND, weights_NK, experts_NK, expert_weights,
+                               block_size=self.block_size)
+    args = (x_ND, weights_NK, experts_NK, cast(self.wi_gate), cast(self.wi_up), cast(self.wo))
+    # Whenever the mesh splits the tokens, each device dispatches its own (and,
+    # with an expert axis, its expert group's): a global sort would make
+    # every device run the experts on every token of the global batch.
+    if _batch_shards() > 1 and x_ND.shape[0] % _batch_shards() == 0:
+      return _sharded_dispatch(self.dispatch, *args)
+    return self.dispatch(*args)
 
 
 # Expert parallelism ------------------------------------------------------------------

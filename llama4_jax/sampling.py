@@ -64,31 +64,32 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array,
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k', 'cache_dtype'))
 def _generate(graphdef, state, tokens_BP, segments_BP, pixels_BMCHW, key, eos_ids, temperature,
               top_p, pad_id, *, max_new_tokens: int, top_k: int, cache_dtype):
-  # Per-layer weights, sliced once before the loop (see model_lib.unstack_layers).
-  model = model_lib.unstack_layers(nnx.merge(graphdef, state))
+  # Weights sliced per layer and per expert once, before the loop.
+  model = model_lib.decode_layout(nnx.merge(graphdef, state))
   B, P = tokens_BP.shape
   cache = model.init_cache(B, P + max_new_tokens, cache_dtype)
   # The images are encoded once, in the prefill; decode steps see only tokens.
-  logits_BPV, cache = model.decode(tokens_BP, cache, segments_BP, pixels_BMCHW)
+  logits_B1V, cache = model.decode(tokens_BP, cache, segments_BP, pixels_BMCHW,
+                                   last_logits_only=True)
   key, first_key = jax.random.split(key)
-  token_B = sample_logits(logits_BPV[:, -1], first_key, temperature, top_k, top_p)
-  out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
-  done_B = jnp.zeros((B,), bool)
+  token_B = sample_logits(logits_B1V[:, 0], first_key, temperature, top_k, top_p)
+  out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token_B)
+  done_B = jnp.isin(token_B, eos_ids)
 
   def cond(carry):
     step, _, _, done_B, _, _ = carry
     return (step < max_new_tokens) & ~jnp.all(done_B)
 
-  def body(carry):
+  def body(carry):  # produces token number `step`, from the previous one
     step, cache, token_B, done_B, out_BN, key = carry
-    out_BN = out_BN.at[:, step].set(jnp.where(done_B, pad_id, token_B))
-    done_B = done_B | jnp.isin(token_B, eos_ids)
     logits_B1V, cache = model.decode(token_B[:, None], cache, jnp.ones((B, 1), jnp.int32))
     key, step_key = jax.random.split(key)
     token_B = sample_logits(logits_B1V[:, 0], step_key, temperature, top_k, top_p)
+    out_BN = out_BN.at[:, step].set(jnp.where(done_B, pad_id, token_B))
+    done_B = done_B | jnp.isin(token_B, eos_ids)
     return step + 1, cache, token_B, done_B, out_BN, key
 
-  carry = (jnp.zeros((), jnp.int32), cache, token_B, done_B, out_BN, key)
+  carry = (jnp.ones((), jnp.int32), cache, token_B, done_B, out_BN, key)
   return jax.lax.while_loop(cond, body, carry)[4]
 
 
@@ -101,6 +102,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
   of its `<|patch|>` runs (image_text.place_images builds both).
   """
   cfg = model.cfg
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens must be at least 1, got {max_new_tokens}')
   tokens, segments = left_pad(prompts, pad_id)
   if tokens.shape[1] + max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(f'prompt of {tokens.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds '

@@ -30,7 +30,8 @@ _OUTPUT = flags.DEFINE_string('output', None, 'Write the results as JSON here.')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'moe: tokens per step.')
 _TRAIN_CONFIGS = flags.DEFINE_list('train_configs', list(benchmarks.TRAIN_CONFIGS),
                                    'train: configs to measure.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'train: timed steps per implementation.')
+_REPEATS = flags.DEFINE_integer('repeats', 3, 'train, decode: timed runs per implementation '
+                                 '(in turns).')
 _PROFILE = flags.DEFINE_bool('profile', False, 'train: also profile one step of ours, by part.')
 
 
@@ -48,7 +49,7 @@ def moe():
 
 
 def decode():
-  rows = benchmarks.decode_speed()
+  rows = benchmarks.decode_speed(repeats=_REPEATS.value)
   print(f'Decode tokens/s (prompt 128, 128 new tokens, greedy), {jax.devices()[0].device_kind}')
   print(f'{"config":>7} {"params":>12} {"batch":>5} {"ours":>10} {"transformers":>13} {"ratio":>6}')
   for r in rows:

@@ -71,6 +71,27 @@ def test_blocked_dispatch_cost_is_bounded_by_blocks():
   assert flops(blocked) < flops(dense) / 10
 
 
+@pytest.mark.parametrize('tokens,top_k', [(1, 1), (3, 2), (96, 1), (96, 2)])
+def test_switched_dispatch_matches_dense(tokens, top_k):
+  """The inference layout's dispatch: a row per assignment (A <= E) or padded blocks (A > E)."""
+  x, weights, experts, g, u, o = layer_inputs(K=top_k, N=tokens)
+  want, _ = moe.dense_dispatch(x, weights, experts, g, u, o)
+  got, _ = jax.jit(functools.partial(moe.switched_dispatch, block_size=8))(
+      x, weights, experts, list(zip(g, u, o)))
+  np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_switched_dispatch_with_all_tokens_on_one_expert():
+  """8 of the layout's A/b + E = 16 blocks hold assignments; the rest take the zero branch."""
+  x, weights, experts, g, u, o = layer_inputs(E=8, K=1, N=64)
+  experts = jnp.zeros_like(experts)  # every token to expert 0: 8 of the 16 blocks used
+  fn = jax.jit(functools.partial(moe.switched_dispatch, block_size=8))
+  want, _ = moe.dense_dispatch(x, weights, experts, g, u, o)
+  np.testing.assert_allclose(fn(x, weights, experts, list(zip(g, u, o)))[0], want, **TOL)
+  _, _, expert_B, used = moe._block_layout(x, weights, experts, 8, 8)
+  assert int(used) == 8 and expert_B.shape == (16,)
+
+
 @pytest.fixture(scope='module')
 def moe_cfg():
   return model_lib.PRESETS['parity'].replace(num_experts=8, num_experts_per_tok=2, hidden_size=32,
@@ -146,3 +167,17 @@ def test_padding_does_not_count_in_statistics():
   valid = jnp.array([[False, False, True, True, True, True]])
   stats = moe.router_statistics(logits, experts, valid)
   assert float(stats['tokens_per_expert'].sum()) == 4
+
+
+@pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
+@pytest.mark.parametrize('length', [1, 12])
+def test_split_experts_layer_matches_stacked(moe_cfg, dispatch, length):
+  cfg = moe_cfg.replace(moe_dispatch=dispatch, moe_capacity_factor=0.6)
+  layer, x = layer_and_input(cfg, batch=2, length=length)
+  want, want_stats = layer(x)
+  split = nnx.clone(layer)
+  split.split_experts()
+  assert split.experts_split == (dispatch != 'capacity')  # capacity keeps dropping what it drops
+  got, stats = split(x)
+  np.testing.assert_allclose(got, want, **TOL)
+  np.testing.assert_allclose(stats['dropped_fraction'], want_stats['dropped_fraction'])

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import hf_reference
-from llama4_jax import hf_convert, sampling
+from llama4_jax import hf_convert, moe, sampling
+from llama4_jax import model as model_lib
 
 
 @pytest.fixture(scope='module')
@@ -18,14 +20,22 @@ def converted(tmp_path_factory):
   return hf, hf_convert.load_hf_model(str(path))
 
 
-def test_cached_decoding_equals_full_forward_at_every_step(converted):
-  """Prefill 20 tokens, then 20 single-token steps: crosses chunk boundaries at 24 and 32."""
+@pytest.mark.parametrize('layout', ['stacked', 'decode'])
+def test_cached_decoding_equals_full_forward_at_every_step(converted, layout):
+  """Prefill 20 tokens, then 20 single-token steps: crosses chunk boundaries at 24 and 32.
+
+  'decode' is the layout sampling.generate decodes with (per-layer, per-expert weights).
+  """
   _, model = converted
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 128, (2, 40)).astype(np.int32)
   segments = np.ones_like(tokens)
   segments[1, :5] = 0  # left padding in row 1
   full, _ = model(jnp.asarray(tokens), jnp.asarray(segments))
+  if layout == 'decode':
+    model = model_lib.decode_layout(model)
+    moe_layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, moe.MoE)]
+    assert moe_layers and all(m.experts_split for m in moe_layers)
   cache = model.init_cache(2, 40)
   logits, cache = model.decode(jnp.asarray(tokens[:, :20]), cache, jnp.asarray(segments[:, :20]))
   steps = [logits]
@@ -72,12 +82,15 @@ def test_sampling_is_seeded_and_respects_top_k(converted):
   assert draws([0.0, 0.0, 10.0, 10.0], top_k=0, top_p=0.5) <= {2, 3}
 
 
-def test_stops_at_eos_per_row(converted):
+def test_stops_at_eos_per_row_and_generates_at_least_one_token(converted):
   _, model = converted
   greedy = sampling.generate(model, [[1, 17, 33]], max_new_tokens=8, eos_ids=[])[0]
   stop = greedy[2]
   out = sampling.generate(model, [[1, 17, 33]], max_new_tokens=8, eos_ids=[stop])[0]
   assert out == greedy[:greedy.index(stop) + 1]
+  assert sampling.generate(model, [[1, 17, 33]], max_new_tokens=1, eos_ids=[]) == [greedy[:1]]
+  with pytest.raises(ValueError, match='max_new_tokens must be at least 1, got 0'):
+    sampling.generate(model, [[1, 17, 33]], max_new_tokens=0, eos_ids=[])
 
 
 def test_generate_script_writes_ids(tmp_path, converted):

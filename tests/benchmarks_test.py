@@ -1,0 +1,18 @@
+"""The decode benchmark runs end to end on a small case (its numbers are in BENCHMARKS.md)."""
+
+from llama4_jax import benchmarks
+
+
+def test_decode_speed_times_both_implementations_on_the_same_model():
+  rows = benchmarks.decode_speed(names=('tiny',), batches=(1, 2), prompt_len=8, new_tokens=4,
+                                 repeats=1)
+  assert [(r.config, r.batch) for r in rows] == [('tiny', 1), ('tiny', 2)]
+  for r in rows:
+    assert r.params > 1_000_000 and r.ours_tokens_per_sec > 0 and r.transformers_tokens_per_sec > 0
+    assert abs(r.ratio - r.ours_tokens_per_sec / r.transformers_tokens_per_sec) < 1e-6 * r.ratio
+
+
+def test_decode_step_time_by_position():
+  by_position = benchmarks.decode_step_seconds_by_position(
+      'tiny', positions=(4, 60), cache_len=64, repeats=1)
+  assert set(by_position) == {4, 60} and all(s > 0 for s in by_position.values())
