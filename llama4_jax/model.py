@@ -454,15 +454,18 @@ def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, image_BKD: jax.
 def decode_layout(model: Llama4) -> Llama4:
   """The same model laid out for decoding: weights sliced once, read in place each step.
 
-  Each layer's weights become separate arrays (`unstack_layers`) and so do each
-  expert's (`moe.MoE.split_experts`). XLA on CPU copies a slice of a stacked
-  weight every time it is used: of the stacked layers, that made a decode step
-  of a ~100M model 3x slower; of the selected experts, it cost 1 of 11 ms
-  (BENCHMARKS.md). For inference only; `model` itself is left as it was.
+  Each layer's weights become separate arrays (`unstack_layers`), and on CPU
+  so do each expert's (`moe.MoE.split_experts`). XLA on CPU copies a slice of a
+  stacked weight every time it is used: of the stacked layers, that made a
+  decode step of a ~100M model 3x slower; of the selected experts, it took 2
+  of a step's 13 ms (BENCHMARKS.md). GPUs and TPUs keep the stacked experts,
+  whose prefill runs `ragged_dot` (the split layout is not measured there).
+  For inference only; `model` itself is left as it was.
   """
   model = nnx.clone(unstack_layers(model))
-  for module in [m for _, m in nnx.iter_graph(model) if isinstance(m, moe.MoE)]:
-    module.split_experts()
+  if jax.default_backend() == 'cpu':
+    for module in [m for _, m in nnx.iter_graph(model) if isinstance(m, moe.MoE)]:
+      module.split_experts()
   return model
 
 

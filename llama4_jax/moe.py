@@ -19,6 +19,10 @@ They differ in how tokens reach their experts and what that costs:
             tokens into an [E, C, D] buffer; later assignments are dropped
             (their routed contribution is zero; the shared expert still applies).
 
+Decoding uses an inference layout (`MoE.split_experts`) in which each expert's
+weights are arrays of their own, and `switched_dispatch`: dropless, each group
+of rows runs its expert under `lax.switch` without copying the expert's weights.
+
 When the mesh splits the tokens, `_sharded_dispatch` runs the dispatch inside
 `jax.shard_map`, so that each device sorts and multiplies only its own tokens.
 With a mesh `expert` axis larger than one, expert weights are sharded over it:
@@ -191,7 +195,7 @@ def gathered_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_E
   return jnp.sum(y_NKD, axis=1), jnp.zeros((), jnp.float32)
 
 
-def switched_dispatch(x_ND, weights_NK, experts_NK, expert_weights, *, block_size=0, **_):
+def switched_dispatch(x_ND, weights_NK, experts_NK, expert_weights, *, block_size=0):
   """Dropless for the inference layout (`MoE.split_experts`): expert weights read in place.
 
   expert_weights: per expert, its (wi_gate_DF, wi_up_DF, wo_FD) as separate
