@@ -8,6 +8,7 @@ Axis letters (used in names and einsum strings across the package):
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,22 @@ class LayerNorm(nnx.Module):
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
     return y * self.scale[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`count` independent make(rngs) modules on a leading 'layers' axis, for `jax.lax.scan`.
+
+  The `transform_metadata` decorator (not vmap's argument) puts 'layers' into
+  each parameter's sharding names (STYLE.md 2.1).
+  """
+
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  @nnx.transform_metadata(in_axes=0, out_axes=0, partition='layers')
+  def create(rngs):
+    return make(rngs)
+
+  return create(rngs)
 
 
 def _as_matrices(x, w, contracted):

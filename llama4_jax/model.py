@@ -289,18 +289,6 @@ class Block(nnx.Module):
     return x_BTD, (None if caches is None else new_caches), stacked
 
 
-def _stacked_block(cfg: ModelConfig, stage: Stage, rngs: nnx.Rngs) -> Block:
-  """`stage.repeats` independent copies of a Block, stacked on a leading 'layers' axis."""
-
-  @nnx.split_rngs(splits=stage.repeats)
-  @nnx.vmap(in_axes=0, out_axes=0)
-  @nnx.transform_metadata(in_axes=0, out_axes=0, partition='layers')
-  def create(rngs):
-    return Block(cfg, stage.kinds, rngs=rngs)
-
-  return create(rngs)
-
-
 class Llama4(nnx.Module):
   """Llama 4 text decoder: embed -> stages of scanned blocks -> norm -> lm_head."""
 
@@ -310,7 +298,10 @@ class Llama4(nnx.Module):
     self.embed = nnx.Param(
         nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (V, D), jnp.dtype(cfg.param_dtype)),
         out_sharding=('vocab', 'embed'))
-    self.stages = nnx.List([_stacked_block(cfg, stage, rngs) for stage in cfg.stages()])
+    # Each stage: `repeats` independent copies of its Block, scanned.
+    self.stages = nnx.List([
+        layers.stacked(lambda r, kinds=stage.kinds: Block(cfg, kinds, rngs=r), stage.repeats, rngs)
+        for stage in cfg.stages()])
     self.final_norm = layers.RMSNorm(D, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
     self.lm_head = layers.Einsum('BTD,DV->BTV', (D, V), ('embed', 'vocab'), rngs=rngs,
                                  std=cfg.initializer_range, dtype=cfg.dtype,

@@ -170,7 +170,9 @@ class VisionEncoder(nnx.Module):
     self.positions = nnx.Param(init(rngs.params(), (cfg.grid ** 2 + 1, W), param_dtype),
                                out_sharding=(None, 'embed'))
     self.pre_norm = layers.LayerNorm(W, cfg.norm_eps, param_dtype=param_dtype)
-    self.layers = _stacked_layers(cfg, rngs, std=std, dtype=dtype, param_dtype=param_dtype)
+    self.layers = layers.stacked(  # scanned
+        lambda r: EncoderLayer(cfg, rngs=r, std=std, dtype=dtype, param_dtype=param_dtype),
+        cfg.num_layers, rngs)
     self.post_norm = layers.LayerNorm(W, cfg.norm_eps, param_dtype=param_dtype)
     A, F = cfg.projector_output_dim, cfg.intermediate_size
     self.adapter_fc1 = layers.Einsum('NPF,FA->NPA', (F, A), ('mlp', 'embed'), **kw)
@@ -201,15 +203,3 @@ class VisionEncoder(nnx.Module):
     x_NPF = pixel_shuffle(x_NPW, cfg.shuffle_block)
     gelu = lambda x: jax.nn.gelu(x, approximate=False)
     return gelu(self.adapter_fc2(gelu(self.adapter_fc1(x_NPF))))
-
-
-def _stacked_layers(cfg: VisionConfig, rngs: nnx.Rngs, **kw) -> EncoderLayer:
-  """num_layers independent EncoderLayers stacked on a leading 'layers' axis (scanned)."""
-
-  @nnx.split_rngs(splits=cfg.num_layers)
-  @nnx.vmap(in_axes=0, out_axes=0)
-  @nnx.transform_metadata(in_axes=0, out_axes=0, partition='layers')
-  def create(rngs):
-    return EncoderLayer(cfg, rngs=rngs, **kw)
-
-  return create(rngs)
