@@ -102,9 +102,7 @@ def make_row_score_fn(graphdef, params):
   def score(params, batch):
     model = nnx.merge(graphdef, params)
     logits_BTV, _ = model(batch['inputs'], batch.get('segment_ids'), batch.get('pixels'))
-    log_probs_BTV = jax.nn.log_softmax(logits_BTV)
-    picked_BT = jnp.take_along_axis(log_probs_BTV, batch['targets'][..., None], axis=-1)[..., 0]
-    return jnp.sum(picked_BT * batch['weights'], axis=-1)
+    return jnp.sum(losses.target_log_probs(logits_BTV, batch['targets']) * batch['weights'], axis=-1)
 
   return lambda batch: score(params, batch)
 

@@ -30,7 +30,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api import model as lm_model
 from lm_eval.api import registry
 
-from llama4_jax import evaluation, sampling
+from llama4_jax import evaluation, losses, sampling
 from llama4_jax import workdir as workdir_lib
 
 MODEL_NAME = 'llama4_jax'
@@ -70,9 +70,8 @@ class Llama4LM(lm_model.LM):
     @jax.jit
     def target_logprobs(params, inputs_BT, targets_BT, segments_BT):
       logits_BTV, _ = nnx.merge(graphdef, params)(inputs_BT, segments_BT)
-      logprobs_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-      target_BT = jnp.take_along_axis(logprobs_BTV, targets_BT[..., None], axis=-1)[..., 0]
-      return target_BT, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+      return (losses.target_log_probs(logits_BTV, targets_BT),
+              jnp.argmax(logits_BTV, axis=-1) == targets_BT)
 
     self._target_logprobs = target_logprobs
 
