@@ -314,11 +314,13 @@ def _to_features(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
-def _local_batch_size(batch_size: int, process_count: int) -> int:
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """This process's block of rows of every global batch (each process builds them all)."""
   if batch_size % process_count:
     raise ValueError(f'batch_size {batch_size} is not divisible by '
                      f'process_count {process_count}.')
-  return batch_size // process_count
+  local = batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
 
 
 def _num_bins(data_config, batch_size: int) -> int:
@@ -326,7 +328,7 @@ def _num_bins(data_config, batch_size: int) -> int:
   return data_config.get('packing_bins', 0) or max(4 * batch_size, 64)
 
 
-def _process_rows(batch: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
+def take_rows(batch: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
   return {key: x[rows] for key, x in batch.items()}
 
 
@@ -352,7 +354,7 @@ def make_train_iterator(data_config, tokenizer, *, batch_size: int,
     process_index: this process, in [0, process_count).
     process_count: number of processes sharing the data.
   """
-  local_batch = _local_batch_size(batch_size, process_count)
+  rows = process_rows(batch_size, process_index, process_count)
   pieces = _load_pieces(data_config.train_files, tokenizer, split='train',
                         max_bytes=data_config.builtin_max_bytes,
                         seq_len=seq_len)
@@ -367,9 +369,8 @@ def make_train_iterator(data_config, tokenizer, *, batch_size: int,
   ds = _pack(grain.MapDataset.source(pieces).shuffle(seed).repeat(),
              seq_len=seq_len, pad_id=tokenizer.pad_id, seed=seed, shuffle=True,
              num_bins=_num_bins(data_config, batch_size))
-  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
   ds = ds.batch(batch_size, drop_remainder=True).map(_to_features)
-  return iter(ds.map(functools.partial(_process_rows, rows=rows)))
+  return iter(ds.map(functools.partial(take_rows, rows=rows)))
 
 
 def make_eval_batches(data_config, tokenizer, *, batch_size: int,
@@ -384,7 +385,7 @@ def make_eval_batches(data_config, tokenizer, *, batch_size: int,
   all get the same number of batches. The last batch is padded with empty
   rows (weights 0) to keep shapes static.
   """
-  local_batch = _local_batch_size(batch_size, process_count)
+  rows = process_rows(batch_size, process_index, process_count)
   pieces = _load_pieces(data_config.eval_files, tokenizer, split='validation',
                         max_bytes=data_config.builtin_max_bytes,
                         seq_len=seq_len)
@@ -393,8 +394,7 @@ def make_eval_batches(data_config, tokenizer, *, batch_size: int,
              num_bins=_num_bins(data_config, batch_size))
   ds = ds.batch(batch_size).map(functools.partial(
       _pad_rows, rows=batch_size, pad_id=tokenizer.pad_id)).map(_to_features)
-  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-  return [_process_rows(batch, rows)
+  return [take_rows(batch, rows)
           for batch in itertools.islice(ds, max_batches or None)]
 
 

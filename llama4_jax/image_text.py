@@ -23,8 +23,7 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
-from llama4_jax import image_processing
-from llama4_jax import shapes_data
+from llama4_jax import data, image_processing, shapes_data
 from llama4_jax.data import DataError
 
 
@@ -134,6 +133,11 @@ def _load_row(record: Record, maker: RowMaker) -> dict[str, np.ndarray]:
   return maker.row(image_processing.load_image(record.image), record.text, record.image)
 
 
+def _collate(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Rows -> one batch, each feature stacked on a leading batch axis."""
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
 def _dataset_file(config, split: str, workdir: str) -> str:
   """The JSON Lines file of a split: data.{train,eval}_files, or the built-in shapes data."""
   given = config.data.train_files if split == 'train' else config.data.eval_files
@@ -157,15 +161,14 @@ def make_train_iterator(config, cfg, tokenizer, *, workdir: str, process_index: 
                         process_count: int = 1) -> grain.DatasetIterator:
   """Shuffled, repeating batches of this process's rows (checkpointable, like data.py's)."""
   batch_size = config.train.batch_size
-  local = batch_size // process_count
+  local_rows = data.process_rows(batch_size, process_index, process_count)
   records = split_records(config, 'train', workdir)
   maker = row_maker(config, cfg, tokenizer)
   _load_row(records[0], maker)  # fail on a bad layout now, not in the first step
   ds = (grain.MapDataset.source(records).shuffle(config.seed % 2**32).repeat()
         .map(functools.partial(_load_row, maker=maker))
         .batch(batch_size, drop_remainder=True)
-        .map(lambda b: {k: v[process_index * local:(process_index + 1) * local]
-                        for k, v in b.items()}))
+        .map(functools.partial(data.take_rows, rows=local_rows)))
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
@@ -173,7 +176,7 @@ def make_eval_batches(config, cfg, tokenizer, *, workdir: str, process_index: in
                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
   """The validation split in order; the last batch padded with weight-0 rows."""
   batch_size = config.eval.batch_size
-  local = batch_size // process_count
+  local_rows = data.process_rows(batch_size, process_index, process_count)
   records = split_records(config, 'validation', workdir)
   if config.eval.max_batches:
     records = records[:config.eval.max_batches * batch_size]
@@ -183,8 +186,7 @@ def make_eval_batches(config, cfg, tokenizer, *, workdir: str, process_index: in
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     chunk += [dict(chunk[0], weights=np.zeros_like(chunk[0]['weights']))] * (batch_size - len(chunk))
-    batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
-    batches.append({k: v[process_index * local:(process_index + 1) * local] for k, v in batch.items()})
+    batches.append(data.take_rows(_collate(chunk), local_rows))
   return batches
 
 
@@ -246,7 +248,7 @@ def answer_accuracy(score_fn, maker: RowMaker, records: Sequence[Record],
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     chunk += [chunk[-1]] * (batch_size - len(chunk))  # static shapes
-    scores.append(np.asarray(score_fn({k: np.stack([r[k] for r in chunk]) for k in chunk[0]})))
+    scores.append(np.asarray(score_fn(_collate(chunk))))
   scores = np.concatenate(scores)[:len(rows)].reshape(len(records), len(choices))
   return float(np.mean(np.argmax(scores, axis=1) == np.asarray(answers)))
 
