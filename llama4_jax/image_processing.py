@@ -200,13 +200,6 @@ def _normalise(pixels_HWC: np.ndarray, mean: Sequence[float],
           / np.asarray(std, np.float32))
 
 
-def tokens_per_tile(image_size: int, patch_size: int,
-                    pixel_shuffle_ratio: float) -> int:
-  """`<|patch|>` tokens per tile: 144 for 336 px, 14 px patches, ratio 0.5."""
-  # HF's integer form, so no float rounding can drop a token.
-  return (image_size // patch_size) ** 2 // round(1 / pixel_shuffle_ratio ** 2)
-
-
 def image_token_layout(aspect_ratio: tuple[int, int], tokens_per_tile: int,
                        ids: ImageTokenIds) -> list[int]:
   """Token ids standing for one image in the prompt (doc section 6).
@@ -242,10 +235,7 @@ def expand_image_prompt(token_ids: Sequence[int],
   """
   n_markers = sum(1 for token in token_ids if token == image_id)
   if n_markers != len(layouts):
-    raise ValueError(
-        f'Prompt has {plural(n_markers, "<|image|> placeholder")} but '
-        f'{plural(len(layouts), "image")} '
-        f'{"was" if len(layouts) == 1 else "were"} given.')
+    raise ValueError(f'Prompt has {placeholder_mismatch(n_markers, len(layouts))}.')
   remaining = iter(layouts)
   expanded = []
   for token in token_ids:
@@ -253,5 +243,11 @@ def expand_image_prompt(token_ids: Sequence[int],
   return expanded
 
 
-def plural(n: int, noun: str) -> str:
+def placeholder_mismatch(n_markers: int, n_images: int) -> str:
+  """'2 <|image|> placeholders but 1 image was given'."""
+  return (f'{_plural(n_markers, "<|image|> placeholder")} but {_plural(n_images, "image")} '
+          f'{"was" if n_images == 1 else "were"} given')
+
+
+def _plural(n: int, noun: str) -> str:
   return f'{n} {noun}' + ('' if n == 1 else 's')

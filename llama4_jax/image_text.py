@@ -209,9 +209,7 @@ def place_images(prompts: Sequence[Sequence[int]], images: Sequence, vision_cfg,
     markers = [len(images)]
   if sum(markers) != len(images):
     raise ValueError(
-        f'the prompts have {image_processing.plural(sum(markers), "<|image|> placeholder")} but '
-        f'{image_processing.plural(len(images), "image")} {"was" if len(images) == 1 else "were"} '
-        f'given')
+        f'the prompts have {image_processing.placeholder_mismatch(sum(markers), len(images))}')
   expanded, tiles_per_prompt, it = [], [], iter(images)
   for prompt, n in zip(prompts, markers):
     layouts, tiles = [], []

@@ -134,11 +134,6 @@ def test_non_rgb_image_is_converted():
 # Prompt layout.
 
 
-def test_tokens_per_tile():
-  assert ip.tokens_per_tile(336, 14, 0.5) == 144
-  assert ip.tokens_per_tile(32, 8, 0.5) == 4
-
-
 def test_single_tile_layout():
   assert ip.image_token_layout((1, 1), 3, IDS) == [1, 3, 4, 4, 4, 2]
 

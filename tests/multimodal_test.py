@@ -190,3 +190,9 @@ def test_vision_flops_match_the_compiled_tower():
   xla = forward.lower(state, tiles).compile().cost_analysis()['flops']
   ours = 4 * flops.vision_forward_flops_per_tile(cfg)
   assert abs(ours - xla) / xla < 0.05, (ours, xla)
+
+
+def test_tokens_per_tile():
+  assert model_lib.LLAMA4_VISION.tokens_per_tile == 144  # 336 px, 14 px patches, ratio 0.5
+  assert vision.VisionConfig(image_size=32, patch_size=8, pixel_shuffle_ratio=0.5
+                             ).tokens_per_tile == 4
