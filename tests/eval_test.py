@@ -5,8 +5,6 @@ import glob
 import json
 import os
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,12 +15,9 @@ import hf_reference
 import small_run
 from llama4_jax import checkpoint, evaluation, tokenizer as tokenizer_lib, workdir as workdir_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def run_eval(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, 'scripts/eval.py', *args], cwd=REPO,
-                        capture_output=True, text=True)
+def run_eval(*args):
+  return small_run.run_script('eval.py', *args)
 
 
 def tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
@@ -48,8 +43,9 @@ def converted(tmp_path_factory):
   path = tmp_path_factory.mktemp('converted')
   hf = hf_reference.text_model(num_experts_per_tok=2)
   hf.save_pretrained(path / 'hf', max_shard_size='100KB')
-  subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', f'--hf_dir={path}/hf',
-                  f'--workdir={path}/ours'], check=True, cwd=REPO, capture_output=True)
+  converted = small_run.run_script('convert_checkpoint.py', f'--hf_dir={path}/hf',
+                                   f'--workdir={path}/ours')
+  assert converted.returncode == 0, converted.stderr[-2000:]
   return hf, path / 'ours'
 
 

@@ -1,5 +1,7 @@
 """KV-cache decoding: equal to the full forward pass, and greedy ids equal to transformers."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import torch
 from flax import nnx
 
 import hf_reference
+import small_run
 from llama4_jax import hf_convert, moe, sampling
 from llama4_jax import model as model_lib
 
@@ -94,30 +97,22 @@ def test_stops_at_eos_per_row_and_generates_at_least_one_token(converted):
 
 
 def test_generate_script_writes_ids(tmp_path, converted):
-  import json
-  import os
-  import subprocess
-  import sys
   hf, model = converted
   hf.save_pretrained(tmp_path / 'hf')
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  subprocess.run([sys.executable, 'scripts/convert_checkpoint.py', f'--hf_dir={tmp_path}/hf',
-                  f'--workdir={tmp_path}/ours'], check=True, cwd=repo, capture_output=True)
-  result = subprocess.run(
-      [sys.executable, 'scripts/generate.py', f'--workdir={tmp_path}/ours', '--prompt_ids=1,17,33,45',
-       '--prompt_ids=1,64', '--max_new_tokens=10', f'--output={tmp_path}/ids.json'],
-      cwd=repo, capture_output=True, text=True)
+  converted_run = small_run.run_script('convert_checkpoint.py', f'--hf_dir={tmp_path}/hf',
+                                       f'--workdir={tmp_path}/ours')
+  assert converted_run.returncode == 0, converted_run.stderr[-2000:]
+  result = small_run.run_script(
+      'generate.py', f'--workdir={tmp_path}/ours', '--prompt_ids=1,17,33,45', '--prompt_ids=1,64',
+      '--max_new_tokens=10', f'--output={tmp_path}/ids.json')
   assert result.returncode == 0, result.stderr[-2000:]
   ids = json.loads((tmp_path / 'ids.json').read_text())['ids']
   assert ids == sampling.generate(model, [[1, 17, 33, 45], [1, 64]], max_new_tokens=10,
                                   eos_ids=model.cfg.eos_token_ids)
-  too_long = subprocess.run(
-      [sys.executable, 'scripts/generate.py', f'--workdir={tmp_path}/ours', '--prompt_ids=1,2',
-       '--max_new_tokens=5000'], cwd=repo, capture_output=True, text=True)
+  too_long = small_run.run_script('generate.py', f'--workdir={tmp_path}/ours', '--prompt_ids=1,2',
+                                  '--max_new_tokens=5000')
   assert too_long.returncode == 1 and 'max_position_embeddings' in too_long.stderr
-  no_tokenizer = subprocess.run(
-      [sys.executable, 'scripts/generate.py', f'--workdir={tmp_path}/ours', '--prompt=hello'],
-      cwd=repo, capture_output=True, text=True)
+  no_tokenizer = small_run.run_script('generate.py', f'--workdir={tmp_path}/ours', '--prompt=hello')
   assert no_tokenizer.returncode == 1 and 'tokenizer' in no_tokenizer.stderr
 
 
