@@ -253,7 +253,10 @@ def answer_accuracy(score_fn, maker: RowMaker, records: Sequence[Record],
 
 def shapes_accuracy(score_fn, maker: RowMaker, train: Sequence[Record],
                     held_out: Sequence[Record]) -> dict[str, Any]:
-  """Held-out accuracy per question type of the shapes data, and the text-only best."""
+  """Held-out accuracy (overall and per question type) of the shapes data, and the text-only best.
+
+  The keys are those of the training run's final results (scripts/train.py prints them).
+  """
   by_type: dict[str, list[Record]] = {}
   for record in held_out:
     qtype = next(t for t, q in shapes_data.QUESTIONS.items() if q == record.question)
@@ -261,7 +264,7 @@ def shapes_accuracy(score_fn, maker: RowMaker, train: Sequence[Record],
   correct = {t: answer_accuracy(score_fn, maker, rs, shapes_data.answer_choices(t))
              for t, rs in sorted(by_type.items())}
   total = sum(len(rs) for rs in by_type.values())
-  return {'accuracy': sum(correct[t] * len(rs) for t, rs in by_type.items()) / total,
-          'accuracy_by_question': correct,
+  return {'qa_accuracy': sum(correct[t] * len(rs) for t, rs in by_type.items()) / total,
+          'qa_accuracy_by_question': correct,
           'text_only_accuracy': shapes_data.text_only_baseline(train, held_out),
-          'questions': total}
+          'qa_questions': total}

@@ -318,9 +318,7 @@ def shapes_accuracy(config: mlc.ConfigDict, setup: Setup, params, tokenizer, wor
   train = image_text.split_records(config, 'train', workdir)
   maker = image_text.row_maker(config, setup.cfg, tokenizer)
   score_fn = evaluation.make_row_score_fn(setup.graphdef, params)
-  result = image_text.shapes_accuracy(score_fn, maker, train, held_out)
-  return {'qa_accuracy': result['accuracy'], 'qa_accuracy_by_question': result['accuracy_by_question'],
-          'text_only_accuracy': result['text_only_accuracy'], 'qa_questions': result['questions']}
+  return image_text.shapes_accuracy(score_fn, maker, train, held_out)
 
 
 def sample_text(setup: Setup, params, tokenizer, num_tokens: int,
