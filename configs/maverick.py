@@ -7,13 +7,13 @@ Experts sharded over the `expert` axis (8) and weights over `fsdp` (the rest);
 bf16 compute, full remat.
 """
 
-from configs import base, common
+from llama4_jax import config_lib
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, vision=False)
-  config = base.get_config()
-  config.model = common.model_preset('maverick_mm' if args.vision else 'maverick')
+  args = config_lib.parse_arg(arg, vision=False)
+  config = config_lib.base_config()
+  config.model = config_lib.model_preset('maverick_mm' if args.vision else 'maverick')
   config.mesh.expert = 8
   config.mesh.fsdp = -1
   config.data.seq_len = 8192

@@ -8,13 +8,13 @@ compute, full remat. Fine-tune a converted checkpoint with
 --config.train.init_from=$CONVERTED_WORKDIR.
 """
 
-from configs import base, common
+from llama4_jax import config_lib
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, vision=False)
-  config = base.get_config()
-  config.model = common.model_preset('scout_mm' if args.vision else 'scout')
+  args = config_lib.parse_arg(arg, vision=False)
+  config = config_lib.base_config()
+  config.model = config_lib.model_preset('scout_mm' if args.vision else 'scout')
   config.mesh.fsdp = -1
   config.data.seq_len = 8192
   config.train.steps = 100_000

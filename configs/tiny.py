@@ -6,11 +6,11 @@ Four layers (3 RoPE + chunked, 1 NoPE + global; MoE with 4 experts on layers 1
 and 3), vocabulary 4096. It is the README's main job and the tests' model.
 """
 
-from configs import base
+from llama4_jax import config_lib
 
 
 def get_config(arg=None):
-  config = base.get_config(arg)
+  config = config_lib.base_config()
   config.model.dtype = 'float32'
   config.data.seq_len = 256
   config.train.steps = 400

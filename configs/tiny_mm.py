@@ -9,12 +9,12 @@ shapes with questions about their colour, kind and count. At the end the run
 reports its held-out answer accuracy and the best a text-only model can do.
 """
 
-from configs import base
-from llama4_jax import vision
+from llama4_jax import config_lib
+from llama4_jax.model import vision
 
 
 def get_config(arg=None):
-  config = base.get_config(arg)
+  config = config_lib.base_config()
   config.model.vision = vision.VisionConfig(
       hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, image_size=48,
       patch_size=6, pixel_shuffle_ratio=0.5, projector_input_dim=128, projector_output_dim=128,

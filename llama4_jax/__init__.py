@@ -1,8 +1,5 @@
-"""llama4_jax: Llama 4 in JAX/Flax NNX."""
+"""llama4_jax: Llama 4 (text and vision) in JAX/Flax NNX.
 
-import flax
-
-# Parameters carry logical sharding metadata, but are placed by `jax.jit`
-# out_shardings computed from it (see sharding.state_shardings), so that the
-# same modules also build without a mesh (unit tests, conversion, eval_shape).
-flax.config.update('flax_always_shard_variable', False)
+model/ is the network, data/ what it reads, tools/ what works around a run; the run itself
+(config, sharding, training, checkpoints, evaluation, sampling) is the flat modules here.
+"""

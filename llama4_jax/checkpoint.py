@@ -101,6 +101,24 @@ def step_path(workdir: str, step: int) -> epath.Path:
   return checkpoint_root(workdir) / str(step)
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """`all_steps`, but none is an error naming the checkpoint folder."""
+  steps = all_steps(workdir)
+  if not steps:
+    raise FileNotFoundError(f'{checkpoint_root(workdir)}: no complete checkpoint')
+  return steps
+
+
+def resolve_checkpoint(workdir: str, step: int | None = None) -> tuple[epath.Path, int]:
+  """(directory, step) of checkpoint `step` (default: the newest complete one)."""
+  steps = saved_steps(workdir)
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f'{workdir}: no checkpoint for step {step}; saved steps: {steps}')
+  return step_path(workdir, step), step
+
+
 def load_params(path, abstract_params: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
   """Loads only the flat `params` of a checkpoint directory (any other entry is skipped)."""
   path = epath.Path(path)

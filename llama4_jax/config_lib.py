@@ -1,22 +1,19 @@
-"""Checking, saving and loading the run config (an ml_collections ConfigDict).
+"""The run config (an ml_collections ConfigDict): its keys and defaults, checks, save and load.
 
-Config files are Python and run as code; a workdir's `config.json` is data.
+`base_config` defines every key the code reads, with a comment each; experiment
+files in configs/ start from it and change what differs. Config files are
+Python and run as code; a workdir's `config.json` is data.
 """
 
+import dataclasses
 import difflib
 import json
-import logging as py_logging
-import os
-import sys
-from collections.abc import Callable
 
 import ml_collections as mlc
-from absl import app, flags, logging
 from etils import epath
 
 from llama4_jax import model as model_lib
-from llama4_jax import optim
-from llama4_jax import sharding
+from llama4_jax import optim, sharding
 
 CONFIG_FILE = 'config.json'
 
@@ -124,7 +121,7 @@ def save(config: mlc.ConfigDict, workdir: str):
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / (CONFIG_FILE + '.tmp')
   tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  tmp.replace(path)  # epath: a rename on local disks, a copy-then-delete on GCS
 
 
 def load(workdir: str) -> mlc.ConfigDict:
@@ -153,89 +150,102 @@ def diff_model(a: mlc.ConfigDict, b: mlc.ConfigDict) -> list[str]:
   return [k for k in keys if norm(a.model.get(k)) != norm(b.model.get(k))]
 
 
-def define_config_flag(name: str = 'config'):
-  """`--config=FILE[:arg]` with `--config.a.b=value` overrides (keys locked, types checked).
+# The keys and their defaults ----------------------------------------------------------
 
-  The config file is loaded while the flag is defined, so a missing or broken
-  file is reported here, in one line.
+
+def base_config() -> mlc.ConfigDict:
+  """Every key the code reads, with its default and meaning; experiment configs start here."""
+  config = mlc.ConfigDict()
+  config.seed = 0                    # parameter init, data order and sampling all derive from it
+
+  # Architecture: a preset of llama4_jax.model.PRESETS expanded field by field.
+  config.model = model_preset('tiny')
+
+  # Device mesh: axis sizes; one may be -1 to take the remaining devices.
+  config.mesh = mlc.ConfigDict(dict(
+      data=1,                        # pure data parallelism (weights replicated)
+      fsdp=-1,                       # data parallelism with weights sharded along `embed`
+      tensor=1,                      # heads / MLP width / vocabulary
+      expert=1,                      # experts of MoE layers (tokens also split over it)
+  ))
+
+  config.data = mlc.ConfigDict(dict(
+      modality='text',               # 'text', or 'image_text' (needs model.vision; see llama4_jax/image_text.py)
+      train_files='',                # comma-separated globs (.txt, .jsonl with "text", .npy ids); '' = built-in corpus
+      eval_files='',                 # same forms; '' = the built-in corpus' validation split
+      tokenizer='',                  # sentencepiece .model; '' = train/reuse one for the built-in corpus
+      tokenizer_cache='',            # where the built-in tokenizer is kept; '' = <workdir>/tokenizer
+      builtin_max_bytes=8_000_000,   # cap on built-in corpus text (bytes)
+      seq_len=256,                   # tokens per training sequence
+      packing_bins=0,                # rows packed together per first-fit group (0 = max(4 x batch, 64))
+      tokenizer_train_bytes=0,       # text used to train the built-in tokenizer (0 = 4 MB)
+      tiles_per_row=0,               # image_text: image tiles per row (0 = model.vision.max_tiles + 1)
+      # image_text with train_files/eval_files '': the built-in shapes questions (llama4_jax/shapes_data.py).
+      shapes=mlc.ConfigDict(dict(
+          dir='',                    # where they are written ('' = <workdir>/shapes_data)
+          train_examples=20000,
+          eval_examples=600,
+          seed=0,
+      )),
+  ))
+
+  config.train = mlc.ConfigDict(dict(
+      steps=1000,                    # optimizer updates
+      batch_size=32,                 # global batch, in sequences
+      grad_accum_steps=1,            # micro-batches per update (batch_size must divide)
+      checkpoint_every=200,          # steps between checkpoints (and one at the end)
+      keep_checkpoints=3,            # newest checkpoints kept
+      eval_every=200,                # steps between validation evals (0 = only at the end)
+      log_every=10,                  # steps between metric logs
+      init_from='',                  # workdir/checkpoint of a converted model to fine-tune from
+      load_balance_coef=0.0,         # MoE load-balancing loss weight (0 = exact HF model)
+      router_z_coef=0.0,             # MoE router z-loss weight
+      skip_nonfinite=False,          # on a non-finite loss/grad: False = stop, True = skip the update
+      sample_tokens=48,              # length of the sample printed at the end (0 = none)
+      freeze='',                     # '', 'vision' (the vision tower) or 'language' (all but vision + projector)
+  ))
+
+  config.optim = mlc.ConfigDict(dict(
+      lr=3e-3,                       # peak learning rate
+      warmup_steps=100,              # linear warmup from 0
+      min_lr_ratio=0.1,              # cosine decay ends at lr * min_lr_ratio at train.steps
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,              # decoupled (AdamW)
+      decay_norms=False,             # apply weight decay to norm scales
+      decay_embeddings=False,        # apply weight decay to the token embedding
+      clip_norm=1.0,                 # global gradient norm clip (0 = off)
+  ))
+
+  config.eval = mlc.ConfigDict(dict(
+      batch_size=16,                 # sequences per eval batch
+      max_batches=20,                # eval batches per validation (0 = whole split)
+  ))
+  return config
+
+
+def model_preset(name: str, **overrides) -> mlc.ConfigDict:
+  """A ModelConfig preset expanded into a ConfigDict, so every field is overridable."""
+  if name not in model_lib.PRESETS:
+    raise ValueError(f'unknown model preset {name!r}; presets are {sorted(model_lib.PRESETS)}')
+  fields = dataclasses.asdict(model_lib.PRESETS[name].replace(**overrides))
+  return mlc.ConfigDict(fields)
+
+
+def parse_arg(arg: str | None, **spec) -> mlc.ConfigDict:
+  """Parses 'a=1,b,c=x' against typed defaults: `parse_arg(arg, runlocal=False, lr=1e-3)`.
+
+  A bare name sets a boolean to True; unknown names are an error.
   """
-  from ml_collections import config_flags
-  try:
-    return config_flags.DEFINE_config_file(name, None, 'Config file (python; runs as code).',
-                                           lock_config=True)
-  except OSError as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')
-  except Exception as e:  # pylint: disable=broad-except
-    sys.exit(f'error: the config file raised {type(e).__name__}: {e}')
-
-
-USER_ERRORS = (ValueError, OSError)
-# run_main reads it from sys.argv (it must work before the flags parse); defined so absl accepts it.
-flags.DEFINE_bool('traceback', False, 'On an error, raise it with its traceback instead of one line.')
-
-
-def _drop_library_tracebacks(record) -> bool:
-  """A logging filter: Orbax's and asyncio's error logs without their tracebacks.
-
-  A failed checkpoint write (a full disk) is logged with a traceback by each of
-  Orbax's background threads; the run then stops with one line that names the
-  step and the cause. `--traceback` keeps them.
-  """
-  if record.name == 'asyncio' or f'{os.sep}orbax{os.sep}' in record.pathname:
-    record.exc_info = record.exc_text = None
-  return True
-
-
-def _drop_abandoned_io_errors(unraisable):
-  """sys.unraisablehook: after a failed save or restore, Orbax abandons its other
-  reads and writes, and each is reported when collected (a coroutine that never
-  finished, a write completing into a closed event loop) with a long traceback."""
-  code = getattr(unraisable.object, 'cr_code', None)
-  abandoned = code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
-  closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
-                 and str(unraisable.exc_value) == 'Event loop is closed')
-  if not (abandoned or closed_loop):
-    sys.__unraisablehook__(unraisable)
-
-
-def _flag_error(e: Exception) -> str:
-  """A flag error in one line. ml_collections puts the traceback of a config file that
-  raised into the message: keep its last line, the config file's own error."""
-  text = str(e)
-  if 'Traceback (most recent call last)' in text:
-    flag = text.split(':', 1)[0]  # flag --config=PATH
-    return f'{flag}: the config file raised {text.strip().splitlines()[-1]}'
-  return ' '.join(text.split())
-
-
-def run_main(main: Callable):
-  """absl app.run, but errors about the user's input print one line and exit 1."""
-
-  def wrapped(argv):
-    if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):
-      logging.set_verbosity(logging.WARNING)  # Orbax logs every save and load at INFO
-    if '--traceback' not in sys.argv:
-      for name in ('absl', 'asyncio'):  # Orbax logs through absl's logger
-        py_logging.getLogger(name).addFilter(_drop_library_tracebacks)
-      sys.unraisablehook = _drop_abandoned_io_errors
-    try:
-      return main(argv)
-    except USER_ERRORS as e:
-      if '--traceback' in sys.argv:
-        raise
-      message = ' '.join(str(e).split()) if isinstance(e, OSError) else str(e)
-      print(f'error: {message}', file=sys.stderr)
-      sys.exit(1)
-
-  try:  # parse once up front: a bad --config.key=value is one line, not a traceback
-    flags.FLAGS(sys.argv)
-    if 'config' in flags.FLAGS:
-      flags.FLAGS.config  # pylint: disable=pointless-statement  (raises if the file failed)
-  except flags.Error as e:
-    sys.exit(f'error: {_flag_error(e)}')
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    message = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ')
-    sys.exit(f'error: bad config override: {message}')
-  except OSError as e:
-    sys.exit(f'error: {" ".join(str(e.__cause__ or e).split())}')
-  app.run(wrapped, flags_parser=lambda argv: argv[:1])
+  out = mlc.ConfigDict(spec)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in spec:
+      raise ValueError(f'config arg {key!r} is unknown; known: {sorted(spec)}')
+    default = spec[key]
+    if isinstance(default, bool):
+      out[key] = value.lower() in ('', '1', 'true', 'yes')
+    else:
+      out[key] = type(default)(value)
+  return out

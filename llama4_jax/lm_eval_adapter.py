@@ -30,8 +30,9 @@ from lm_eval import utils as lm_utils
 from lm_eval.api import model as lm_model
 from lm_eval.api import registry
 
-from llama4_jax import evaluation, losses, sampling
+from llama4_jax import losses, sampling
 from llama4_jax import workdir as workdir_lib
+from llama4_jax.data import tokenizer as tokenizer_lib
 
 MODEL_NAME = 'llama4_jax'
 DEFAULT_BATCH_SIZE = 16
@@ -56,7 +57,7 @@ class Llama4LM(lm_model.LM):
     self.model, config, self.step = workdir_lib.load_model(
         workdir, None if step in (None, '') else int(step))
     self.cfg = self.model.cfg
-    self.tokenizer = evaluation.run_tokenizer(workdir, config, tokenizer or '')
+    self.tokenizer = tokenizer_lib.run_tokenizer(workdir, config, tokenizer or '')
     # lm_eval's CLI passes '--batch_size' through as a string ('auto' included).
     self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
     self.max_length = int(max_length or config.data.seq_len)

@@ -1,17 +1,20 @@
 """Logical axis names, the one rules table that maps them to mesh axes, and the mesh.
 
-Parameters carry logical names where they are created (`out_sharding=(...)`);
+Parameters carry logical names where they are created (`param(value, names)`);
 activations get hints through `shard(x, *names)`. Neither ever names a mesh
 axis: `LOGICAL_RULES` is the only place where `embed` becomes `fsdp`.
 """
 
+import contextlib
+import math
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor', 'expert')
 
@@ -75,6 +78,31 @@ def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
   sizes = mesh_shape(shape, len(devices))
   return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes),
                        devices=devices)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh):
+  """Runs the enclosed code on `mesh` with `LOGICAL_RULES` for the logical names."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_RULES):
+    yield mesh
+
+
+def batch_shards(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> int:
+  """How many ways the batch dimension is split: on `mesh`, else on the current mesh."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh.empty:
+    return 1
+  return math.prod(dict(mesh.shape).get(a, 1) for a in BATCH_AXES)
+
+
+def param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
+  """A parameter with logical axis names, one per dimension.
+
+  It is not placed where it is created: a jitted init places it through out_shardings
+  computed from its names (`state_shardings`), so the same modules also build without a
+  mesh (unit tests, conversion, eval_shape).
+  """
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
 
 def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:

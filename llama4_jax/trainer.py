@@ -8,7 +8,6 @@ sharded, donated to every step, and checkpointed as a whole.
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -21,12 +20,21 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llama4_jax import checkpoint, config_lib, data, evaluation, flops, image_text, losses
-from llama4_jax import metrics_writer
+from llama4_jax import (
+  checkpoint,
+  config_lib,
+  end_of_run,
+  evaluation,
+  flops,
+  losses,
+  optim,
+  sharding,
+)
+from llama4_jax import metrics as metrics_lib
 from llama4_jax import model as model_lib
-from llama4_jax import optim, sharding
-from llama4_jax import tokenizer as tokenizer_lib
 from llama4_jax import workdir as workdir_lib
+from llama4_jax.data import image_text, pipeline
+from llama4_jax.data import tokenizer as tokenizer_lib
 
 
 class TrainingError(ValueError):
@@ -163,21 +171,6 @@ def _gather_strings(text: str) -> list[str]:
   return [bytes(row).rstrip(b'\0').decode() for row in np.asarray(gathered).reshape(-1, length)]
 
 
-def _check_workdir_config(config: mlc.ConfigDict, workdir: str):
-  """A resumed run must have the model of the run it resumes; say which fields differ."""
-  if not os.path.exists(os.path.join(workdir, config_lib.CONFIG_FILE)):
-    return
-  if checkpoint.latest_step(workdir) is None:
-    return
-  saved = config_lib.load(workdir)
-  changed = config_lib.diff_model(config, saved)
-  if changed:
-    details = ', '.join(f'model.{k}: {saved.model.get(k)} -> {config.model.get(k)}' for k in changed)
-    raise config_lib.ConfigError(
-        f'{workdir} holds checkpoints of a different model ({details}); use a new workdir or '
-        f'the saved config')
-
-
 def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_iter):
   """Resume order: newest checkpoint in the workdir, then train.init_from, then scratch."""
   config = setup.config
@@ -193,7 +186,7 @@ def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_ite
     return state, f'resumed from step {step}'
   state = init_state(setup, config.seed)
   if config.train.init_from:
-    path, from_step = workdir_lib.resolve_checkpoint(config.train.init_from)
+    path, from_step = checkpoint.resolve_checkpoint(config.train.init_from)
     state['params'] = checkpoint.load_params_tree(path, setup.abstract_state['params'],
                                                   setup.state_shardings['params'])
     return state, f'initialised from {config.train.init_from} (step {from_step})'
@@ -203,20 +196,21 @@ def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_ite
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics."""
   cfg = config_lib.validate(config, jax.device_count())
-  _check_workdir_config(config, workdir)
+  workdir_lib.check_resumable(config, workdir)
   is_main = jax.process_index() == 0
   if is_main:
     config_lib.save(config, workdir)
   train_cfg = config.train
-  tokenizer = tokenizer_lib.load_tokenizer(
-      config.data, cfg.vocab_size, default_cache_dir=os.path.join(workdir, 'tokenizer'))
+  tokenizer = tokenizer_lib.load_tokenizer(config.data, cfg.vocab_size, workdir)
   seq_len = config.data.seq_len
-  train_iter, eval_batches = make_data(config, cfg, tokenizer, workdir)
+  train_iter, eval_batches = pipeline.train_and_eval_data(
+      config, cfg, tokenizer, workdir, process_index=jax.process_index(),
+      process_count=jax.process_count())
 
   mesh = sharding.make_mesh(dict(config.mesh))
-  writer = metrics_writer.MetricsWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   ckpt = checkpoint.TrainCheckpointer(workdir, train_cfg.keep_checkpoints)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+  with sharding.mesh_context(mesh):
     setup = make_setup(config, mesh)
     state, how = _restore_or_init(setup, ckpt, train_iter)
     train_fn, eval_fn = compile_steps(setup)
@@ -224,12 +218,14 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     peak, peak_source = flops.device_peak_flops()
     flops_per_token = flops.train_flops_per_row(
         cfg, seq_len, image_text.tiles_per_row(config, cfg)) / seq_len  # images included
+    num_params = model_lib.count_params(setup.abstract_state['params'])
     if is_main:
       print(f'{how}; {jax.device_count()} devices, mesh {dict(mesh.shape)}; '
-            f'{model_lib.count_params(setup.abstract_state["params"]):,} parameters; '
-            f'MFU against {peak * jax.device_count() / 1e9:.1f} GFLOP/s ({peak_source})')
+            f'{num_params:,} parameters; '
+            f'MFU against {peak * jax.device_count() / 1e9:.1f} GFLOP/s ({peak_source})',
+            flush=True)
 
-    progress = metrics_writer.progress_bar(start, train_cfg.steps, enabled=is_main)
+    progress = metrics_lib.Progress(start, train_cfg.steps, enabled=is_main)
     tokens_per_step = train_cfg.batch_size * seq_len
     window_start, window_steps, skipped, final = time.perf_counter(), 0, 0, {}
     unchecked = []  # (step, metrics) whose finiteness the host has not looked at yet
@@ -268,8 +264,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
         if 'expert_load' in m:
           final['expert_load'] = np.round(np.asarray(m['expert_load']), 4).tolist()
         writer.write(step, final)
-        progress.set_postfix(loss=f'{final["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}',
-                             mfu=f'{100 * final["mfu"]:.1f}%', refresh=False)
+        progress.log(step, loss=f'{final["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}',
+                     mfu=f'{100 * final["mfu"]:.1f}%')
         window_start, window_steps = time.perf_counter(), 0
       if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or step == train_cfg.steps:
         final['eval_loss'] = evaluate(eval_fn, state['params'], eval_batches, setup.batch_sharding)
@@ -277,66 +273,14 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
         progress.write(f'step {step}: validation loss {final["eval_loss"]:.4f}')
       if must_save:
         ckpt.save(step, state, _gather_strings(json.dumps(train_iter.get_state())))
-      progress.update(step - progress.n)
+      progress.update(step)
     progress.close()
     ckpt.wait()
     ckpt.close()
     writer.close()
     final['step'] = int(jax.device_get(state['step']))
-    # The sample is for small runs: one process holding the whole model.
-    want_sample = train_cfg.sample_tokens and start < train_cfg.steps and jax.process_count() == 1
-    params = jax.device_get(state['params']) if want_sample else None
-  if want_sample and image_text.is_image_text(config):
-    final.update(shapes_accuracy(config, setup, params, tokenizer, workdir))
-  elif want_sample:
-    final['sample'] = sample_text(setup, params, tokenizer, train_cfg.sample_tokens)
-    final['unigram_loss'] = data.unigram_loss(config.data, tokenizer, seq_len=seq_len)
+    show_end = end_of_run.wanted(config, num_params, start, jax.process_count())
+    params = jax.device_get(state['params']) if show_end else None
+  if show_end:
+    final.update(end_of_run.report(config, cfg, setup.graphdef, params, tokenizer, workdir))
   return final
-
-
-def make_data(config: mlc.ConfigDict, cfg: model_lib.ModelConfig, tokenizer, workdir: str):
-  """(training iterator, validation batches) of this process, text or image-text."""
-  where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  if image_text.is_image_text(config):
-    return (image_text.make_train_iterator(config, cfg, tokenizer, workdir=workdir, **where),
-            image_text.make_eval_batches(config, cfg, tokenizer, workdir=workdir, **where))
-  seq_len = config.data.seq_len
-  train_iter = data.make_train_iterator(
-      config.data, tokenizer, batch_size=config.train.batch_size, seq_len=seq_len,
-      seed=config.seed, **where)
-  eval_batches = data.make_eval_batches(
-      config.data, tokenizer, batch_size=config.eval.batch_size, seq_len=seq_len,
-      max_batches=config.eval.max_batches, **where)
-  return train_iter, eval_batches
-
-
-def shapes_accuracy(config: mlc.ConfigDict, setup: Setup, params, tokenizer, workdir: str):
-  """Held-out question accuracy and the text-only best, when the data has questions."""
-  held_out = image_text.split_records(config, 'validation', workdir)
-  if not all(r.question and r.answer for r in held_out):
-    return {}
-  train = image_text.split_records(config, 'train', workdir)
-  maker = image_text.row_maker(config, setup.cfg, tokenizer)
-  score_fn = evaluation.make_row_score_fn(setup.graphdef, params)
-  return image_text.shapes_accuracy(score_fn, maker, train, held_out)
-
-
-def sample_text(setup: Setup, params, tokenizer, num_tokens: int,
-                prompt: str = 'def main(') -> str:
-  """A short greedy continuation of host `params` on one device (a full forward per token)."""
-  ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-  length = len(ids) + num_tokens
-  tokens = np.full((1, length), tokenizer.pad_id, np.int32)
-  tokens[0, :len(ids)] = ids
-
-  @jax.jit
-  def next_token(params, tokens, position):
-    logits, _ = nnx.merge(setup.graphdef, params)(tokens)
-    return jnp.argmax(logits[0, position - 1])
-
-  for position in range(len(ids), length):
-    tokens[0, position] = int(next_token(params, tokens, position))
-    if tokens[0, position] in setup.cfg.eos_token_ids:
-      length = position + 1
-      break
-  return prompt + tokenizer.decode(tokens[0, len(ids):length].tolist(), skip_special=True)

@@ -1,23 +1,12 @@
-"""What a workdir holds (config.json + checkpoints/<step>/) turned back into a model."""
+"""What a workdir holds (config.json + checkpoints/<step>/): its model, and whether a run may resume it."""
 
 import jax
+import ml_collections as mlc
+from etils import epath
 from flax import nnx
 
-from llama4_jax import checkpoint, config_lib
+from llama4_jax import checkpoint, config_lib, sharding
 from llama4_jax import model as model_lib
-from llama4_jax import sharding
-
-
-def resolve_checkpoint(workdir: str, step: int | None = None):
-  """The checkpoint directory for `step` (default: the newest complete one)."""
-  steps = checkpoint.all_steps(workdir)
-  if not steps:
-    raise FileNotFoundError(f'{checkpoint.checkpoint_root(workdir)}: no complete checkpoint')
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f'{workdir}: no checkpoint for step {step}; saved steps: {steps}')
-  return checkpoint.step_path(workdir, step), step
 
 
 def load_params_into(model_abstract: model_lib.Llama4, path, mesh=None) -> model_lib.Llama4:
@@ -34,6 +23,20 @@ def load_model(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | 
   cfg = config_lib.model_config(config)
   if model_overrides:
     cfg = cfg.replace(**model_overrides)
-  path, step = resolve_checkpoint(workdir, step)
+  path, step = checkpoint.resolve_checkpoint(workdir, step)
   model = load_params_into(model_lib.abstract_model(cfg), path, mesh)
   return model, config, step
+
+
+def check_resumable(config: mlc.ConfigDict, workdir: str):
+  """A resumed run must have the model of the run it resumes; say which fields differ."""
+  if (not (epath.Path(workdir) / config_lib.CONFIG_FILE).exists()
+      or checkpoint.latest_step(workdir) is None):
+    return
+  saved = config_lib.load(workdir)
+  changed = config_lib.diff_model(config, saved)
+  if changed:
+    details = ', '.join(f'model.{k}: {saved.model.get(k)} -> {config.model.get(k)}' for k in changed)
+    raise config_lib.ConfigError(
+        f'{workdir} holds checkpoints of a different model ({details}); use a new workdir or '
+        f'the saved config')

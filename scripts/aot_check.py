@@ -17,9 +17,10 @@ import time
 
 from absl import flags
 
-from llama4_jax import aot, config_lib
+from llama4_jax import cli
+from llama4_jax.tools import aot
 
-_CONFIG = config_lib.define_config_flag()
+_CONFIG = cli.define_config_flag()
 _DEVICES = flags.DEFINE_integer('devices', None, 'Simulated devices (the mesh spans them).',
                                 required=True, lower_bound=1)
 _ACCELERATOR = flags.DEFINE_enum('accelerator', None, list(aot.ACCELERATORS),
@@ -48,4 +49,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_lib.run_main(main)
+  cli.run_main(main)

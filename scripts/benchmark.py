@@ -22,9 +22,10 @@ import dataclasses
 import json
 
 import jax
-from absl import app, flags
+from absl import flags
 
-from llama4_jax import benchmarks
+from llama4_jax import cli
+from llama4_jax.tools import benchmarks
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the results as JSON here.')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'moe: tokens per step.')
@@ -66,8 +67,8 @@ def decode():
 def train():
   unknown = set(_TRAIN_CONFIGS.value) - set(benchmarks.TRAIN_CONFIGS)
   if unknown:
-    raise app.UsageError(f'--train_configs: unknown {sorted(unknown)}; '
-                         f'known: {sorted(benchmarks.TRAIN_CONFIGS)}')
+    raise ValueError(f'--train_configs: unknown {sorted(unknown)}; '
+                     f'known: {sorted(benchmarks.TRAIN_CONFIGS)}')
   rows = benchmarks.train_speed(_TRAIN_CONFIGS.value, repeats=_REPEATS.value,
                                 profile=_PROFILE.value)
   print(f'Train step (forward, backward, AdamW), {rows[0].device}; peak {rows[0].peak_flops / 1e9:.1f} '
@@ -95,7 +96,7 @@ BENCHMARKS = {'moe': moe, 'decode': decode, 'train': train}
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in BENCHMARKS:
-    raise app.UsageError(f'usage: benchmark.py {{{",".join(BENCHMARKS)}}} [--output=FILE]')
+    raise ValueError(f'usage: benchmark.py {{{",".join(BENCHMARKS)}}} [--output=FILE]')
   result = BENCHMARKS[argv[1]]()
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'w') as f:
@@ -103,4 +104,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_main(main)

@@ -8,7 +8,8 @@ Streams tensor by tensor, so host memory stays near one (stacked) tensor.
 
 from absl import flags
 
-from llama4_jax import config_lib, hf_convert
+from llama4_jax import cli
+from llama4_jax.tools import hf_convert
 
 _HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory (input, or output with --to_hf).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'llama4_jax workdir (output, or input with --to_hf).')
@@ -31,4 +32,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_lib.run_main(main)
+  cli.run_main(main)

@@ -22,7 +22,7 @@ import os
 
 from absl import flags
 
-from llama4_jax import config_lib, evaluation
+from llama4_jax import cli, evaluation
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training or converted workdir.', required=True)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
@@ -57,4 +57,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_lib.run_main(main)
+  cli.run_main(main)

@@ -18,9 +18,10 @@ import json
 
 from absl import flags
 
-from llama4_jax import config_lib, image_processing, image_text, sampling
-from llama4_jax import tokenizer as tokenizer_lib
+from llama4_jax import cli, sampling
 from llama4_jax import workdir as workdir_lib
+from llama4_jax.data import image_processing, image_text
+from llama4_jax.data import tokenizer as tokenizer_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training or converted workdir.', required=True)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
@@ -63,11 +64,12 @@ def main(argv):
     raise ValueError('give at least one --prompt or --prompt_ids')
   model, config, step = workdir_lib.load_model(_WORKDIR.value, _STEP.value)
   cfg = model.cfg
-  tokenizer = (tokenizer_lib.Tokenizer.load(_TOKENIZER.value) if _TOKENIZER.value
-               else tokenizer_lib.find_run_tokenizer(config, _WORKDIR.value))
-  if _PROMPT.value and tokenizer is None:
-    raise ValueError(f'{_WORKDIR.value} has no tokenizer for --prompt; pass --tokenizer or '
-                     f'use --prompt_ids')
+  try:
+    tokenizer = tokenizer_lib.run_tokenizer(_WORKDIR.value, config, _TOKENIZER.value or '')
+  except FileNotFoundError:
+    if _PROMPT.value or _TOKENIZER.value:
+      raise
+    tokenizer = None  # --prompt_ids only: ids in, ids out
   prompts = [[cfg.bos_token_id] + tokenizer.encode(text) for text in _PROMPT.value]
   prompts += [parse_ids(text, cfg.vocab_size) for text in _PROMPT_IDS.value]
   pixels = None
@@ -92,4 +94,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_lib.run_main(main)
+  cli.run_main(main)

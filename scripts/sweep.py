@@ -17,9 +17,10 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from llama4_jax import config_lib, sweep
+from llama4_jax import cli
+from llama4_jax.tools import sweep
 
-_CONFIG = config_lib.define_config_flag()
+_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep root: one workdir per run under it.')
 _PARALLEL = flags.DEFINE_integer('parallel', None, 'Runs at a time: locally (default 1), or the '
                                  'SLURM array throttle (default none).')
@@ -53,4 +54,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_lib.run_main(main)
+  cli.run_main(main)

@@ -12,9 +12,9 @@ import os
 import jax
 from absl import flags
 
-from llama4_jax import config_lib, trainer
+from llama4_jax import cli, trainer
 
-_CONFIG = config_lib.define_config_flag()
+_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go.', required=True)
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  config_lib.run_main(main)
+  cli.run_main(main)

@@ -7,11 +7,11 @@ r"""Trains a SentencePiece BPE tokenizer with the Llama 4 special tokens.
 An empty --files trains on the built-in corpus (the stdlib's train split).
 """
 
-from absl import app
 from absl import flags
 
-from llama4_jax import data
-from llama4_jax import tokenizer as tokenizer_lib
+from llama4_jax import cli
+from llama4_jax.data import text as text_data
+from llama4_jax.data import tokenizer as tokenizer_lib
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the .model.',
                               required=True)
@@ -26,11 +26,11 @@ _MAX_BYTES = flags.DEFINE_integer(
 
 def main(argv):
   del argv  # Unused.
-  texts = data.read_texts(_FILES.value, _MAX_BYTES.value)
+  texts = text_data.read_texts(_FILES.value, _MAX_BYTES.value)
   tok = tokenizer_lib.train_tokenizer(texts, _VOCAB_SIZE.value, _OUTPUT.value)
   print(f'Wrote {_OUTPUT.value}: {tok.vocab_size} ids, trained on '
         f'{sum(len(t.encode()) for t in texts)} bytes in {len(texts)} texts.')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run_main(main)

@@ -10,8 +10,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from llama4_jax import config_lib, flops, sharding
+from llama4_jax.tools import aot
+
 import small_run
-from llama4_jax import aot, config_lib, flops, sharding
 
 V, D, F = 202048, 5120, 8192  # the presets' vocabulary, width and expert width
 SEQ_LEN, BATCH = 256, 8
@@ -66,17 +68,20 @@ def scout(checks):
   return checks['scout']
 
 
+@pytest.mark.slow
 def test_compiling_allocates_no_array(scout):
   _, _, new_arrays = scout
   assert sum(x.nbytes for x in new_arrays) == 0
 
 
+@pytest.mark.slow
 def test_scout_layer_has_the_real_widths(scout):
   _, report, _ = scout
   moe = D * 16 + 3 * 16 * D * F + 3 * D * F  # router, routed experts, shared expert
   assert report.num_params == 2 * V * D + D + attention_params() + moe
 
 
+@pytest.mark.slow
 def test_scout_state_is_split_over_the_8_devices(scout):
   _, report, _ = scout
   assert report.devices == 8 and report.mesh['fsdp'] == 8
@@ -94,6 +99,7 @@ def test_scout_state_is_split_over_the_8_devices(scout):
   assert report.total == report.arguments + report.outputs - report.aliased + report.temporaries
 
 
+@pytest.mark.slow
 def test_scout_flops(scout):
   compiled, report, _ = scout
   tokens = BATCH * SEQ_LEN
@@ -104,13 +110,14 @@ def test_scout_flops(scout):
   assert 0.8 < report.xla_flops / report.model_flops < 2.0
 
 
+@pytest.mark.slow
 def test_scout_report_names_the_fit(scout):
   _, report, _ = scout
   text = aot.format_report(report)
   assert f'{report.num_params:,} parameters' in text
   for name in aot.ACCELERATORS:
     assert f'  {name}' in text
-  line = next(l for l in text.splitlines() if l.strip().startswith('b200'))
+  line = next(row for row in text.splitlines() if row.strip().startswith('b200'))
   assert line.endswith(aot.verdict(report.total, 180))
 
 
@@ -130,6 +137,7 @@ def test_truncate_layers_keeps_the_layer_pattern():
     aot.truncate_layers(config, 5)
 
 
+@pytest.mark.slow
 def test_script_on_maverick_with_16_simulated_devices(checks):
   returncode, stdout, stderr, output = checks['maverick']
   report = json.load(open(output))

@@ -18,9 +18,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import small_run
-from llama4_jax import checkpoint, config_lib, data, evaluation
+from llama4_jax import checkpoint, config_lib
 from llama4_jax import model as model_lib
+from llama4_jax.data import text as text_data
+from llama4_jax.data import tokenizer as tokenizer_lib
+
+import small_run
 
 REPO = small_run.REPO
 
@@ -52,8 +55,8 @@ def write_run(workdir, config):
 def write_image_files(root, config):
   """A multimodal run (the small model with a tiny vision tower), a tokenizer and bad images."""
   from PIL import Image
-  from llama4_jax import tokenizer as tokenizer_lib
-  from llama4_jax import vision
+
+  from llama4_jax.model import vision
   tokenizer_lib.train_tokenizer(['What colour are the shapes? red green blue'] * 50, vocab_size=300,
                                 output_path=str(root / 'tok.model'))
   mm_config = config.copy_and_resolve_references()
@@ -101,7 +104,7 @@ def files(tmp_path_factory):
   (root / 'hf_bad_json' / 'config.json').write_text('{"model_type": "llama4_text",')
   write_image_files(root, config)
   (root / 'hf_no_weights').mkdir()
-  from llama4_jax import hf_convert
+  from llama4_jax.tools import hf_convert
   (root / 'hf_no_weights' / 'config.json').write_text(
       json.dumps(hf_convert.hf_text_config(config_lib.model_config(config))))
   return root
@@ -240,6 +243,7 @@ def results(files, tmp_path_factory):
   return dict(zip(CASES, json.loads((tmp / 'results.json').read_text())))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', list(CASES))
 def test_command_line(case, results, files):
   result = results[case]
@@ -252,6 +256,7 @@ def test_command_line(case, results, files):
     assert expected.format(root=files) in last, last
 
 
+@pytest.mark.slow
 def test_nothing_was_overwritten_or_ran(results, files):
   """The refused resume left its workdir as it was; the pickled array never ran its code."""
   assert 'hidden_size": 64' in (files / 'resume' / 'config.json').read_text()
@@ -266,21 +271,20 @@ def test_pickled_token_arrays_are_refused_without_running_them(tmp_path):
   """Token files load with allow_pickle=False: a pickled .npy is an error, its code never runs."""
   path, marker = tmp_path / 'evil.npy', tmp_path / 'ran'
   write_pickled_npy(path, marker)
-  ids = evaluation.TokenIds(vocab_size=512, bos_id=1, eos_id=2, pad_id=0)
-  with pytest.raises(data.DataError, match='evil.npy: not a readable .npy array.*allow_pickle'):
-    data.load_documents(str(path), ids, builtin_split='train', builtin_max_bytes=0)
-  with pytest.raises(ValueError, match='evil.npy: not a readable .npy array.*allow_pickle'):
-    evaluation.read_token_file(str(path), 512)
+  ids = tokenizer_lib.TokenIds(vocab_size=512, bos_id=1, eos_id=2, pad_id=0)
+  with pytest.raises(text_data.DataError, match='evil.npy: not a readable .npy array.*allow_pickle'):
+    text_data.load_documents(str(path), ids, builtin_split='train', builtin_max_bytes=0)
   assert not marker.exists()
   np.load(path, allow_pickle=True)  # the file is a live payload: a pickle-loader would run it
   assert marker.exists()
 
 
+@pytest.mark.reference
 def test_no_loader_can_run_code():
   """Weights load through safetensors and Orbax, tokens through numpy without pickle."""
   unsafe = re.compile(r'^\s*(import|from)\s+(c?pickle|dill|joblib|marshal|shelve)\b|'
                       r'\btorch\.load\(|\byaml\.(unsafe_)?load\(|allow_pickle=True', re.M)
-  sources = [p for d in ('llama4_jax', 'scripts') for p in pathlib.Path(REPO, d).glob('*.py')]
+  sources = [p for d in ('llama4_jax', 'scripts') for p in pathlib.Path(REPO, d).rglob('*.py')]
   assert len(sources) > 10
   for path in sources:
     text = path.read_text()

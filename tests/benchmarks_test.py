@@ -1,8 +1,12 @@
 """The decode benchmark runs end to end on a small case (its numbers are in BENCHMARKS.md)."""
 
-from llama4_jax import benchmarks
+import pytest
+
+from llama4_jax.tools import benchmarks
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_decode_speed_times_both_implementations_on_the_same_model():
   rows = benchmarks.decode_speed(names=('tiny',), batches=(1, 2), prompt_len=8, new_tokens=4,
                                  repeats=1)
@@ -12,6 +16,7 @@ def test_decode_speed_times_both_implementations_on_the_same_model():
     assert abs(r.ratio - r.ours_tokens_per_sec / r.transformers_tokens_per_sec) < 1e-6 * r.ratio
 
 
+@pytest.mark.slow
 def test_decode_step_time_by_position():
   by_position = benchmarks.decode_step_seconds_by_position(
       'tiny', positions=(4, 60), cache_len=64, repeats=1)

@@ -23,7 +23,7 @@ import traceback
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # seconds per case
 # What the scripts import, loaded once so that each fork starts with it.
-PRELOAD = ('jax', 'llama4_jax.config_lib', 'llama4_jax.evaluation', 'llama4_jax.hf_convert',
+PRELOAD = ('jax', 'llama4_jax.config_lib', 'llama4_jax.evaluation', 'llama4_jax.tools.hf_convert',
            'llama4_jax.sampling', 'llama4_jax.trainer', 'llama4_jax.workdir')
 
 

@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
 
-from llama4_jax import hf_convert
 from llama4_jax import model as model_lib
+from llama4_jax.tools import hf_convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1 << 20
@@ -53,13 +54,14 @@ def peak_rss(*command):
   return int(peak_kb) * 1024
 
 
+@pytest.mark.slow
 def test_conversion_peak_memory_is_far_below_model_size(tmp_path):
   (tmp_path / 'hf').mkdir()
   write_random_checkpoint(tmp_path / 'hf', CONFIG)
   total = sum(int(np.prod(s)) * 4 for s in hf_convert.expected_hf_shapes(CONFIG).values())
   assert len(list((tmp_path / 'hf').glob('*.safetensors'))) > 3
 
-  baseline = peak_rss('-c', 'import llama4_jax.hf_convert, orbax.checkpoint, jax, jax.numpy')
+  baseline = peak_rss('-c', 'import llama4_jax.tools.hf_convert, orbax.checkpoint, jax, jax.numpy')
   peak = peak_rss(os.path.join(REPO, 'scripts', 'convert_checkpoint.py'),
                   f'--hf_dir={tmp_path / "hf"}', f'--workdir={tmp_path / "out"}')
   # One HF tensor (gate_up, E x D x 2F) plus our stacked tensor and Orbax's copy of it.

@@ -9,10 +9,11 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from llama4_jax import model as model_lib
+from llama4_jax.tools import hf_convert
+
 import hf_reference
 import small_run
-from llama4_jax import hf_convert
-from llama4_jax import model as model_lib
 
 run_script = small_run.run_script
 
@@ -26,6 +27,8 @@ def hf_checkpoint(tmp_path_factory):
   return path, model
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, hf_checkpoint):
   hf_dir, hf_model = hf_checkpoint
   result = run_script('convert_checkpoint.py', f'--hf_dir={hf_dir}', f'--workdir={tmp_path}/ours')
@@ -45,6 +48,8 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, hf_checkpoi
                                 hf_reference.text_logits(hf_model, tokens))
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_multimodal_checkpoint_text_part_converts(tmp_path, hf_checkpoint):
   """Tensors under `language_model.` with a `llama4` config (vision tensors are skipped)."""
   hf_dir, _ = hf_checkpoint
@@ -70,6 +75,7 @@ def test_config_fields_survive_hf_round_trip():
     assert again.replace(**{f: getattr(cfg, f) for f in fields}) == cfg, name
 
 
+@pytest.mark.reference
 def test_legacy_hf4_config_keys(hf_checkpoint):
   hf_dir, _ = hf_checkpoint
   c = json.loads((hf_dir / 'config.json').read_text())
@@ -98,6 +104,7 @@ def convert_error(hf_dir, tmp_path):
   return result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.reference
 def test_missing_config(tmp_path, hf_checkpoint):
   bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
   (bad / 'config.json').unlink()
@@ -108,6 +115,7 @@ def test_missing_directory(tmp_path):
   assert 'not a directory' in convert_error(tmp_path / 'nowhere', tmp_path)
 
 
+@pytest.mark.reference
 def test_other_model_type(tmp_path, hf_checkpoint):
   bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
   c = json.loads((bad / 'config.json').read_text())
@@ -130,6 +138,7 @@ def rewrite_first_shard(bad, edit):
   return file, sorted(tensors)
 
 
+@pytest.mark.reference
 def test_tensor_shape_mismatch(tmp_path, hf_checkpoint):
   bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
   names = []
@@ -144,6 +153,7 @@ def test_tensor_shape_mismatch(tmp_path, hf_checkpoint):
   assert names[0] in message and file in message and 'shape' in message
 
 
+@pytest.mark.reference
 def test_unknown_tensor(tmp_path, hf_checkpoint):
   bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
   file, _ = rewrite_first_shard(bad, lambda t: t.update({'model.layers.0.extra.weight': np.ones(2)}))
@@ -151,6 +161,7 @@ def test_unknown_tensor(tmp_path, hf_checkpoint):
   assert 'model.layers.0.extra.weight' in message and 'unknown tensor' in message
 
 
+@pytest.mark.reference
 def test_index_names_missing_shard(tmp_path, hf_checkpoint):
   bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
   shard = sorted(bad.glob('model-*.safetensors'))[1]
@@ -159,6 +170,7 @@ def test_index_names_missing_shard(tmp_path, hf_checkpoint):
   assert shard.name in message and 'missing' in message
 
 
+@pytest.mark.reference
 def test_truncated_safetensors(tmp_path, hf_checkpoint):
   bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
   shard = sorted(bad.glob('model-*.safetensors'))[0]
@@ -167,6 +179,8 @@ def test_truncated_safetensors(tmp_path, hf_checkpoint):
   assert shard.name in message
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_refuses_to_overwrite_existing_conversion(tmp_path, hf_checkpoint):
   assert run_script('convert_checkpoint.py', f'--hf_dir={hf_checkpoint[0]}',
                     f'--workdir={tmp_path}/out').returncode == 0

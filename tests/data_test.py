@@ -1,4 +1,4 @@
-"""Tests for llama4_jax.data."""
+"""Tests for llama4_jax.data.text."""
 
 import json
 
@@ -6,8 +6,8 @@ import ml_collections as mlc
 import numpy as np
 import pytest
 
-from llama4_jax import data as data_lib
-from llama4_jax import tokenizer as tokenizer_lib
+from llama4_jax.data import text as text_data
+from llama4_jax.data import tokenizer as tokenizer_lib
 
 SEQ_LEN = 32
 MAX_BYTES = 200_000
@@ -15,7 +15,7 @@ MAX_BYTES = 200_000
 
 @pytest.fixture(scope='module')
 def tok():
-  return tokenizer_lib.train_tokenizer(data_lib.read_texts('', MAX_BYTES), 512)
+  return tokenizer_lib.train_tokenizer(text_data.read_texts('', MAX_BYTES), 512)
 
 
 def _config(train_files='', eval_files='', **kwargs):
@@ -59,8 +59,8 @@ def _assert_batches_equal(a, b):
 
 
 def test_builtin_split_is_deterministic_and_disjoint():
-  train = data_lib.builtin_documents('train', 0)
-  valid = data_lib.builtin_documents('validation', 0)
+  train = text_data.builtin_documents('train', 0)
+  valid = text_data.builtin_documents('validation', 0)
   train_names = {name for name, _ in train}
   valid_names = {name for name, _ in valid}
   assert not train_names & valid_names
@@ -68,27 +68,27 @@ def test_builtin_split_is_deterministic_and_disjoint():
   assert any(n.startswith('pydoc_data/topics/') for n in train_names)
   assert not any('site-packages' in n or '/test/' in n for n in train_names)
   assert 'pydoc_data/topics.py' not in train_names | valid_names
-  capped = data_lib.builtin_documents('train', MAX_BYTES)
+  capped = text_data.builtin_documents('train', MAX_BYTES)
   assert sum(len(t.encode()) for _, t in capped) <= MAX_BYTES
   assert capped == train[:len(capped)]  # A prefix in a stable order.
 
 
 def test_split_document_overlaps_by_one():
   doc = np.arange(10)
-  pieces = data_lib.split_document(doc, 4)
+  pieces = text_data.split_document(doc, 4)
   assert [p.tolist() for p in pieces] == [[0, 1, 2, 3], [3, 4, 5, 6],
                                           [6, 7, 8, 9]]
-  assert [p.tolist() for p in data_lib.split_document(doc[:4], 4)] == [
+  assert [p.tolist() for p in text_data.split_document(doc[:4], 4)] == [
       [0, 1, 2, 3]]
   # Targets of all pieces are exactly the document's targets.
-  assert sum(len(p) - 1 for p in data_lib.split_document(doc, 3)) == 9
+  assert sum(len(p) - 1 for p in text_data.split_document(doc, 3)) == 9
 
 
 def test_split_at_eos():
   bos, eos = 1, 2
-  docs = data_lib.split_at_eos(np.array([5, 6, 2, 1, 7, 2, 8]), bos, eos)
+  docs = text_data.split_at_eos(np.array([5, 6, 2, 1, 7, 2, 8]), bos, eos)
   assert [d.tolist() for d in docs] == [[1, 5, 6, 2], [1, 7, 2], [1, 8, 2]]
-  assert [d.tolist() for d in data_lib.split_at_eos(np.array([5]), bos, eos)
+  assert [d.tolist() for d in text_data.split_at_eos(np.array([5]), bos, eos)
           ] == [[1, 5, 2]]
 
 
@@ -96,7 +96,7 @@ def test_split_at_eos():
 
 
 def test_batch_format(tok):
-  batch = next(data_lib.make_train_iterator(
+  batch = next(text_data.make_train_iterator(
       _config(), tok, batch_size=4, seq_len=SEQ_LEN, seed=0))
   assert sorted(batch) == ['inputs', 'positions', 'segment_ids', 'targets',
                            'weights']
@@ -127,15 +127,15 @@ def test_batch_format(tok):
 def test_eval_batches_hold_every_document_once(tok, tmp_path):
   texts = [f'document {i}: ' + 'word ' * (i % 7) for i in range(50)]
   files = _write_jsonl(tmp_path / 'docs.jsonl', texts)
-  batches = data_lib.make_eval_batches(
+  batches = text_data.make_eval_batches(
       _config(eval_files=files), tok, batch_size=4, seq_len=SEQ_LEN)
   expected = sorted(tok.encode(t, bos=True, eos=True) for t in texts)
   assert sorted(_pieces(batches)) == expected
   assert all(b['inputs'].shape == (4, SEQ_LEN) for b in batches)
-  again = data_lib.make_eval_batches(
+  again = text_data.make_eval_batches(
       _config(eval_files=files), tok, batch_size=4, seq_len=SEQ_LEN)
   _assert_batches_equal(batches, again)
-  limited = data_lib.make_eval_batches(_config(eval_files=files), tok,
+  limited = text_data.make_eval_batches(_config(eval_files=files), tok,
                                        batch_size=4, seq_len=SEQ_LEN,
                                        max_batches=2)
   _assert_batches_equal(limited, batches[:2])
@@ -145,7 +145,7 @@ def test_long_document_is_split_into_pieces(tok, tmp_path):
   text = ' '.join(f'token{i}' for i in range(300))
   path = tmp_path / 'long.txt'
   path.write_text(text)
-  batches = data_lib.make_eval_batches(
+  batches = text_data.make_eval_batches(
       _config(eval_files=str(path)), tok, batch_size=2, seq_len=SEQ_LEN)
   pieces = _pieces(batches)
   assert max(len(p) for p in pieces) == SEQ_LEN + 1
@@ -158,14 +158,14 @@ def test_npy_tokens(tok, tmp_path):
           tok.encode('second', eos=True), tok.encode('tail')]
   path = tmp_path / 'tokens.npy'
   np.save(path, np.concatenate(docs).astype(np.uint16))
-  batches = data_lib.make_eval_batches(
+  batches = text_data.make_eval_batches(
       _config(eval_files=str(path)), tok, batch_size=2, seq_len=SEQ_LEN)
   assert _pieces(batches) == [tok.encode(t, bos=True, eos=True)
                               for t in ('first doc', 'second', 'tail')]
 
 
 def test_eval_default_is_builtin_validation(tok):
-  batches = data_lib.make_eval_batches(_config(), tok, batch_size=4,
+  batches = text_data.make_eval_batches(_config(), tok, batch_size=4,
                                        seq_len=SEQ_LEN, max_batches=3)
   assert len(batches) == 3
 
@@ -175,7 +175,7 @@ def test_eval_default_is_builtin_validation(tok):
 
 def test_train_iterator_is_deterministic(tok):
   def first(seed):
-    return _take(data_lib.make_train_iterator(
+    return _take(text_data.make_train_iterator(
         _config(), tok, batch_size=4, seq_len=SEQ_LEN, seed=seed), 3)
   _assert_batches_equal(first(0), first(0))
   assert not np.array_equal(first(0)[0]['inputs'], first(1)[0]['inputs'])
@@ -186,7 +186,7 @@ def test_resume_from_checkpointed_state(tok, tmp_path):
   files = _write_jsonl(tmp_path / 'small.jsonl',
                        [f'sample number {i} ' * 3 for i in range(40)])
   def make():
-    return data_lib.make_train_iterator(
+    return text_data.make_train_iterator(
         _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN,
         seed=3)
   iterator = make()
@@ -202,7 +202,7 @@ def test_resume_from_checkpointed_state(tok, tmp_path):
 def test_processes_split_the_same_global_batch(tok, tmp_path):
   """Process p keeps rows [p*B/P, (p+1)*B/P) of the batch one process would see."""
   files = _write_jsonl(tmp_path / 'docs.jsonl', [f'unique text {i}' for i in range(60)])
-  make = lambda index, count: data_lib.make_train_iterator(
+  make = lambda index, count: text_data.make_train_iterator(
       _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN, seed=0,
       process_index=index, process_count=count)
   whole = _take(make(0, 1), 10)
@@ -213,7 +213,7 @@ def test_processes_split_the_same_global_batch(tok, tmp_path):
       np.testing.assert_array_equal(
           np.concatenate([halves[0][step][key], halves[1][step][key]]), x)
   with pytest.raises(ValueError, match='not divisible'):
-    data_lib.make_train_iterator(_config(), tok, batch_size=3, seq_len=8,
+    text_data.make_train_iterator(_config(), tok, batch_size=3, seq_len=8,
                                  seed=0, process_count=2)
 
 
@@ -221,30 +221,30 @@ def test_processes_split_the_same_global_batch(tok, tmp_path):
 
 
 def _train(tok, files, **kwargs):
-  return data_lib.make_train_iterator(
+  return text_data.make_train_iterator(
       _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN, seed=0,
       **kwargs)
 
 
 def test_missing_files(tok, tmp_path):
-  with pytest.raises(data_lib.DataError, match='No files match.*nothing'):
+  with pytest.raises(text_data.DataError, match='No files match.*nothing'):
     _train(tok, str(tmp_path / 'nothing*.txt'))
   good = _write_jsonl(tmp_path / 'ok.jsonl', ['x' * 1000])
-  with pytest.raises(data_lib.DataError, match='missing.txt'):
+  with pytest.raises(text_data.DataError, match='missing.txt'):
     _train(tok, f'{good}, {tmp_path}/missing.txt')
 
 
 @pytest.mark.parametrize('name', ['empty.txt', 'empty.jsonl', 'empty.npy'])
 def test_empty_file(tok, tmp_path, name):
   (tmp_path / name).write_bytes(b'')
-  with pytest.raises(data_lib.DataError, match=f'{name}: file is empty'):
+  with pytest.raises(text_data.DataError, match=f'{name}: file is empty'):
     _train(tok, str(tmp_path / name))
 
 
 def test_undecodable_bytes(tok, tmp_path):
   path = tmp_path / 'bad.txt'
   path.write_bytes(b'hello \xff world')
-  with pytest.raises(data_lib.DataError,
+  with pytest.raises(text_data.DataError,
                      match='bad.txt: invalid UTF-8 at byte offset 6'):
     _train(tok, str(path))
 
@@ -252,38 +252,38 @@ def test_undecodable_bytes(tok, tmp_path):
 def test_bad_json_lines(tok, tmp_path):
   path = tmp_path / 'bad.jsonl'
   path.write_text('{"text": "fine"}\n{"text": oops}\n')
-  with pytest.raises(data_lib.DataError, match='bad.jsonl:2: invalid JSON'):
+  with pytest.raises(text_data.DataError, match='bad.jsonl:2: invalid JSON'):
     _train(tok, str(path))
   path.write_text('{"text": "fine"}\n{"body": "no text"}\n')
-  with pytest.raises(data_lib.DataError, match='bad.jsonl:2: expected'):
+  with pytest.raises(text_data.DataError, match='bad.jsonl:2: expected'):
     _train(tok, str(path))
 
 
 def test_token_ids_outside_vocab(tok, tmp_path):
   path = tmp_path / 'ids.npy'
   np.save(path, np.array([1, 5, tok.vocab_size + 3, 2], np.int32))
-  with pytest.raises(data_lib.DataError,
+  with pytest.raises(text_data.DataError,
                      match=f'ids.npy: token id {tok.vocab_size + 3} at index 2'
                      f'.*vocabulary \\(size {tok.vocab_size}\\)'):
     _train(tok, str(path))
   np.save(path, np.zeros((2, 3), np.int32))
-  with pytest.raises(data_lib.DataError, match='ids.npy: expected a 1-D'):
+  with pytest.raises(text_data.DataError, match='ids.npy: expected a 1-D'):
     _train(tok, str(path))
 
 
 def test_corpus_too_small(tok, tmp_path):
   files = _write_jsonl(tmp_path / 'tiny.jsonl', ['hi'])
   have, needed = len(tok.encode('hi')) + 2, 4 * (SEQ_LEN + 1)
-  with pytest.raises(data_lib.DataError,
+  with pytest.raises(text_data.DataError,
                      match=f'too small.* has {have} tokens.*needs {needed}'):
     _train(tok, files)
 
 
 def test_read_texts(tmp_path):
   files = _write_jsonl(tmp_path / 'a.jsonl', ['one', 'two', 'three'])
-  assert data_lib.read_texts(files) == ['one', 'two', 'three']
-  assert data_lib.read_texts(files, max_bytes=6) == ['one', 'two']
-  assert data_lib.read_texts(files, max_bytes=5) == ['one']
+  assert text_data.read_texts(files) == ['one', 'two', 'three']
+  assert text_data.read_texts(files, max_bytes=6) == ['one', 'two']
+  assert text_data.read_texts(files, max_bytes=5) == ['one']
   np.save(tmp_path / 'b.npy', np.arange(3))
-  with pytest.raises(data_lib.DataError, match='b.npy'):
-    data_lib.read_texts(str(tmp_path / 'b.npy'))
+  with pytest.raises(text_data.DataError, match='b.npy'):
+    text_data.read_texts(str(tmp_path / 'b.npy'))

@@ -11,9 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from llama4_jax import checkpoint, evaluation
+from llama4_jax import workdir as workdir_lib
+from llama4_jax.data import text as text_data
+from llama4_jax.data import tokenizer as tokenizer_lib
+
 import hf_reference
 import small_run
-from llama4_jax import checkpoint, evaluation, tokenizer as tokenizer_lib, workdir as workdir_lib
 
 
 def run_eval(*args):
@@ -58,6 +62,8 @@ def hf_window_loss(hf_model, windows):
   return float(nll)
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_eval_loss_equals_transformers(converted, tmp_path):
   hf, workdir = converted
   tokens = np.random.default_rng(0).integers(0, 128, 1000).astype(np.int32)
@@ -67,7 +73,7 @@ def test_eval_loss_equals_transformers(converted, tmp_path):
   assert result.returncode == 0, result.stderr
   ours = json.loads((tmp_path / 'result.json').read_text())
 
-  windows = evaluation.token_windows(tokens, 32)
+  windows = text_data.token_windows(tokens, 32)
   assert windows.shape == (30, 33) and ours['tokens'] == 30 * 32  # 10 leftover tokens dropped
   reference = hf_window_loss(hf, windows)
   assert reference > 1.0
@@ -75,12 +81,16 @@ def test_eval_loss_equals_transformers(converted, tmp_path):
   assert abs(ours['perplexity'] - np.exp(reference)) / np.exp(reference) <= 1e-4
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_eval_rejects_out_of_vocabulary_tokens(converted, tmp_path):
   np.save(tmp_path / 'tokens.npy', np.array([1, 2, 500] * 50))
   result = run_eval(f'--workdir={converted[1]}', f'--tokens={tmp_path}/tokens.npy', '--seq_len=8')
   assert result.returncode == 1 and 'tokens.npy' in result.stderr and '500' in result.stderr
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_npy_files_need_no_tokenizer_but_validation_data_does(converted, tmp_path):
   """A converted run has no tokenizer: .npy documents use the model's special ids."""
   hf, workdir = converted
@@ -108,6 +118,7 @@ def trained(tmp_path_factory):
   return workdir, [m['eval_loss'] for m in logged if 'eval_loss' in m][-1]
 
 
+@pytest.mark.slow
 def test_default_data_is_the_runs_validation_as_in_training(trained, tmp_path):
   workdir, training_eval_loss = trained
   result = run_eval(f'--workdir={workdir}', f'--output={tmp_path}/result.json')
@@ -120,6 +131,7 @@ def test_default_data_is_the_runs_validation_as_in_training(trained, tmp_path):
   np.testing.assert_allclose(scalars['eval/loss'][4], ours['loss'], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_all_steps_writes_one_row_per_checkpoint(trained, tmp_path):
   workdir, training_eval_loss = trained
   rows = evaluation.evaluate_workdir(str(workdir), all_steps=True, table_dir=str(tmp_path),
@@ -139,6 +151,7 @@ def test_all_steps_writes_one_row_per_checkpoint(trained, tmp_path):
   assert set(tensorboard_scalars(workdir)['eval/loss']) >= {2, 4}
 
 
+@pytest.mark.slow
 def test_jsonl_files_at_a_step_equal_a_direct_computation(trained, tmp_path):
   """Packed rows (several documents per row) score each document as if alone."""
   workdir, _ = trained
@@ -151,13 +164,13 @@ def test_jsonl_files_at_a_step_equal_a_direct_computation(trained, tmp_path):
 
   config = small_run.config()
   tokenizer = tokenizer_lib.load_tokenizer(config.data, config.model.vocab_size,
-                                           default_cache_dir=str(workdir / 'tokenizer'))
+                                           workdir=str(workdir))
   model, _, step = workdir_lib.load_model(str(workdir), 2)
   nll, count = 0.0, 0
   for text in texts:
     ids = np.array([tokenizer.encode(text, bos=True, eos=True)], np.int32)
     assert ids.shape[1] <= 65  # one piece each
-    result = evaluation.evaluate_batches(model, evaluation.windows_to_batches(ids, 1))
+    result = evaluation.evaluate_batches(model, text_data.windows_to_batches(ids, 1))
     nll += result['loss'] * result['tokens']
     count += result['tokens']
   assert ours['step'] == step == 2 and ours['tokens'] == count
@@ -166,6 +179,7 @@ def test_jsonl_files_at_a_step_equal_a_direct_computation(trained, tmp_path):
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(trained, tmp_path):
   workdir, _ = trained
   quiet = dict(log=lambda _: None)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import transformers
 
-# Architecture doc §9: every code path of the text model in four layers.
+# docs/llama4_architecture.md §9: every code path of the text model in four layers.
 PARITY_TEXT_CONFIG = dict(
     vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, intermediate_size=32, intermediate_size_mlp=48,
@@ -59,7 +59,7 @@ def _mask_kwargs(attention_mask) -> dict:
   return dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
 
 
-# Architecture doc §9: 8 x 8 patches of 7 pixels, 16 image tokens per tile.
+# docs/llama4_architecture.md §9: 8 x 8 patches of 7 pixels, 16 image tokens per tile.
 PARITY_VISION_CONFIG = dict(
     hidden_size=32, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
     image_size=56, patch_size=7, num_channels=3, pixel_shuffle_ratio=0.5,

@@ -1,11 +1,11 @@
 """Tests for llama4_jax.image_processing."""
 
 import numpy as np
-from PIL import Image, ImageFile
 import pytest
+from PIL import Image, ImageFile
 
-from llama4_jax import image_processing as ip
-from llama4_jax import tokenizer as tokenizer_lib
+from llama4_jax.data import image_processing as ip
+from llama4_jax.data import tokenizer as tokenizer_lib
 
 TILE = 336
 # Small stand-in ids, so failures print readably.

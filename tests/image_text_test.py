@@ -10,12 +10,14 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-import small_run
 from configs import tiny_mm
-from llama4_jax import config_lib, data, image_processing, image_text, optim, shapes_data
+from llama4_jax import config_lib, optim, trainer
 from llama4_jax import model as model_lib
-from llama4_jax import tokenizer as tokenizer_lib
-from llama4_jax import trainer
+from llama4_jax.data import image_processing, image_text, shapes_data
+from llama4_jax.data import text as text_data
+from llama4_jax.data import tokenizer as tokenizer_lib
+
+import small_run
 
 
 @pytest.fixture(scope='module')
@@ -67,17 +69,17 @@ def test_row_layout_and_text_only_weights(maker, tok):
 
 def test_bad_records_and_images_are_named(tmp_path, maker, tok):
   (tmp_path / 'a.jsonl').write_text('{"image": "x.png"}\n')
-  with pytest.raises(data.DataError, match=r'a.jsonl:1: missing string field "text"'):
+  with pytest.raises(text_data.DataError, match=r'a.jsonl:1: missing string field "text"'):
     image_text.read_records(str(tmp_path / 'a.jsonl'))
   (tmp_path / 'b.jsonl').write_text('{"image": "x.png", "text": "hi"}\nnot json\n')
-  with pytest.raises(data.DataError, match=r'b.jsonl:2: not valid JSON'):
+  with pytest.raises(text_data.DataError, match=r'b.jsonl:2: not valid JSON'):
     image_text.read_records(str(tmp_path / 'b.jsonl'))
-  with pytest.raises(data.DataError, match='do not fit data.seq_len=48'):
+  with pytest.raises(text_data.DataError, match='do not fit data.seq_len=48'):
     maker.row(Image.new('RGB', (48, 48)), 'word ' * 60, 'long.png')
-  with pytest.raises(data.DataError, match='needs 3 tiles, more than data.tiles_per_row=1'):
+  with pytest.raises(text_data.DataError, match='needs 3 tiles, more than data.tiles_per_row=1'):
     maker.pad_tiles(np.zeros((3, 3, 48, 48), np.float32), 'wide.png')
   cfg = config_lib.model_config(tiny_mm.get_config())
-  with pytest.raises(data.DataError, match='image_token_id is 99'):
+  with pytest.raises(text_data.DataError, match='image_token_id is 99'):
     image_text.RowMaker(cfg.vision.__class__(**{**cfg.vision.to_dict(), 'image_token_id': 99,
                                                 'image_size': 48, 'patch_size': 6}),
                         tok[0], seq_len=48, tiles_per_row=1)
@@ -99,6 +101,7 @@ def test_place_images_fills_markers_in_order(tok):
     image_text.place_images([[1, ids.image], [1, 40]], images, vcfg, ids)
 
 
+@pytest.mark.slow
 def test_freezing_keeps_the_frozen_parts(config):
   cfg = config_lib.model_config(config)
   shapes = nnx.state(model_lib.abstract_model(cfg), nnx.Param)
@@ -125,6 +128,7 @@ def trained(config, tmp_path_factory):
   return trainer.train_and_evaluate(config, str(workdir)), workdir
 
 
+@pytest.mark.slow
 def test_training_on_the_shapes_data(trained):
   result, workdir = trained
   assert np.isfinite(result['eval_loss']) and result['step'] == 6
@@ -135,6 +139,7 @@ def test_training_on_the_shapes_data(trained):
   assert first['step'] == 1
 
 
+@pytest.mark.slow
 def test_generate_script_with_an_image(trained, tok, tmp_path):
   _, workdir = trained
   image = tmp_path / 'shape.png'
@@ -148,6 +153,7 @@ def test_generate_script_with_an_image(trained, tok, tmp_path):
   assert len(ids) == 1 and 1 <= len(ids[0]) <= 4
 
 
+@pytest.mark.slow
 def test_eval_scores_an_image_text_run_as_training_did(trained):
   from llama4_jax import evaluation
   result, workdir = trained

@@ -21,9 +21,10 @@ from flax import nnx  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from llama4_jax import checkpoint, config_lib, data, lm_eval_adapter, sampling  # noqa: E402
+from llama4_jax import checkpoint, config_lib, lm_eval_adapter, sampling  # noqa: E402
 from llama4_jax import model as model_lib  # noqa: E402
-from llama4_jax import tokenizer as tokenizer_lib  # noqa: E402
+from llama4_jax.data import text as text_data
+from llama4_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 
 MAX_LENGTH = 128
 
@@ -60,7 +61,7 @@ metadata:
 def workdir(tmp_path_factory):
   """A randomly initialised small model (peaked logits) with its own tokenizer."""
   path = tmp_path_factory.mktemp('run')
-  tokenizer_lib.train_tokenizer(data.read_texts('', 200_000), 512, str(path / 'tok.model'))
+  tokenizer_lib.train_tokenizer(text_data.read_texts('', 200_000), 512, str(path / 'tok.model'))
   config = small_run.config(data__tokenizer=str(path / 'tok.model'),
                             model__initializer_range=0.2)
   config_lib.save(config, str(path))
@@ -99,6 +100,7 @@ def direct_logprob(logits_of, ids, n_score):
   return float(logprobs[rows, targets[rows]].sum())
 
 
+@pytest.mark.slow
 def test_loglikelihood_equals_the_model_and_is_greedy_is_right(lm, logits_of):
   pairs = [(q['question'], c) for q in QUESTIONS for c in q['choices']]
   pairs.append(('x' * 400, ' = 1'))  # context longer than max_length: cut from the left
@@ -116,6 +118,7 @@ def test_loglikelihood_equals_the_model_and_is_greedy_is_right(lm, logits_of):
     assert is_greedy == bool(np.all(greedy == ids[-len(continuation_ids):]))
 
 
+@pytest.mark.slow
 def test_loglikelihood_rolling_scores_every_token_once(lm, logits_of):
   text = open(os.path.join(small_run.REPO, 'llama4_jax', 'losses.py')).read()
   short = 'import os\n'
@@ -138,6 +141,7 @@ def test_loglikelihood_rolling_scores_every_token_once(lm, logits_of):
   np.testing.assert_allclose(results[0], expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_generate_until_is_greedy_generation_cut_at_until(lm):
   """Batched (sorted, left-padded, filled with dummy rows) = each prompt alone."""
   contexts = ['def main(', 'class A:\n  def f(self):\n    return ']
@@ -164,6 +168,7 @@ def write_task(directory):
   (directory / 'tiny_mc.yaml').write_text(TASK_YAML.format(data=directory / 'data.jsonl'))
 
 
+@pytest.mark.slow
 def test_simple_evaluate_on_a_local_multiple_choice_task(lm, logits_of, tmp_path):
   write_task(tmp_path)
   task_manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
@@ -186,6 +191,7 @@ def test_simple_evaluate_on_a_local_multiple_choice_task(lm, logits_of, tmp_path
       np.testing.assert_allclose(response[0], expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_command_line_entry_point(workdir, tmp_path):
   write_task(tmp_path)
   result = subprocess.run(

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import hf_reference
-from llama4_jax import attention, hf_convert, layers, sharding
 from llama4_jax import model as model_lib
+from llama4_jax import sharding
+from llama4_jax.model import attention, layers
+from llama4_jax.tools import hf_convert
+
+import hf_reference
 
 ATOL = 1e-4
 
@@ -36,6 +39,8 @@ def assert_matches_hf(ours, ref, mask):
 
 
 # 64 tokens are 8 whole chunks: the chunked layers take the banded path.
+@pytest.mark.reference
+@pytest.mark.slow
 @pytest.mark.parametrize('top_k, length', [(1, 60), (2, 64)])
 def test_logits_match_transformers(tmp_path, top_k, length):
   hf = hf_reference.text_model(num_experts_per_tok=top_k)
@@ -46,6 +51,7 @@ def test_logits_match_transformers(tmp_path, top_k, length):
   assert_matches_hf(np.asarray(ours), ref, mask)
 
 
+@pytest.mark.reference
 def test_no_padding_matches_default_positions(tmp_path):
   hf = hf_reference.text_model()
   model = converted(tmp_path, hf)
@@ -54,6 +60,8 @@ def test_no_padding_matches_default_positions(tmp_path):
   assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens), np.ones_like(tokens))
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_irregular_layer_pattern_matches_transformers(tmp_path):
   """MoE and RoPE lists that are not periodic: stages of scanned and single layers."""
   overrides = dict(num_hidden_layers=7, moe_layers=[0, 2, 3, 5], no_rope_layers=[1, 0, 1, 0, 1, 0, 1])
@@ -67,6 +75,8 @@ def test_irregular_layer_pattern_matches_transformers(tmp_path):
   assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens, mask), mask)
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh_shape', [
     dict(data=2, fsdp=2, tensor=2),
     dict(fsdp=2, expert=2, tensor=2),
@@ -85,12 +95,13 @@ def test_sharded_logits_match_transformers(tmp_path, devices, mesh_shape):
     logits, _ = nnx.merge(graphdef, state)(tokens, mask)
     return logits
 
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+  with sharding.mesh_context(mesh):
     batch = sharding.batch_sharding(mesh)
     ours = forward(state, jax.device_put(tokens, batch), jax.device_put(mask, batch))
   assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens, mask), mask)
 
 
+@pytest.mark.slow
 def test_banded_attention_equals_masked_attention_with_packing():
   B, T, N, K, H, C = 2, 64, 4, 2, 8, 16
   rng = np.random.default_rng(0)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import hf_reference
-from llama4_jax import hf_convert
 from llama4_jax import model as model_lib
-from llama4_jax import vision
+from llama4_jax.model import vision
+from llama4_jax.tools import hf_convert
+
+import hf_reference
 
 PATCH = hf_reference.PATCH_ID
 TILE = (3, 56, 56)
@@ -42,6 +43,8 @@ def tokens_with_patches(runs, length=60, seed=0):
   return tokens
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_logits_equal_transformers_with_images(ours, hf_model):
   """§9: row 0 has two tiles (32 tokens), row 1 one tile and one padding tile."""
   tokens = tokens_with_patches([(0, 3, 32), (1, 10, 16)])
@@ -54,6 +57,8 @@ def test_logits_equal_transformers_with_images(ours, hf_model):
   assert np.abs(reference).max() > 3  # large enough to show a wrong path
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_one_image_per_row_and_left_padding(ours, hf_model):
   tokens = tokens_with_patches([(0, 5, 16), (1, 20, 16)], length=40, seed=2)
   mask = np.ones_like(tokens)
@@ -66,6 +71,8 @@ def test_one_image_per_row_and_left_padding(ours, hf_model):
   np.testing.assert_allclose(np.asarray(logits)[valid], reference[valid], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_sharded_multimodal_logits_equal_transformers(ours, hf_model, devices):
   """The vision tower split over data x fsdp x tensor = 2 x 2 x 2 devices."""
   from llama4_jax import sharding
@@ -81,12 +88,14 @@ def test_sharded_multimodal_logits_equal_transformers(ours, hf_model, devices):
   def forward(state, tokens, pixels):
     return nnx.merge(graphdef, state)(tokens, pixels_BMCHW=pixels)[0]
 
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+  with sharding.mesh_context(mesh):
     batch = sharding.batch_sharding(mesh)
     logits = forward(state, jax.device_put(tokens, batch), jax.device_put(tiles[:, None], batch))
   np.testing.assert_allclose(np.asarray(logits), reference, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_cached_prefill_with_images_equals_full_forward(ours):
   tokens = tokens_with_patches([(0, 2, 16)], length=36, seed=4)
   pixels = jnp.asarray(np.random.default_rng(5).standard_normal((1, 1) + TILE), jnp.float32)
@@ -122,6 +131,8 @@ def test_pieces_follow_the_doc():
   np.testing.assert_allclose(angles[patch], [3, 3 * 1e4 ** -0.5, 2, 2 * 1e4 ** -0.5], rtol=1e-6)
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_multimodal_round_trip_is_bit_exact(ours, hf_dir, tmp_path):
   workdir, exported = tmp_path / 'work', tmp_path / 'hf'
   cfg = hf_convert.hf_to_workdir(str(hf_dir), str(workdir))
@@ -153,9 +164,12 @@ def test_images_for_a_text_model_and_bad_vision_configs_are_named():
     model_lib.ModelConfig(vision={'image_token_id': 500})
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_greedy_generation_with_images_equals_transformers(ours, hf_model):
   """Two prompts of different lengths (one left-padded batch) against HF, one by one."""
   import torch
+
   from llama4_jax import sampling
   image = [6] + [PATCH] * 16 + [7]
   prompts = [[1, 20, 21] + image + [30, 31, 32], [1] + image + [40]]

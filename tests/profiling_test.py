@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from llama4_jax import profiling
+from llama4_jax.tools import profiling
 
 
 def test_step_breakdown_groups_ops_by_named_scope():

@@ -20,10 +20,10 @@ import time
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+
+from llama4_jax import checkpoint, sharding, trainer
 
 import small_run
-from llama4_jax import checkpoint, sharding, trainer
 
 STEPS = 18
 RUN = dict(train__steps=STEPS, train__checkpoint_every=1)
@@ -125,6 +125,7 @@ def reference(tmp_path_factory, tokenizer_cache):
   return workdir
 
 
+@pytest.mark.slow
 def test_same_seed_config_and_devices_give_bit_identical_losses(reference, tokenizer_cache,
                                                                  tmp_path):
   status, output = run(tmp_path / 'again', tokenizer_cache)
@@ -212,6 +213,7 @@ def kill_in_start_up(process, rng) -> bool:
   return process.wait() == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_sigkill_ten_times_including_mid_save_then_resume_is_bit_exact(reference, tokenizer_cache,
                                                                        tmp_path):
   """Every restart resumes from the newest complete checkpoint; every step any run logged has
@@ -259,6 +261,7 @@ def test_sigkill_ten_times_including_mid_save_then_resume_is_bit_exact(reference
 # A full disk, and a resume on fewer devices ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_full_disk_stops_the_run_and_keeps_written_checkpoints(reference, tokenizer_cache,
                                                                tmp_path):
   """The disk fills up after 3 checkpoints: the run stops naming the step and the cause; the
@@ -283,6 +286,7 @@ def test_full_disk_stops_the_run_and_keeps_written_checkpoints(reference, tokeni
   assert_same_params(saved_params(reference, STEPS), saved_params(workdir, STEPS))
 
 
+@pytest.mark.slow
 def test_preempted_on_8_devices_resumes_on_4(reference, tokenizer_cache, tmp_path):
   """Killed on 8 devices once checkpoint 3 exists; resharded onto 4 devices, it goes on to the
   end with the losses of the 1-device run (within float reassociation)."""
@@ -311,7 +315,7 @@ def setup(devices):
   """The run's abstract state and shardings on the 8-device mesh (no compilation)."""
   config = small_run.config(**RUN)
   mesh = sharding.make_mesh(dict(config.mesh))
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+  with sharding.mesh_context(mesh):
     return trainer.make_setup(config, mesh)
 
 
@@ -337,11 +341,12 @@ def damage(workdir, step: int, pattern: str, how: str):
 
 
 def restore_latest(workdir, setup):
-  with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+  with sharding.mesh_context(setup.mesh):
     ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
     return ckpt, ckpt.restore_latest(setup.abstract_state, setup.state_shardings)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('pattern,how', [
     ('state/ocdbt.process_0/d/*', 'truncate'),  # the array data
     ('state/ocdbt.process_0/d/*', 'delete'),
@@ -372,6 +377,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(reference, last_two
   assert checkpoint.all_steps(str(last_two)) == [STEPS - 1, STEPS]
 
 
+@pytest.mark.slow
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(last_two, setup):
   damage(last_two, STEPS, 'state/_METADATA', 'truncate')
   damage(last_two, STEPS - 1, 'state/ocdbt.process_0/d/*', 'delete')

@@ -9,10 +9,13 @@ import pytest
 import torch
 from flax import nnx
 
+from llama4_jax import model as model_lib
+from llama4_jax import sampling
+from llama4_jax.model import moe
+from llama4_jax.tools import hf_convert
+
 import hf_reference
 import small_run
-from llama4_jax import hf_convert, moe, sampling
-from llama4_jax import model as model_lib
 
 
 @pytest.fixture(scope='module')
@@ -23,6 +26,8 @@ def converted(tmp_path_factory):
   return hf, hf_convert.load_hf_model(str(path))
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 @pytest.mark.parametrize('layout', ['stacked', 'decode'])
 def test_cached_decoding_equals_full_forward_at_every_step(converted, layout):
   """Prefill 20 tokens, then 20 single-token steps: crosses chunk boundaries at 24 and 32.
@@ -51,6 +56,8 @@ def test_cached_decoding_equals_full_forward_at_every_step(converted, layout):
   np.testing.assert_allclose(cached[valid], np.asarray(full)[valid], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_greedy_ids_equal_transformers_generate(converted):
   hf, model = converted
   prompts = [[1, 17, 33, 45, 9, 100, 7], [1, 64, 3]]
@@ -66,6 +73,8 @@ def test_greedy_ids_equal_transformers_generate(converted):
   assert max(len(r) for r in ours) > 10
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_sampling_is_seeded_and_respects_top_k(converted):
   _, model = converted
   prompts = [[1, 5, 6, 7]] * 3
@@ -85,6 +94,8 @@ def test_sampling_is_seeded_and_respects_top_k(converted):
   assert draws([0.0, 0.0, 10.0, 10.0], top_k=0, top_p=0.5) <= {2, 3}
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_stops_at_eos_per_row_and_generates_at_least_one_token(converted):
   _, model = converted
   greedy = sampling.generate(model, [[1, 17, 33]], max_new_tokens=8, eos_ids=[])[0]
@@ -96,6 +107,8 @@ def test_stops_at_eos_per_row_and_generates_at_least_one_token(converted):
     sampling.generate(model, [[1, 17, 33]], max_new_tokens=0, eos_ids=[])
 
 
+@pytest.mark.reference
+@pytest.mark.slow
 def test_generate_script_writes_ids(tmp_path, converted):
   hf, model = converted
   hf.save_pretrained(tmp_path / 'hf')
@@ -116,6 +129,7 @@ def test_generate_script_writes_ids(tmp_path, converted):
   assert no_tokenizer.returncode == 1 and 'tokenizer' in no_tokenizer.stderr
 
 
+@pytest.mark.reference
 def test_chunked_layers_keep_only_a_chunk_of_keys(converted):
   _, model = converted
   cache = model.init_cache(2, 100)

@@ -5,10 +5,10 @@ import json
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
-from llama4_jax import shapes_data as sd
+from llama4_jax.data import shapes_data as sd
 
 SIZE = 48
 NUM = 600

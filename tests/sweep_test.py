@@ -12,8 +12,10 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from llama4_jax import checkpoint, config_lib
+from llama4_jax.tools import sweep
+
 import small_run
-from llama4_jax import checkpoint, config_lib, sweep
 
 TINY = os.path.join(small_run.REPO, 'configs', 'tiny.py')
 
@@ -24,7 +26,7 @@ SMALL = {**small_run.SMALL, 'train.eval_every': 3}
 def sweep_file(tmp_path, body: str) -> str:
   """A config file that is tiny.py plus the sweep `body` (lines of `sweep`)."""
   path = tmp_path / 'sweep_config.py'
-  path.write_text('from configs import tiny\n\nget_config = tiny.get_config\n\n\n'
+  path.write_text(f'import runpy\n\nget_config = runpy.run_path({TINY!r})["get_config"]\n\n\n'
                   'def sweep(add, arg=None):\n' + body)
   return str(path)
 
@@ -62,6 +64,7 @@ def test_bad_entry_fails_before_any_run_naming_the_key(tmp_path, entry, message)
   assert not (tmp_path / 'root').exists()
 
 
+@pytest.mark.slow
 def test_script_refuses_a_bad_key_in_one_line_before_any_run(tmp_path):
   config = sweep_file(tmp_path, "  add(**{'optim.lr': 1e-3})\n  add(**{'train.stepz': 5})\n")
   result = subprocess.run(
@@ -112,6 +115,7 @@ def read_csv(path):
     return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_small_sweep_end_to_end(tmp_path, monkeypatch):
   """Two runs two at a time; the SLURM script; skip a finished run, resume a cut one; summary."""
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')  # cheapest runs

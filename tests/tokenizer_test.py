@@ -1,4 +1,4 @@
-"""Tests for llama4_jax.tokenizer."""
+"""Tests for llama4_jax.data.tokenizer."""
 
 import os
 import subprocess
@@ -8,8 +8,8 @@ import ml_collections as mlc
 import pytest
 import sentencepiece as spm
 
-from llama4_jax import data as data_lib
-from llama4_jax import tokenizer as tokenizer_lib
+from llama4_jax.data import text as text_data
+from llama4_jax.data import tokenizer as tokenizer_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = [
@@ -22,7 +22,7 @@ TEXTS = [
 
 @pytest.fixture(scope='module')
 def tok():
-  texts = [text for _, text in data_lib.builtin_documents('train', 200_000)]
+  texts = [text for _, text in text_data.builtin_documents('train', 200_000)]
   return tokenizer_lib.train_tokenizer(texts, vocab_size=512)
 
 
@@ -74,7 +74,7 @@ def test_format_chat_matches_template(tok):
 
 
 def test_training_is_deterministic(tok):
-  texts = [text for _, text in data_lib.builtin_documents('train', 200_000)]
+  texts = [text for _, text in text_data.builtin_documents('train', 200_000)]
   again = tokenizer_lib.train_tokenizer(texts, vocab_size=512)
   assert again.encode(TEXTS[0] + TEXTS[1]) == tok.encode(TEXTS[0] + TEXTS[1])
 
@@ -95,13 +95,13 @@ def test_builtin_tokenizer_is_cached(tmp_path, monkeypatch):
 def test_load_tokenizer_from_config(tmp_path):
   config = mlc.ConfigDict(dict(tokenizer='', tokenizer_cache='',
                                tokenizer_train_bytes=100_000))
-  tok = tokenizer_lib.load_tokenizer(config, 400, str(tmp_path / 'default'))
+  tok = tokenizer_lib.load_tokenizer(config, 400, workdir=str(tmp_path / 'run'))
   assert tok.vocab_size == 400
   path = tokenizer_lib.builtin_tokenizer_path(
-      str(tmp_path / 'default'), 400, 100_000)
+      str(tmp_path / 'run' / 'tokenizer'), 400, 100_000)
   assert os.path.exists(path)
   config.tokenizer_cache = str(tmp_path / 'cache')
-  tokenizer_lib.load_tokenizer(config, 400, str(tmp_path / 'default'))
+  tokenizer_lib.load_tokenizer(config, 400, workdir=str(tmp_path / 'run'))
   assert os.listdir(tmp_path / 'cache')
   config.tokenizer = path
   assert tokenizer_lib.load_tokenizer(config, 400).vocab_size == 400
@@ -118,6 +118,7 @@ def test_foreign_model_is_rejected(tmp_path):
     tokenizer_lib.Tokenizer.load(path)
 
 
+@pytest.mark.slow
 def test_train_tokenizer_script(tmp_path):
   text_file = tmp_path / 'corpus.txt'
   text_file.write_text('\n'.join(TEXTS * 100))

@@ -11,26 +11,27 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from flax import nnx
+
+from llama4_jax import checkpoint, sharding, trainer
+from llama4_jax.data import text as text_data
+from llama4_jax.data import tokenizer as tokenizer_lib
 
 import small_run
-from llama4_jax import checkpoint, data, sharding, trainer
-from llama4_jax import tokenizer as tokenizer_lib
 
 
 @pytest.fixture(scope='module')
 def batches(tmp_path_factory):
   config = small_run.config()
   tok = tokenizer_lib.load_tokenizer(config.data, config.model.vocab_size,
-                                     default_cache_dir=str(tmp_path_factory.mktemp('tok')))
-  it = data.make_train_iterator(config.data, tok, batch_size=8, seq_len=64, seed=0)
+                                     workdir=str(tmp_path_factory.mktemp('run')))
+  it = text_data.make_train_iterator(config.data, tok, batch_size=8, seq_len=64, seed=0)
   return [next(it) for _ in range(3)]
 
 
 def losses_on_mesh(mesh_shape, batches, devices=None, **overrides):
   config = small_run.config(**overrides)
   mesh = sharding.make_mesh(mesh_shape, devices=devices)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.LOGICAL_RULES):
+  with sharding.mesh_context(mesh):
     setup = trainer.make_setup(config, mesh)
     state = trainer.init_state(setup, seed=0)
     train_fn, _ = trainer.compile_steps(setup)
@@ -47,6 +48,7 @@ def single_device_losses(batches):
 
 
 # Every mesh axis, alone at full width where it shards weights (fsdp) or experts, and combined.
+@pytest.mark.slow
 @pytest.mark.parametrize('mesh_shape', [
     dict(fsdp=8), dict(data=2, expert=4),
     dict(data=2, fsdp=2, tensor=2), dict(fsdp=2, expert=2, tensor=2),
@@ -59,6 +61,7 @@ def test_sharded_losses_match_single_device(devices, batches, single_device_loss
   assert len(expert_kernel.sharding.device_set) == 8
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_and_expert_parallelism_keep_aux_losses_exact(devices, batches):
   """With the MoE auxiliary losses on: 4 micro-batches, or experts over 4 devices, change nothing."""
   aux = dict(train__load_balance_coef=0.1, train__router_z_coef=0.01)
@@ -70,6 +73,7 @@ def test_gradient_accumulation_and_expert_parallelism_keep_aux_losses_exact(devi
   np.testing.assert_allclose(expert_parallel, single, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_with_remat_trains(devices, batches):
   losses, state = losses_on_mesh(dict(fsdp=8), batches, model__dtype='bfloat16',
                                  model__remat='full')
@@ -82,11 +86,12 @@ def final_params(workdir):
   return {name: checkpoint.read_param(path, name) for name in checkpoint.param_names(path)}
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
   result = small_run.run_train(tmp_path, optim__lr=1e30, optim__warmup_steps=0,
                                optim__clip_norm=0.0, train__checkpoint_every=1)
   assert result.returncode == 1
-  message = [l for l in result.stderr.splitlines() if l.startswith('error:')][-1]
+  message = [line for line in result.stderr.splitlines() if line.startswith('error:')][-1]
   assert 'non-finite' in message and 'at step' in message
   failed_step = int(message.split('at step ')[1].split()[0])
   saved = checkpoint.all_steps(str(tmp_path))
@@ -95,11 +100,12 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
     assert np.all(np.isfinite(value))
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_counts_skipped_steps(tmp_path):
   result = small_run.run_train(tmp_path, optim__lr=1e30, optim__warmup_steps=0,
                                optim__clip_norm=0.0, train__skip_nonfinite=True)
   assert result.returncode == 0, result.stderr[-2000:]
-  logs = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
+  logs = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl') if '"loss"' in line]
   assert logs[-1]['skipped_steps'] >= 1
 
 
@@ -110,9 +116,11 @@ def free_port() -> int:
 
 
 def logged_losses(workdir):
-  return np.array([json.loads(l)['loss'] for l in open(workdir / 'metrics.jsonl') if '"loss"' in l])
+  return np.array([json.loads(line)['loss'] for line in open(workdir / 'metrics.jsonl')
+                   if '"loss"' in line])
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   """2 CPU processes x 4 devices (gloo collectives) give the losses of 1 process x 8."""
   overrides = dict(train__steps=4, mesh__fsdp=-1)
@@ -134,6 +142,7 @@ def test_two_processes_match_one_process(tmp_path):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_init_from_another_run_and_keep_last_checkpoints(tmp_path):
   first = small_run.run_train(tmp_path / 'first', train__steps=6, train__keep_checkpoints=2)
   assert first.returncode == 0, first.stderr[-3000:]

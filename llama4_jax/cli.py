@@ -1,0 +1,101 @@
+"""The scripts' command line: `--config` files with checked overrides, one-line errors.
+
+Every script runs its `main` through `run_main`: an error about the user's input (a config
+key, a file, a value) prints one line naming it and exits 1; `--traceback` shows the
+traceback instead.
+"""
+
+import logging as py_logging
+import os
+import sys
+from collections.abc import Callable
+
+from absl import app, flags, logging
+
+
+def define_config_flag(name: str = 'config'):
+  """`--config=FILE[:arg]` with `--config.a.b=value` overrides (keys locked, types checked).
+
+  The config file is loaded while the flag is defined, so a missing or broken
+  file is reported here, in one line.
+  """
+  from ml_collections import config_flags
+  try:
+    return config_flags.DEFINE_config_file(name, None, 'Config file (python; runs as code).',
+                                           lock_config=True)
+  except OSError as e:
+    sys.exit(f'error: {" ".join(str(e).split())}')
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(f'error: the config file raised {type(e).__name__}: {e}')
+
+
+USER_ERRORS = (ValueError, OSError)
+
+
+def _drop_library_tracebacks(record) -> bool:
+  """A logging filter: Orbax's and asyncio's error logs without their tracebacks.
+
+  A failed checkpoint write (a full disk) is logged with a traceback by each of
+  Orbax's background threads; the run then stops with one line that names the
+  step and the cause. `--traceback` keeps them.
+  """
+  if record.name == 'asyncio' or f'{os.sep}orbax{os.sep}' in record.pathname:
+    record.exc_info = record.exc_text = None
+  return True
+
+
+def _drop_abandoned_io_errors(unraisable):
+  """sys.unraisablehook: after a failed save or restore, Orbax abandons its other
+  reads and writes, and each is reported when collected (a coroutine that never
+  finished, a write completing into a closed event loop) with a long traceback."""
+  code = getattr(unraisable.object, 'cr_code', None)
+  abandoned = code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+  closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                 and str(unraisable.exc_value) == 'Event loop is closed')
+  if not (abandoned or closed_loop):
+    sys.__unraisablehook__(unraisable)
+
+
+def _flag_error(e: Exception) -> str:
+  """A flag error in one line. ml_collections puts the traceback of a config file that
+  raised into the message: keep its last line, the config file's own error."""
+  text = str(e)
+  if 'Traceback (most recent call last)' in text:
+    flag = text.split(':', 1)[0]  # flag --config=PATH
+    return f'{flag}: the config file raised {text.strip().splitlines()[-1]}'
+  return ' '.join(text.split())
+
+
+def run_main(main: Callable):
+  """absl app.run, but errors about the user's input print one line and exit 1."""
+
+  def wrapped(argv):
+    if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):
+      logging.set_verbosity(logging.WARNING)  # Orbax logs every save and load at INFO
+    if '--traceback' not in sys.argv:
+      for name in ('absl', 'asyncio'):  # Orbax logs through absl's logger
+        py_logging.getLogger(name).addFilter(_drop_library_tracebacks)
+      sys.unraisablehook = _drop_abandoned_io_errors
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if '--traceback' in sys.argv:
+        raise
+      message = ' '.join(str(e).split()) if isinstance(e, OSError) else str(e)
+      print(f'error: {message}', file=sys.stderr)
+      sys.exit(1)
+
+  if 'traceback' not in flags.FLAGS:  # read from sys.argv above; defined so that absl accepts it
+    flags.DEFINE_bool('traceback', False, 'On an error, raise it with its traceback, not one line.')
+  try:  # parse once up front: a bad --config.key=value is one line, not a traceback
+    argv = flags.FLAGS(sys.argv)
+    if 'config' in flags.FLAGS:
+      _ = flags.FLAGS.config  # raises if the file failed to load
+  except flags.Error as e:
+    sys.exit(f'error: {_flag_error(e)}')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip('\'"').replace('\\n', ' ').replace('\n', ' ')
+    sys.exit(f'error: bad config override: {message}')
+  except OSError as e:
+    sys.exit(f'error: {" ".join(str(e.__cause__ or e).split())}')
+  app.run(wrapped, flags_parser=lambda _: argv)

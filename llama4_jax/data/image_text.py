@@ -1,0 +1,271 @@
+"""Image-text data: JSON Lines records -> token rows with their image tiles.
+
+A dataset is a JSON Lines file of `{"image": path, "text": ...}` records, the
+image path relative to the file (records may carry other fields, e.g. the
+`question`/`answer` of the built-in shapes data, used for accuracy). A record
+becomes one row:
+
+  [BOS] <image layout: <|image_start|> ... <|patch|> x tokens_per_tile ... <|image_end|>>
+  text tokens [EOS] [PAD ...]
+
+Batches hold the text features of data/text.py (`inputs`, `targets`, `weights`,
+`segment_ids`, `positions`, each [B, S]) plus `pixels` [B, M, C, I, I], the
+row's tiles in layout order, padded to M = data.tiles_per_row with zeros. The
+loss covers text only: `weights` is 0 where the target is an image token.
+"""
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import grain
+import numpy as np
+
+from llama4_jax.data import image_processing, shapes_data
+from llama4_jax.data import text as text_data
+from llama4_jax.data.text import DataError
+
+
+class Record(NamedTuple):
+  image: str          # absolute path
+  text: str
+  question: str = ''  # optional, for answer accuracy
+  answer: str = ''
+
+
+def read_records(path: str) -> list[Record]:
+  """Records of a JSON Lines file; errors name the file and line."""
+  if not os.path.isfile(path):
+    raise DataError(f'{path}: image-text data file not found')
+  folder = os.path.dirname(os.path.abspath(path))
+  records = []
+  with open(path, encoding='utf-8') as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f'{path}:{line_no}'
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f'{where}: not valid JSON ({e.msg})') from e
+      if not isinstance(obj, dict):
+        raise DataError(f'{where}: expected an object with "image" and "text"')
+      for key in ('image', 'text'):
+        if not isinstance(obj.get(key), str):
+          raise DataError(f'{where}: missing string field "{key}"')
+      records.append(Record(os.path.join(folder, obj['image']), obj['text'],
+                            str(obj.get('question', '')), str(obj.get('answer', ''))))
+  if not records:
+    raise DataError(f'{path}: no records')
+  return records
+
+
+def image_tokens(image, vision_cfg, ids: image_processing.ImageTokenIds
+                 ) -> tuple[list[int], np.ndarray]:
+  """(prompt layout ids, tiles [N, C, I, I]) of one PIL image."""
+  processed = image_processing.preprocess(image, tile_size=vision_cfg.image_size,
+                                          max_tiles=vision_cfg.max_tiles)
+  layout = image_processing.image_token_layout(processed.aspect_ratio,
+                                               vision_cfg.tokens_per_tile, ids)
+  return layout, processed.pixels_NCHW
+
+
+class RowMaker:
+  """Turns (image, text) into a padded training row; owns the layout conventions."""
+
+  def __init__(self, vision_cfg, tokenizer, *, seq_len: int, tiles_per_row: int):
+    self.vision, self.tokenizer = vision_cfg, tokenizer
+    self.seq_len, self.tiles_per_row = seq_len, tiles_per_row
+    self.ids = image_processing.ImageTokenIds.from_tokenizer(tokenizer)
+    if self.ids.patch != vision_cfg.image_token_id:
+      raise DataError(f'the tokenizer\'s <|patch|> id is {self.ids.patch}, but '
+                      f'config.model.vision.image_token_id is {vision_cfg.image_token_id}')
+
+  def pad_tiles(self, tiles_NCHW: np.ndarray, source: str) -> np.ndarray:
+    """[N, C, I, I] -> [M, C, I, I], zero tiles after the image's."""
+    M = self.tiles_per_row
+    if len(tiles_NCHW) > M:
+      raise DataError(f'{source}: the image needs {len(tiles_NCHW)} tiles, more than '
+                      f'data.tiles_per_row={M} (raise it, or lower model.vision.max_tiles)')
+    return np.concatenate([tiles_NCHW, np.zeros((M - len(tiles_NCHW),) + tiles_NCHW.shape[1:],
+                                                tiles_NCHW.dtype)])
+
+  def row(self, image, text: str, source: str) -> dict[str, np.ndarray]:
+    layout, tiles = image_tokens(image, self.vision, self.ids)
+    prefix = [self.tokenizer.bos_id] + layout
+    tokens = prefix + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+    S = self.seq_len
+    if len(tokens) > S + 1:
+      raise DataError(f'{source}: {len(tokens)} tokens ({len(prefix)} of them for the image) do '
+                      f'not fit data.seq_len={S} + 1')
+    n = len(tokens)
+    padded = np.full(S + 1, self.tokenizer.pad_id, np.int32)
+    padded[:n] = tokens
+    is_text_target = np.zeros(S, np.float32)
+    is_text_target[len(prefix) - 1:n - 1] = 1.0  # targets from the first text token to EOS
+    return {'inputs': padded[:-1], 'targets': padded[1:], 'weights': is_text_target,
+            'segment_ids': (np.arange(S) < n).astype(np.int32),
+            'positions': np.arange(S, dtype=np.int32),
+            'pixels': self.pad_tiles(tiles, source)}
+
+
+def is_image_text(config) -> bool:
+  """Whether a run trains on image-text records (data.modality)."""
+  return config.data.get('modality', 'text') == 'image_text'
+
+
+def tiles_per_row(config, cfg) -> int:
+  """Tile slots per row: data.tiles_per_row, else every tile an image may need
+  (max_tiles plus the global tile, or 1 for single-tile images); 0 for text data."""
+  if not is_image_text(config):
+    return 0
+  v = cfg.vision
+  return config.data.tiles_per_row or (v.max_tiles + 1 if v.max_tiles > 1 else 1)
+
+
+def row_maker(config, cfg, tokenizer) -> RowMaker:
+  return RowMaker(cfg.vision, tokenizer, seq_len=config.data.seq_len,
+                  tiles_per_row=tiles_per_row(config, cfg))
+
+
+def _load_row(record: Record, maker: RowMaker) -> dict[str, np.ndarray]:
+  return maker.row(image_processing.load_image(record.image), record.text, record.image)
+
+
+def _collate(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Rows -> one batch, each feature stacked on a leading batch axis."""
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _dataset_file(config, split: str, workdir: str) -> str:
+  """The JSON Lines file of a split: data.{train,eval}_files, or the built-in shapes data."""
+  given = config.data.train_files if split == 'train' else config.data.eval_files
+  if given:
+    if ',' in given:
+      raise DataError(f'text_data.{"train" if split == "train" else "eval"}_files={given!r}: image-text '
+                      f'data is one JSON Lines file')
+    return given
+  shapes = config.data.shapes
+  root = shapes.dir or os.path.join(workdir, 'shapes_data')
+  num = shapes.train_examples if split == 'train' else shapes.eval_examples
+  return shapes_data.write_dataset(os.path.join(root, split), num, seed=shapes.seed,
+                                   size=config.model.vision.image_size, split=split)
+
+
+def split_records(config, split: str, workdir: str) -> list[Record]:
+  return read_records(_dataset_file(config, split, workdir))
+
+
+def make_train_iterator(config, cfg, tokenizer, *, workdir: str, process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """Shuffled, repeating batches of this process's rows (checkpointable, like data/text.py's)."""
+  batch_size = config.train.batch_size
+  local_rows = text_data.process_rows(batch_size, process_index, process_count)
+  records = split_records(config, 'train', workdir)
+  maker = row_maker(config, cfg, tokenizer)
+  _load_row(records[0], maker)  # fail on a bad layout now, not in the first step
+  ds = (grain.MapDataset.source(records).shuffle(config.seed % 2**32).repeat()
+        .map(functools.partial(_load_row, maker=maker))
+        .batch(batch_size, drop_remainder=True)
+        .map(functools.partial(text_data.take_rows, rows=local_rows)))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+
+
+def make_eval_batches(config, cfg, tokenizer, *, workdir: str, process_index: int = 0,
+                      process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """The validation split in order; the last batch padded with weight-0 rows."""
+  batch_size = config.eval.batch_size
+  local_rows = text_data.process_rows(batch_size, process_index, process_count)
+  records = split_records(config, 'validation', workdir)
+  if config.eval.max_batches:
+    records = records[:config.eval.max_batches * batch_size]
+  maker = row_maker(config, cfg, tokenizer)
+  rows = [_load_row(r, maker) for r in records]
+  batches = []
+  for start in range(0, len(rows), batch_size):
+    batch = text_data.pad_rows(_collate(rows[start:start + batch_size]), rows=batch_size,
+                               fill={'inputs': tokenizer.pad_id})
+    batches.append(text_data.take_rows(batch, local_rows))
+  return batches
+
+
+# Prompts with images ----------------------------------------------------------------
+
+
+def place_images(prompts: Sequence[Sequence[int]], images: Sequence, vision_cfg,
+                 ids: image_processing.ImageTokenIds) -> tuple[list[list[int]], np.ndarray | None]:
+  """Expands the prompts' `<|image|>` markers, in order, into the images' layouts.
+
+  A single prompt without markers gets its images right after its first token
+  (BOS). Returns (expanded prompts, tiles [B, M, C, I, I] or None).
+  """
+  prompts = [list(p) for p in prompts]
+  if not images:
+    return prompts, None
+  markers = [p.count(ids.image) for p in prompts]
+  if len(prompts) == 1 and markers[0] == 0:
+    prompts[0][1:1] = [ids.image] * len(images)
+    markers = [len(images)]
+  if sum(markers) != len(images):
+    raise ValueError(
+        f'the prompts have {image_processing.placeholder_mismatch(sum(markers), len(images))}')
+  expanded, tiles_per_prompt, it = [], [], iter(images)
+  for prompt, n in zip(prompts, markers):
+    layouts, tiles = [], []
+    for _ in range(n):
+      layout, image_tiles = image_tokens(next(it), vision_cfg, ids)
+      layouts.append(layout)
+      tiles.append(image_tiles)
+    expanded.append(image_processing.expand_image_prompt(prompt, layouts, ids.image))
+    tiles_per_prompt.append(np.concatenate(tiles) if tiles else np.zeros(
+        (0, vision_cfg.num_channels, vision_cfg.image_size, vision_cfg.image_size), np.float32))
+  M = max(1, max(len(t) for t in tiles_per_prompt))
+  pixels = np.zeros((len(prompts), M) + tiles_per_prompt[0].shape[1:], np.float32)
+  for b, tiles in enumerate(tiles_per_prompt):
+    pixels[b, :len(tiles)] = tiles
+  return expanded, pixels
+
+
+# Question answering accuracy ------------------------------------------------------
+
+
+def answer_accuracy(score_fn, maker: RowMaker, records: Sequence[Record],
+                    choices: Sequence[str], batch_size: int = 64) -> float:
+  """Accuracy of picking, per record, the choice with the highest likelihood.
+
+  Every record is written out once per choice as `question + ' ' + choice`;
+  score_fn(batch) -> per-row summed log-likelihood of the text tokens [B].
+  """
+  rows, answers = [], []
+  for record in records:
+    image = image_processing.load_image(record.image)
+    rows += [maker.row(image, f'{record.question} {c}', record.image) for c in choices]
+    answers.append(list(choices).index(record.answer))
+  scores = []
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    chunk += [chunk[-1]] * (batch_size - len(chunk))  # static shapes
+    scores.append(np.asarray(score_fn(_collate(chunk))))
+  scores = np.concatenate(scores)[:len(rows)].reshape(len(records), len(choices))
+  return float(np.mean(np.argmax(scores, axis=1) == np.asarray(answers)))
+
+
+def shapes_accuracy(score_fn, maker: RowMaker, train: Sequence[Record],
+                    held_out: Sequence[Record]) -> dict[str, Any]:
+  """Held-out accuracy (overall and per question type) of the shapes data, and the text-only best.
+
+  The keys are those of the training run's final results (scripts/train.py prints them).
+  """
+  by_type: dict[str, list[Record]] = {}
+  for record in held_out:
+    qtype = next(t for t, q in shapes_data.QUESTIONS.items() if q == record.question)
+    by_type.setdefault(qtype, []).append(record)
+  correct = {t: answer_accuracy(score_fn, maker, rs, shapes_data.answer_choices(t))
+             for t, rs in sorted(by_type.items())}
+  total = sum(len(rs) for rs in by_type.values())
+  return {'qa_accuracy': sum(correct[t] * len(rs) for t, rs in by_type.items()) / total,
+          'qa_accuracy_by_question': correct,
+          'text_only_accuracy': shapes_data.text_only_baseline(train, held_out),
+          'qa_questions': total}

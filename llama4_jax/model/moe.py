@@ -1,0 +1,438 @@
+"""Llama 4 mixture of experts: sigmoid top-k router, routed SwiGLU experts, shared expert.
+
+Every dispatch computes the same function (the reference semantics of HF):
+routed(x) = sum over the k selected experts e of Expert_e(x * sigmoid(logit_e)).
+They differ in how tokens reach their experts and what that costs:
+
+  dense     every expert on every token (HF's way; E times the active cost).
+            Kept as the reference for tests.
+  dropless  tokens sorted by expert and multiplied group by group. The grouped
+            matmul is `jax.lax.ragged_dot` on GPU/TPU; on CPU, where ragged_dot
+            runs densely, each group is padded to a multiple of `moe_block_size`
+            rows (by default sized from the token and expert counts) and the
+            blocks are multiplied as one batched einsum against their experts'
+            weights, so the cost follows the active parameters.
+            With fewer assignments than experts (decoding), each assignment
+            gathers its expert's weights instead; with fewer tokens than a
+            block, every expert runs on the few tokens (dense, exact).
+  capacity  each expert takes at most C = ceil(capacity_factor * N * k / E)
+            tokens into an [E, C, D] buffer; later assignments are dropped
+            (their routed contribution is zero; the shared expert still applies).
+
+Decoding uses an inference layout (`MoE.split_experts`) in which each expert's
+weights are arrays of their own, and `switched_dispatch`: dropless, each group
+of rows runs its expert under `lax.switch` without copying the expert's weights.
+
+When the mesh splits the tokens, `_sharded_dispatch` runs the dispatch inside
+`jax.shard_map`, so that each device sorts and multiplies only its own tokens.
+With a mesh `expert` axis larger than one, expert weights are sharded over it:
+tokens are all-gathered over the expert axis, each device runs its own
+experts, and the partial outputs are reduce-scattered back (`psum_scatter`).
+This is the only file with hand-written collectives.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from llama4_jax import sharding
+from llama4_jax.model import layers
+
+DISPATCHES = ('dropless', 'capacity', 'dense')
+GROUPED_MATMULS = ('auto', 'ragged', 'blocked')
+
+
+# Dispatches: (x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD) -> (y_ND, dropped)
+# `dropped` is the number of (token, expert) assignments that were not computed.
+
+
+def dense_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+  """Runs every expert on every token, as HF does: exact, but E times the cost.
+
+  Unselected experts see a zero input and return exactly zero (no biases,
+  silu(0) = 0), so the sum over experts equals the sum over the selected ones.
+  Assignments to experts outside [0, E) are ignored (used by expert parallelism).
+  """
+  E = wi_gate_EDF.shape[0]
+  score_NE = jnp.sum(jax.nn.one_hot(experts_NK, E, dtype=x_ND.dtype) * weights_NK[..., None], axis=1)
+  x_END = x_ND[None] * score_NE.T[..., None]
+  gate_ENF = jnp.einsum('END,EDF->ENF', x_END, wi_gate_EDF)
+  up_ENF = jnp.einsum('END,EDF->ENF', x_END, wi_up_EDF)
+  y_END = jnp.einsum('ENF,EFD->END', jax.nn.silu(gate_ENF) * up_ENF, wo_EFD)
+  return jnp.sum(y_END, axis=0), jnp.zeros((), jnp.float32)
+
+
+def _sort_assignments(experts_NK, num_experts):
+  """Assignments (token, slot) sorted by expert; out-of-range experts sort last."""
+  A = experts_NK.size
+  expert_A = experts_NK.reshape(A)
+  order_A = jnp.argsort(expert_A, stable=True)
+  sizes_E = jnp.bincount(expert_A, length=num_experts)  # out-of-range ids are not counted
+  return order_A, expert_A[order_A], sizes_E
+
+
+def _swiglu_grouped(x_MD, wi_gate, wi_up, wo, matmul):
+  return matmul(jax.nn.silu(matmul(x_MD, wi_gate)) * matmul(x_MD, wi_up), wo)
+
+
+def _swiglu(wi_gate_DF, wi_up_DF, wo_FD, x_MD):
+  return _swiglu_grouped(x_MD, wi_gate_DF, wi_up_DF, wo_FD, jnp.matmul)
+
+
+def ragged_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+  """Dropless with `jax.lax.ragged_dot` (native grouped matmul on GPU and TPU)."""
+  N, K = experts_NK.shape
+  order_A, _, sizes_E = _sort_assignments(experts_NK, wi_gate_EDF.shape[0])
+  x_AD = x_ND[order_A // K] * weights_NK.reshape(-1)[order_A][:, None]
+  matmul = lambda x, w: jax.lax.ragged_dot(x, w, sizes_E)
+  y_AD = _swiglu_grouped(x_AD, wi_gate_EDF, wi_up_EDF, wo_EFD, matmul)
+  # Rows past sum(sizes_E) (out-of-range experts) are outside every group: zero.
+  y_ND = jnp.zeros((N * K, x_ND.shape[1]), y_AD.dtype).at[order_A].set(y_AD)
+  return y_ND.reshape(N, K, -1).sum(axis=1), jnp.zeros((), jnp.float32)
+
+
+def _block_layout(x_ND, weights_NK, experts_NK, num_experts, b):
+  """Assignments sorted by expert, each expert's group padded to whole blocks of b rows.
+
+  Returns (x_BbD, token_R, expert_B, used_blocks): the blocks' router-scaled
+  inputs, the token of each row (N for padding), each block's expert, and how
+  many blocks hold assignments (the rest are padding). The blocks number
+  A/b + E (static), enough for any routing.
+  """
+  N, K = experts_NK.shape
+  E, D, A = num_experts, x_ND.shape[1], N * K
+  order_A, expert_sorted_A, sizes_E = _sort_assignments(experts_NK, E)
+  padded_E = (sizes_E + b - 1) // b * b
+  padded_end_E = jnp.cumsum(padded_E)
+  start_E = jnp.cumsum(sizes_E) - sizes_E
+  num_blocks = A // b + E
+  rows = num_blocks * b
+  valid_A = expert_sorted_A < E
+  safe_expert_A = jnp.where(valid_A, expert_sorted_A, 0)
+  # Row of each sorted assignment in the padded layout; invalid ones go to a trash row.
+  dest_A = jnp.where(valid_A, padded_end_E[safe_expert_A] - padded_E[safe_expert_A]
+                     + jnp.arange(A) - start_E[safe_expert_A], rows)
+  token_R = jnp.full((rows + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[:rows]
+  weight_R = jnp.zeros((rows + 1,), x_ND.dtype).at[dest_A].set(
+      weights_NK.reshape(-1)[order_A])[:rows]
+  expert_B = jnp.minimum(
+      jnp.searchsorted(padded_end_E, jnp.arange(num_blocks) * b, side='right'), E - 1)
+  x_RD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[token_R] * weight_R[:, None]
+  return x_RD.reshape(num_blocks, b, D), token_R, expert_B, padded_end_E[-1] // b
+
+
+def _unblock(y_BbD, token_R, N):
+  """Sums each row's output into its token (padding rows land on a dropped row N)."""
+  y_ND = jnp.zeros((N + 1, y_BbD.shape[-1]), y_BbD.dtype).at[token_R].add(
+      y_BbD.reshape(-1, y_BbD.shape[-1]))
+  return y_ND[:N]
+
+
+def blocked_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
+                              block_size=32, **_):
+  """Dropless on any backend: groups padded to blocks, one batched einsum over blocks.
+
+  With A = N*k assignments the blocks number at most A/b + E (static), so the
+  work is (A + E*b) rows of expert MLP, plus gathering each block's weights:
+  it grows with E only through the padding of E*b rows.
+  """
+  x_BbD, token_R, expert_B, _ = _block_layout(
+      x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], block_size)
+  wi_gate_BDF, wi_up_BDF, wo_BFD = (w[expert_B] for w in (wi_gate_EDF, wi_up_EDF, wo_EFD))
+  with jax.named_scope('expert_matmuls'):
+    gate = jnp.einsum('BbD,BDF->BbF', x_BbD, wi_gate_BDF)
+    up = jnp.einsum('BbD,BDF->BbF', x_BbD, wi_up_BDF)
+    y_BbD = jnp.einsum('BbF,BFD->BbD', jax.nn.silu(gate) * up, wo_BFD)
+  return _unblock(y_BbD, token_R, x_ND.shape[0]), jnp.zeros((), jnp.float32)
+
+
+def capacity_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
+                      capacity_factor=1.25, num_routed=None, **_):
+  """Each expert takes its first C assignments (token order); the rest are dropped.
+
+  C = ceil(capacity_factor * num_routed * k / E), num_routed defaulting to N.
+  """
+  N, K = experts_NK.shape
+  E, D, _ = wi_gate_EDF.shape
+  A = N * K
+  C = max(1, math.ceil(capacity_factor * (num_routed or N) * K / E))
+  order_A, expert_sorted_A, sizes_E = _sort_assignments(experts_NK, E)
+  start_E = jnp.cumsum(sizes_E) - sizes_E
+  valid_A = expert_sorted_A < E
+  safe_expert_A = jnp.where(valid_A, expert_sorted_A, 0)
+  slot_A = jnp.arange(A) - start_E[safe_expert_A]
+  kept_A = valid_A & (slot_A < C)
+  dest_A = jnp.where(kept_A, safe_expert_A * C + slot_A, E * C)  # E*C: trash slot
+  token_S = jnp.full((E * C + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[:E * C]
+  weight_S = jnp.zeros((E * C + 1,), x_ND.dtype).at[dest_A].set(
+      weights_NK.reshape(-1)[order_A])[:E * C]
+  x_ECD = (jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[token_S]
+           * weight_S[:, None]).reshape(E, C, D)
+  gate = jnp.einsum('ECD,EDF->ECF', x_ECD, wi_gate_EDF)
+  up = jnp.einsum('ECD,EDF->ECF', x_ECD, wi_up_EDF)
+  y_ECD = jnp.einsum('ECF,EFD->ECD', jax.nn.silu(gate) * up, wo_EFD)
+  y_ND = jnp.zeros((N + 1, D), y_ECD.dtype).at[token_S].add(y_ECD.reshape(E * C, D))
+  dropped = jnp.sum(valid_A & ~kept_A).astype(jnp.float32)
+  return y_ND[:N], dropped
+
+
+def gathered_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+  """Dropless for few tokens (decoding): each assignment gathers its expert's weights.
+
+  Reads k expert matrices per token instead of every expert's (as grouping
+  into per-expert blocks would when there are fewer assignments than experts).
+  """
+  E = wi_gate_EDF.shape[0]
+  valid_NK = experts_NK < E
+  expert_NK = jnp.where(valid_NK, experts_NK, 0)
+  x_NKD = x_ND[:, None, :] * (weights_NK * valid_NK)[..., None]
+  gate = jnp.einsum('NKD,NKDF->NKF', x_NKD, wi_gate_EDF[expert_NK])
+  up = jnp.einsum('NKD,NKDF->NKF', x_NKD, wi_up_EDF[expert_NK])
+  y_NKD = jnp.einsum('NKF,NKFD->NKD', jax.nn.silu(gate) * up, wo_EFD[expert_NK])
+  return jnp.sum(y_NKD, axis=1), jnp.zeros((), jnp.float32)
+
+
+def switched_dispatch(x_ND, weights_NK, experts_NK, expert_weights, *, block_size=0):
+  """Dropless for the inference layout (`MoE.split_experts`): expert weights read in place.
+
+  expert_weights: per expert, its (wi_gate_DF, wi_up_DF, wo_FD) as separate
+  arrays. Each group of rows runs its expert's SwiGLU under `lax.switch`, which
+  reads that expert's arrays where they are; the other dispatches index a
+  stacked [E, D, F] weight, and XLA on CPU copies the indexed expert before
+  multiplying (at decode batch sizes the copy costs as much as the matmul).
+  With at most E assignments (decoding) each assignment is a group of one row;
+  otherwise groups are padded to blocks as in the blocked dispatch, and the
+  padding blocks past the used ones are skipped. Inference only: the gradient
+  of a switch would materialise every expert's weights for every group.
+  """
+  N, K = experts_NK.shape
+  E = len(expert_weights)
+  if N * K <= E:
+    x_BbD = (x_ND[:, None, :] * weights_NK[..., None]).reshape(N * K, 1, -1)
+    token_R, expert_B = jnp.repeat(jnp.arange(N), K), experts_NK.reshape(-1)
+  else:
+    b = block_size or auto_block_size(N * K, E)
+    x_BbD, token_R, expert_B, used_blocks = _block_layout(x_ND, weights_NK, experts_NK, E, b)
+    expert_B = jnp.where(jnp.arange(expert_B.shape[0]) < used_blocks, expert_B, E)
+  branches = [functools.partial(_swiglu, *weights) for weights in expert_weights]
+  branches.append(jnp.zeros_like)  # expert E: padding blocks, or experts outside [0, E)
+  with jax.named_scope('expert_matmuls'):
+    y_BbD = jax.lax.map(lambda block: jax.lax.switch(block[1], branches, block[0]),
+                        (x_BbD, jnp.minimum(expert_B, E)))
+  return _unblock(y_BbD, token_R, N), jnp.zeros((), jnp.float32)
+
+
+def auto_block_size(assignments: int, num_experts: int) -> int:
+  """Rows per block that balance the blocked dispatch's two overheads.
+
+  Padding costs about E*b/2 extra rows of expert MLP; gathering each block's
+  weights costs about (A/b + E) weight copies, each worth ~50 rows of matmul
+  on a CPU (a copied float costs what ~25 FLOPs do). The sum is smallest at
+  b = sqrt(50 A / E); rounded to a power of two in [16, 512]. Measured (train
+  step of one layer, 4096 tokens, D=512, F=1024): E=8 is fastest at b=128-256,
+  E=32 at b=64, against 1.4x and 1.5x slower at a fixed b=32.
+  """
+  b = math.sqrt(50 * assignments / num_experts)
+  return int(min(512, max(16, 2 ** round(math.log2(max(b, 1.0))))))
+
+
+def dropless_dispatch(*args, grouped_matmul='auto', block_size=0, **kw):
+  """Picks the cheapest exact dropless form for the (static) shapes."""
+  x_ND, _, experts_NK, wi_gate_EDF = args[:4]
+  if experts_NK.size <= wi_gate_EDF.shape[0]:  # fewer assignments than experts: decoding
+    return gathered_dispatch(*args, **kw)
+  block_size = block_size or auto_block_size(experts_NK.size, wi_gate_EDF.shape[0])
+  if x_ND.shape[0] < block_size:  # E x N rows are fewer than the E blocks of b rows
+    return dense_dispatch(*args, **kw)
+  kw['block_size'] = block_size
+  if grouped_matmul == 'auto':
+    grouped_matmul = 'blocked' if jax.default_backend() == 'cpu' else 'ragged'
+  fn = ragged_dropless_dispatch if grouped_matmul == 'ragged' else blocked_dropless_dispatch
+  return fn(*args, **kw)
+
+
+DISPATCHERS = {
+    'dense': dense_dispatch,
+    'dropless': dropless_dispatch,
+    'capacity': capacity_dispatch,
+}
+
+
+# Router statistics -------------------------------------------------------------
+
+
+def router_statistics(logits_BTE: jax.Array, experts_BTK: jax.Array,
+                      valid_BT: jax.Array) -> dict[str, jax.Array]:
+  """Auxiliary losses and load statistics of one MoE layer (float32; padding excluded).
+
+  load_balance_loss: for each sequence s, E * sum_e f_se * p_se, averaged over
+  sequences. f_se is the fraction of s's routing slots given to expert e and
+  p_se the mean over s's tokens of the router's sigmoid probabilities
+  normalised over experts (Llama 4 routes with a sigmoid, so the
+  probabilities are normalised to a distribution before the Switch formula).
+  It is 1 for a balanced router. Being a mean over sequences, it is the same
+  whether a batch is split into micro-batches or over devices.
+  router_z_loss: mean over tokens of logsumexp(logits)^2.
+  """
+  E = logits_BTE.shape[-1]
+  logits32 = logits_BTE.astype(jnp.float32)
+  valid32 = valid_BT.astype(jnp.float32)
+  tokens_B = jnp.maximum(jnp.sum(valid32, axis=1), 1.0)
+  assigned_BTE = jnp.sum(jax.nn.one_hot(experts_BTK, E, dtype=jnp.float32), axis=2) * valid32[..., None]
+  fraction_BE = jnp.sum(assigned_BTE, axis=1) / (tokens_B[:, None] * experts_BTK.shape[-1])
+  probs_BTE = jax.nn.sigmoid(logits32)
+  probs_BTE = probs_BTE / jnp.sum(probs_BTE, axis=-1, keepdims=True)
+  mean_probs_BE = jnp.sum(probs_BTE * valid32[..., None], axis=1) / tokens_B[:, None]
+  has_tokens_B = (jnp.sum(valid32, axis=1) > 0).astype(jnp.float32)
+  per_sequence_B = E * jnp.sum(jax.lax.stop_gradient(fraction_BE) * mean_probs_BE, axis=-1)
+  load_balance = jnp.sum(per_sequence_B * has_tokens_B) / jnp.maximum(jnp.sum(has_tokens_B), 1.0)
+  z_BT = jax.nn.logsumexp(logits32, axis=-1) ** 2
+  z_loss = jnp.sum(z_BT * valid32) / jnp.maximum(jnp.sum(valid32), 1.0)
+  return {'load_balance_loss': load_balance, 'router_z_loss': z_loss,
+          'tokens_per_expert': jnp.sum(assigned_BTE, axis=(0, 1))}
+
+
+# The layer ----------------------------------------------------------------------
+
+
+class MoE(nnx.Module):
+  """The Llama 4 MoE feed-forward.
+
+  1. Router logits = x @ W_router (model dtype, no bias).
+  2. Top-k experts by raw logit; weight = sigmoid(selected logit) in float32, cast
+     back (no softmax, no renormalisation).
+  3. Each selected expert sees x * weight (the *input* is scaled) and runs a
+     SwiGLU of width F; the routed outputs are summed.
+  4. An ungated shared SwiGLU expert of width F is added.
+  """
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    std, dtype, pdt = cfg.initializer_range, cfg.dtype, cfg.param_dtype
+    init = nnx.initializers.normal(std)
+    self.router = layers.Einsum('BTD,DE->BTE', (D, E), ('embed', None), rngs=rngs, std=std,
+                                dtype=dtype, param_dtype=pdt)
+    self.wi_gate = sharding.param(init(rngs.params(), (E, D, F), pdt), ('expert', 'embed', 'mlp'))
+    self.wi_up = sharding.param(init(rngs.params(), (E, D, F), pdt), ('expert', 'embed', 'mlp'))
+    self.wo = sharding.param(init(rngs.params(), (E, F, D), pdt), ('expert', 'mlp', 'embed'))
+    self.shared_expert = layers.MLP(D, F, rngs=rngs, std=std, dtype=dtype, param_dtype=pdt)
+    self.top_k = cfg.num_experts_per_tok
+    self.dtype = dtype
+    self.block_size = cfg.moe_block_size
+    self.dispatch = functools.partial(
+        DISPATCHERS[cfg.moe_dispatch], grouped_matmul=cfg.moe_grouped_matmul,
+        block_size=cfg.moe_block_size, capacity_factor=cfg.moe_capacity_factor)
+
+  @property
+  def experts_split(self) -> bool:
+    return isinstance(self.wi_gate, nnx.List)
+
+  def split_experts(self):
+    """Inference layout: each expert's weights as arrays of their own (`switched_dispatch`).
+
+    wi_gate, wi_up and wo [..., E, D, F] become lists of E arrays [..., D, F]
+    (leading stacked-layer axes are kept). Decoding then reads the selected
+    experts in place instead of copying them out of the stack. A capacity
+    dispatch keeps the stacked layout, to keep dropping what it drops.
+    """
+    if self.experts_split or self.dispatch.func is capacity_dispatch:
+      return
+    for name in ('wi_gate', 'wi_up', 'wo'):
+      stacked = getattr(self, name)[...]
+      setattr(self, name, nnx.List(
+          [nnx.Param(stacked[..., e, :, :]) for e in range(stacked.shape[-3])]))
+
+  def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
+    """Returns (y_BTD, statistics); valid_BT (False = padding) only affects statistics."""
+    B, T, D = x_BTD.shape
+    x_BTD = x_BTD.astype(self.dtype)
+    with jax.named_scope('moe_router'):
+      logits_BTE = self.router(x_BTD)
+      top_logits_BTK, experts_BTK = jax.lax.top_k(logits_BTE, self.top_k)
+      weights_BTK = jax.nn.sigmoid(top_logits_BTK.astype(jnp.float32)).astype(self.dtype)
+    with jax.named_scope('moe_dispatch'):  # profiling.py: everything but the expert matmuls
+      routed_ND, dropped = self._routed(x_BTD.reshape(B * T, D), weights_BTK.reshape(B * T, -1),
+                                        experts_BTK.reshape(B * T, -1))
+    y_BTD = self.shared_expert(x_BTD) + routed_ND.reshape(B, T, D)
+    y_BTD = sharding.shard(y_BTD, 'act_batch', 'act_seq', 'act_embed')
+    if valid_BT is None:
+      valid_BT = jnp.ones((B, T), bool)
+    stats = router_statistics(logits_BTE, experts_BTK, valid_BT)
+    stats['dropped_fraction'] = dropped / (B * T * self.top_k)
+    return y_BTD, stats
+
+  def _routed(self, x_ND, weights_NK, experts_NK):
+    """The routed experts' output summed per token, and the dropped assignments."""
+    cast = lambda w: w[...].astype(self.dtype)
+    if self.experts_split:
+      expert_weights = [tuple(map(cast, w)) for w in zip(self.wi_gate, self.wi_up, self.wo)]
+      return switched_dispatch(x_ND, weights_NK, experts_NK, expert_weights,
+                               block_size=self.block_size)
+    args = (x_ND, weights_NK, experts_NK, cast(self.wi_gate), cast(self.wi_up), cast(self.wo))
+    # Whenever the mesh splits the tokens, each device dispatches its own (and,
+    # with an expert axis, its expert group's): a global sort would make
+    # every device run the experts on every token of the global batch.
+    shards = sharding.batch_shards()
+    if shards > 1 and x_ND.shape[0] % shards == 0:
+      return _sharded_dispatch(self.dispatch, *args)
+    return self.dispatch(*args)
+
+
+# Expert parallelism ------------------------------------------------------------------
+
+
+def _mesh_axis(name: str) -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty or name not in mesh.axis_names else mesh.shape[name]
+
+
+def _sharded_dispatch(dispatch, x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD):
+  """Runs `dispatch` on each device's own tokens, with experts sharded over `expert`.
+
+  Without an expert axis (size 1) each device simply dispatches its own
+  tokens to all experts. With one, inside `shard_map`, each device all-gathers the tokens of its expert group
+  (the devices along `expert`), runs the dispatch on its E/ep local experts
+  (assignments to other experts are ignored by shifting them out of range),
+  and `psum_scatter` sums the partial outputs and returns each device its own
+  tokens. Expert weights keep their `tensor` sharding of F: the down
+  projection's partial sums are added over `tensor`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
+  tensor = 'tensor' if 'tensor' in mesh.axis_names and mesh.shape['tensor'] > 1 else None
+  E = wi_gate_EDF.shape[0]
+  F = wi_gate_EDF.shape[2]
+  if tensor and F % mesh.shape['tensor']:
+    tensor = None
+  ep = mesh.shape['expert']
+  if E % ep:
+    raise ValueError(f'num_experts={E} is not divisible by mesh.expert={ep}')
+  tokens = P(batch, None)
+  in_specs = (tokens, tokens, tokens, P('expert', None, tensor), P('expert', None, tensor),
+              P('expert', tensor, None))
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=in_specs, out_specs=(tokens, P()),
+                     check_vma=False)
+  def local(x_nD, weights_nK, experts_nK, wi_gate, wi_up, wo):
+    gather = lambda a: jax.lax.all_gather(a, 'expert', axis=0, tiled=True)
+    x_gD, weights_gK, experts_gK = gather(x_nD), gather(weights_nK), gather(experts_nK)
+    local_E = wi_gate.shape[0]
+    first = jax.lax.axis_index('expert') * local_E
+    local_experts_gK = experts_gK - first
+    # Other devices' experts fall outside [0, local_E): dispatches skip them.
+    local_experts_gK = jnp.where((local_experts_gK >= 0) & (local_experts_gK < local_E),
+                                 local_experts_gK, local_E)
+    # Capacity per expert as for the whole group: C = cf * group tokens * k / E.
+    y_gD, dropped = dispatch(x_gD, weights_gK, local_experts_gK, wi_gate, wi_up, wo,
+                             num_routed=x_gD.shape[0] // ep)
+    if tensor:
+      y_gD = jax.lax.psum(y_gD, tensor)
+    y_nD = jax.lax.psum_scatter(y_gD, 'expert', scatter_dimension=0, tiled=True)
+    # Devices along `tensor` hold the same tokens: count their drops once.
+    return y_nD, jax.lax.psum(dropped, mesh.axis_names) / _mesh_axis('tensor')
+
+  return local(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD)

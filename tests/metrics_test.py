@@ -1,0 +1,54 @@
+"""Run logs: console progress off a terminal, metrics.jsonl and TensorBoard."""
+
+import io
+import json
+
+from llama4_jax import metrics
+
+
+class Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_progress_off_a_terminal_is_one_line_per_log():
+  """SLURM and CI logs get a line per logged step, not a redrawn bar."""
+  stream = io.StringIO()
+  progress = metrics.Progress(0, 100, stream=stream)
+  for step in range(1, 101):
+    if step % 20 == 0:
+      progress.log(step, loss='1.234')
+    progress.update(step)
+  progress.write('step 100: validation loss 1.2000')
+  progress.close()
+  lines = stream.getvalue().splitlines()
+  assert lines[:2] == ['step 20/100: loss=1.234', 'step 40/100: loss=1.234']
+  assert len(lines) == 6 and lines[-1] == 'step 100: validation loss 1.2000'
+
+
+def test_progress_on_a_terminal_is_a_bar():
+  stream = Terminal()
+  progress = metrics.Progress(0, 10, stream=stream)
+  progress.log(5, loss='1.0')
+  progress.update(5)
+  progress.close()
+  assert 'step 5/10' not in stream.getvalue() and '5/10' in stream.getvalue()
+
+
+def test_other_processes_print_nothing():
+  stream = io.StringIO()
+  progress = metrics.Progress(0, 10, enabled=False, stream=stream)
+  progress.log(5, loss='1.0')
+  progress.write('hello')
+  assert stream.getvalue() == ''
+
+
+def test_metrics_writer_appends_json_lines(tmp_path):
+  writer = metrics.MetricsWriter(str(tmp_path))
+  writer.write(1, {'loss': 2.5, 'expert_load': [[0.25, 0.75]]})
+  writer.write(2, {'eval_loss': 2.0})
+  writer.close()
+  lines = [json.loads(line) for line in open(tmp_path / metrics.METRICS_FILE)]
+  assert lines == [{'step': 1, 'loss': 2.5, 'expert_load': [[0.25, 0.75]]},
+                   {'step': 2, 'eval_loss': 2.0}]
+  assert list((tmp_path / metrics.TENSORBOARD_DIR).iterdir())
