@@ -26,8 +26,8 @@ def get_config(arg=None):
 def sweep(add, arg=None):
   """Learning-rate sweep (the README's example); see llama4_jax/sweep.py.
 
-    python scripts/sweep.py --config=configs/tiny.py --workdir=/tmp/tiny_lr --parallel=1
-    python scripts/sweep.py --summarize=/tmp/tiny_lr
+  python scripts/sweep.py --config=configs/tiny.py --workdir=/tmp/tiny_lr --parallel=1
+  python scripts/sweep.py --summarize=/tmp/tiny_lr
   """
   del arg
   for lr in (1e-3, 3e-3, 1e-2):

@@ -16,11 +16,22 @@ from llama4_jax.model import vision
 def get_config(arg=None):
   config = config_lib.base_config()
   config.model.vision = vision.VisionConfig(
-      hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, image_size=48,
-      patch_size=6, pixel_shuffle_ratio=0.5, projector_input_dim=128, projector_output_dim=128,
-      vision_output_dim=128, max_tiles=1,
+      hidden_size=64,
+      num_layers=2,
+      num_heads=4,
+      intermediate_size=256,
+      image_size=48,
+      patch_size=6,
+      pixel_shuffle_ratio=0.5,
+      projector_input_dim=128,
+      projector_output_dim=128,
+      vision_output_dim=128,
+      max_tiles=1,
       # The built-in tokenizer's ids (llama4_jax/tokenizer.py SPECIAL_TOKENS order).
-      image_token_id=12, boi_token_id=9, eoi_token_id=10).to_dict()
+      image_token_id=12,
+      boi_token_id=9,
+      eoi_token_id=10,
+  ).to_dict()
   config.data.modality = 'image_text'
   config.data.seq_len = 48
   config.train.steps = 2500

@@ -65,8 +65,9 @@ def unflatten_tree(template, flat: Mapping[str, Any]):
   names = list(flatten_tree(template))
   missing, extra = sorted(set(names) - set(flat)), sorted(set(flat) - set(names))
   if missing or extra:
-    raise ModelMismatchError(f'checkpoint does not match the model: missing {missing[:5]}, '
-                             f'unexpected {extra[:5]}')
+    raise ModelMismatchError(
+        f'checkpoint does not match the model: missing {missing[:5]}, ' f'unexpected {extra[:5]}'
+    )
   treedef = jax.tree_util.tree_structure(template)
   return jax.tree_util.tree_unflatten(treedef, [flat[n] for n in names])
 
@@ -76,8 +77,10 @@ def abstract_flat(tree, shardings=None) -> dict[str, jax.ShapeDtypeStruct]:
   flat = flatten_tree(tree)
   shards = flatten_tree(shardings) if shardings is not None else {}
   default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shards.get(name, default))
-          for name, x in flat.items()}
+  return {
+      name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shards.get(name, default))
+      for name, x in flat.items()
+  }
 
 
 # Whole checkpoints ----------------------------------------------------------
@@ -93,8 +96,9 @@ def all_steps(workdir: str) -> list[int]:
   root = checkpoint_root(workdir)
   if not root.exists():
     return []
-  return sorted(int(p.name) for p in root.iterdir()
-                if p.name.isdigit() and ocp.is_orbax_checkpoint(p))
+  return sorted(
+      int(p.name) for p in root.iterdir() if p.name.isdigit() and ocp.is_orbax_checkpoint(p)
+  )
 
 
 def step_path(workdir: str, step: int) -> epath.Path:
@@ -128,9 +132,10 @@ def load_params(path, abstract_params: Mapping[str, jax.ShapeDtypeStruct]) -> di
   if 'params' not in saved:
     raise ValueError(f'{path}: checkpoint has no "params" (entries: {sorted(saved)})')
   _check_matches(path, saved['params'], abstract_params)
-  abstract = {key: (abstract_params if key == 'params' else
-                    jax.tree.map(lambda _: ocp.PLACEHOLDER, value))
-              for key, value in saved.items()}
+  abstract = {
+      key: (abstract_params if key == 'params' else jax.tree.map(lambda _: ocp.PLACEHOLDER, value))
+      for key, value in saved.items()
+  }
   try:
     return ocp.load(path, abstract, checkpointable_name=STATE)['params']
   except Exception as e:  # tensorstore and Orbax raise many types for a damaged file
@@ -171,13 +176,17 @@ def _check_matches(path, saved: Mapping, abstract: Mapping):
   missing = sorted(set(abstract) - set(saved))
   extra = sorted(set(saved) - set(abstract))
   if missing or extra:
-    raise ModelMismatchError(f'{path}: parameters do not match the model config: '
-                             f'missing {missing[:5]}{"..." if len(missing) > 5 else ""}, '
-                             f'unexpected {extra[:5]}{"..." if len(extra) > 5 else ""}')
+    raise ModelMismatchError(
+        f'{path}: parameters do not match the model config: '
+        f'missing {missing[:5]}{"..." if len(missing) > 5 else ""}, '
+        f'unexpected {extra[:5]}{"..." if len(extra) > 5 else ""}'
+    )
   for name, spec in abstract.items():
     if tuple(saved[name].shape) != tuple(spec.shape):
-      raise ModelMismatchError(f'{path}: parameter {name} has shape {tuple(saved[name].shape)} in '
-                               f'the checkpoint but {tuple(spec.shape)} in the model config')
+      raise ModelMismatchError(
+          f'{path}: parameter {name} has shape {tuple(saved[name].shape)} in '
+          f'the checkpoint but {tuple(spec.shape)} in the model config'
+      )
 
 
 def read_param(path, name: str) -> np.ndarray:
@@ -187,7 +196,8 @@ def read_param(path, name: str) -> np.ndarray:
   abstract = jax.tree.map(lambda _: ocp.PLACEHOLDER, saved)
   meta = saved['params'][name]
   abstract['params'][name] = jax.ShapeDtypeStruct(
-      meta.shape, meta.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0]))
+      meta.shape, meta.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  )
   try:
     return np.asarray(ocp.load(path, abstract, checkpointable_name=STATE)['params'][name])
   except Exception as e:  # tensorstore and Orbax raise many types for a damaged file
@@ -199,8 +209,9 @@ def param_names(path) -> dict[str, Any]:
   return dict(_saved_tree(epath.Path(path))['params'])
 
 
-def write_params_streaming(path, named_arrays: Iterable[tuple[str, np.ndarray]],
-                           group_bytes: int = 4 << 20):
+def write_params_streaming(
+    path, named_arrays: Iterable[tuple[str, np.ndarray]], group_bytes: int = 4 << 20
+):
   """Writes a params-only checkpoint a few arrays at a time, then commits it.
 
   Orbax's partial save stages each group in a temporary directory and
@@ -268,10 +279,13 @@ class TrainCheckpointer:
 
   def __init__(self, workdir: str, keep: int):
     from orbax.checkpoint.experimental.v1 import training
+
     self._ckpt = training.Checkpointer(
-        checkpoint_root(workdir), save_decision_policy=_AlwaysSave(),
+        checkpoint_root(workdir),
+        save_decision_policy=_AlwaysSave(),
         preservation_policy=training.preservation_policies.LatestN(keep),
-        cleanup_tmp_directories=True)
+        cleanup_tmp_directories=True,
+    )
     self.workdir = workdir
     self._pending = None  # the step of the save in flight
 
@@ -290,10 +304,12 @@ class TrainCheckpointer:
     reported with the step it belongs to.
     """
     self.wait()
-    tree = {'params': flatten_tree(train_state['params']),
-            'opt_state': flatten_tree(train_state['opt_state']),
-            'step': train_state['step'],
-            'data': {str(i): s for i, s in enumerate(data_states)}}
+    tree = {
+        'params': flatten_tree(train_state['params']),
+        'opt_state': flatten_tree(train_state['opt_state']),
+        'step': train_state['step'],
+        'data': {str(i): s for i, s in enumerate(data_states)},
+    }
     try:
       self._ckpt.save_async(step, tree, force=True)
     except Exception as e:  # an OSError, or whatever Orbax wraps it in
@@ -302,10 +318,16 @@ class TrainCheckpointer:
 
   def _save_error(self, step: int | None, e: Exception) -> CheckpointError:
     steps = all_steps(self.workdir)  # what is on disk now
-    kept = (f'complete checkpoints {steps} are intact (a rerun resumes from step {steps[-1]})'
-            if steps else 'no checkpoint is complete yet')
-    what = (f'could not write checkpoint step {step} to {step_path(self.workdir, step)}'
-            if step is not None else f'checkpointing in {checkpoint_root(self.workdir)} failed')
+    kept = (
+        f'complete checkpoints {steps} are intact (a rerun resumes from step {steps[-1]})'
+        if steps
+        else 'no checkpoint is complete yet'
+    )
+    what = (
+        f'could not write checkpoint step {step} to {step_path(self.workdir, step)}'
+        if step is not None
+        else f'checkpointing in {checkpoint_root(self.workdir)} failed'
+    )
     return CheckpointError(f'{what}: {_reason(e)}; {kept}')
 
   def restore(self, step: int, abstract_state: Mapping, shardings: Mapping):
@@ -317,13 +339,15 @@ class TrainCheckpointer:
     path = step_path(self.workdir, step)
     saved = _saved_tree(path)
     if not {'params', 'opt_state', 'step', 'data'} <= set(saved):
-      raise CheckpointError(f'{path}: not a complete training checkpoint '
-                            f'(entries: {sorted(saved)})')
-    abstract = {'params': abstract_flat(abstract_state['params'], shardings['params']),
-                'opt_state': abstract_flat(abstract_state['opt_state'], shardings['opt_state']),
-                'step': jax.ShapeDtypeStruct((), abstract_state['step'].dtype,
-                                             sharding=shardings['step']),
-                'data': {k: '' for k in saved['data']}}
+      raise CheckpointError(
+          f'{path}: not a complete training checkpoint ' f'(entries: {sorted(saved)})'
+      )
+    abstract = {
+        'params': abstract_flat(abstract_state['params'], shardings['params']),
+        'opt_state': abstract_flat(abstract_state['opt_state'], shardings['opt_state']),
+        'step': jax.ShapeDtypeStruct((), abstract_state['step'].dtype, sharding=shardings['step']),
+        'data': {k: '' for k in saved['data']},
+    }
     _check_matches(path, saved['params'], abstract['params'])
     _check_matches(path, saved['opt_state'], abstract['opt_state'])
     try:
@@ -332,9 +356,11 @@ class TrainCheckpointer:
       raise CheckpointError(f'{path}: unreadable checkpoint ({_reason(e)})') from e
     if int(jax.device_get(tree['step'])) != step:
       raise CheckpointError(f'{path}: holds step {int(jax.device_get(tree["step"]))}, not {step}')
-    state = {'params': unflatten_tree(abstract_state['params'], tree['params']),
-             'opt_state': unflatten_tree(abstract_state['opt_state'], tree['opt_state']),
-             'step': tree['step']}
+    state = {
+        'params': unflatten_tree(abstract_state['params'], tree['params']),
+        'opt_state': unflatten_tree(abstract_state['opt_state'], tree['opt_state']),
+        'step': tree['step'],
+    }
     return state, [tree['data'][str(i)] for i in range(len(tree['data']))]
 
   def restore_latest(self, abstract_state: Mapping, shardings: Mapping):
@@ -357,8 +383,10 @@ class TrainCheckpointer:
       self._set_aside([s for s, _ in unreadable])
       return step, state, data_states
     if unreadable:
-      raise CheckpointError(f'{checkpoint_root(self.workdir)}: no checkpoint can be read; '
-                            + '; '.join(f'step {s}: {e}' for s, e in unreadable))
+      raise CheckpointError(
+          f'{checkpoint_root(self.workdir)}: no checkpoint can be read; '
+          + '; '.join(f'step {s}: {e}' for s, e in unreadable)
+      )
     return None
 
   def _set_aside(self, steps: list[int]):

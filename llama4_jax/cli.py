@@ -20,9 +20,11 @@ def define_config_flag(name: str = 'config'):
   file is reported here, in one line.
   """
   from ml_collections import config_flags
+
   try:
-    return config_flags.DEFINE_config_file(name, None, 'Config file (python; runs as code).',
-                                           lock_config=True)
+    return config_flags.DEFINE_config_file(
+        name, None, 'Config file (python; runs as code).', lock_config=True
+    )
   except OSError as e:
     sys.exit(f'error: {" ".join(str(e).split())}')
   except Exception as e:  # pylint: disable=broad-except
@@ -50,8 +52,10 @@ def _drop_abandoned_io_errors(unraisable):
   finished, a write completing into a closed event loop) with a long traceback."""
   code = getattr(unraisable.object, 'cr_code', None)
   abandoned = code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
-  closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
-                 and str(unraisable.exc_value) == 'Event loop is closed')
+  closed_loop = (
+      isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == 'Event loop is closed'
+  )
   if not (abandoned or closed_loop):
     sys.__unraisablehook__(unraisable)
 

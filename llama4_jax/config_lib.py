@@ -50,7 +50,10 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> model_li
       if t[key] <= 0:
         fail(f'train.{key}', f'must be positive, got {t[key]}')
     if t.batch_size % t.grad_accum_steps:
-      fail('train.grad_accum_steps', f'{t.grad_accum_steps} does not divide train.batch_size={t.batch_size}')
+      fail(
+          'train.grad_accum_steps',
+          f'{t.grad_accum_steps} does not divide train.batch_size={t.batch_size}',
+      )
     if t.get('freeze', '') not in optim.FREEZE_OPTIONS:
       fail('train.freeze', f'{t.freeze!r} is not one of {optim.FREEZE_OPTIONS}')
     if t.get('freeze') and cfg.vision is None:
@@ -59,8 +62,11 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> model_li
     if config.data.seq_len <= 0:
       fail('data.seq_len', f'must be positive, got {config.data.seq_len}')
     if config.data.seq_len > cfg.max_position_embeddings:
-      fail('data.seq_len', f'{config.data.seq_len} exceeds model.max_position_embeddings='
-           f'{cfg.max_position_embeddings}')
+      fail(
+          'data.seq_len',
+          f'{config.data.seq_len} exceeds model.max_position_embeddings='
+          f'{cfg.max_position_embeddings}',
+      )
     modality = config.data.get('modality', 'text')
     if modality not in ('text', 'image_text'):
       fail('data.modality', f'{modality!r} is not "text" or "image_text"')
@@ -105,8 +111,10 @@ def set_override(config: mlc.ConfigDict, key: str, value):
   if isinstance(old, mlc.ConfigDict):
     raise ConfigError(f'config.{key}: is a section; override its keys one by one')
   if not _accepts(old, value):
-    raise ConfigError(f'config.{key}: expects {type(old).__name__} (like {old!r}), got '
-                      f'{type(value).__name__} {value!r}')
+    raise ConfigError(
+        f'config.{key}: expects {type(old).__name__} (like {old!r}), got '
+        f'{type(value).__name__} {value!r}'
+    )
   if isinstance(old, float):
     value = float(value)
   elif isinstance(old, (tuple, list)):
@@ -127,8 +135,10 @@ def save(config: mlc.ConfigDict, workdir: str):
 def load(workdir: str) -> mlc.ConfigDict:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(f'{path}: missing; is {workdir} a llama4_jax workdir '
-                            f'(from train.py or convert_checkpoint.py)?')
+    raise FileNotFoundError(
+        f'{path}: missing; is {workdir} a llama4_jax workdir '
+        f'(from train.py or convert_checkpoint.py)?'
+    )
   try:
     return mlc.ConfigDict(json.loads(path.read_text()))
   except json.JSONDecodeError as e:
@@ -156,72 +166,84 @@ def diff_model(a: mlc.ConfigDict, b: mlc.ConfigDict) -> list[str]:
 def base_config() -> mlc.ConfigDict:
   """Every key the code reads, with its default and meaning; experiment configs start here."""
   config = mlc.ConfigDict()
-  config.seed = 0                    # parameter init, data order and sampling all derive from it
+  config.seed = 0  # parameter init, data order and sampling all derive from it
 
   # Architecture: a preset of llama4_jax.model.PRESETS expanded field by field.
   config.model = model_preset('tiny')
 
   # Device mesh: axis sizes; one may be -1 to take the remaining devices.
-  config.mesh = mlc.ConfigDict(dict(
-      data=1,                        # pure data parallelism (weights replicated)
-      fsdp=-1,                       # data parallelism with weights sharded along `embed`
-      tensor=1,                      # heads / MLP width / vocabulary
-      expert=1,                      # experts of MoE layers (tokens also split over it)
-  ))
+  config.mesh = mlc.ConfigDict(
+      dict(
+          data=1,  # pure data parallelism (weights replicated)
+          fsdp=-1,  # data parallelism with weights sharded along `embed`
+          tensor=1,  # heads / MLP width / vocabulary
+          expert=1,  # experts of MoE layers (tokens also split over it)
+      )
+  )
 
-  config.data = mlc.ConfigDict(dict(
-      modality='text',               # 'text', or 'image_text' (needs model.vision; see llama4_jax/image_text.py)
-      train_files='',                # comma-separated globs (.txt, .jsonl with "text", .npy ids); '' = built-in corpus
-      eval_files='',                 # same forms; '' = the built-in corpus' validation split
-      tokenizer='',                  # sentencepiece .model; '' = train/reuse one for the built-in corpus
-      tokenizer_cache='',            # where the built-in tokenizer is kept; '' = <workdir>/tokenizer
-      builtin_max_bytes=8_000_000,   # cap on built-in corpus text (bytes)
-      seq_len=256,                   # tokens per training sequence
-      packing_bins=0,                # rows packed together per first-fit group (0 = max(4 x batch, 64))
-      tokenizer_train_bytes=0,       # text used to train the built-in tokenizer (0 = 4 MB)
-      tiles_per_row=0,               # image_text: image tiles per row (0 = model.vision.max_tiles + 1)
-      # image_text with train_files/eval_files '': the built-in shapes questions (llama4_jax/shapes_data.py).
-      shapes=mlc.ConfigDict(dict(
-          dir='',                    # where they are written ('' = <workdir>/shapes_data)
-          train_examples=20000,
-          eval_examples=600,
-          seed=0,
-      )),
-  ))
+  config.data = mlc.ConfigDict(
+      dict(
+          modality='text',  # 'text', or 'image_text' (needs model.vision; see llama4_jax/image_text.py)
+          train_files='',  # comma-separated globs (.txt, .jsonl with "text", .npy ids); '' = built-in corpus
+          eval_files='',  # same forms; '' = the built-in corpus' validation split
+          tokenizer='',  # sentencepiece .model; '' = train/reuse one for the built-in corpus
+          tokenizer_cache='',  # where the built-in tokenizer is kept; '' = <workdir>/tokenizer
+          builtin_max_bytes=8_000_000,  # cap on built-in corpus text (bytes)
+          seq_len=256,  # tokens per training sequence
+          packing_bins=0,  # rows packed together per first-fit group (0 = max(4 x batch, 64))
+          tokenizer_train_bytes=0,  # text used to train the built-in tokenizer (0 = 4 MB)
+          tiles_per_row=0,  # image_text: image tiles per row (0 = model.vision.max_tiles + 1)
+          # image_text with train_files/eval_files '': the built-in shapes questions (llama4_jax/shapes_data.py).
+          shapes=mlc.ConfigDict(
+              dict(
+                  dir='',  # where they are written ('' = <workdir>/shapes_data)
+                  train_examples=20000,
+                  eval_examples=600,
+                  seed=0,
+              )
+          ),
+      )
+  )
 
-  config.train = mlc.ConfigDict(dict(
-      steps=1000,                    # optimizer updates
-      batch_size=32,                 # global batch, in sequences
-      grad_accum_steps=1,            # micro-batches per update (batch_size must divide)
-      checkpoint_every=200,          # steps between checkpoints (and one at the end)
-      keep_checkpoints=3,            # newest checkpoints kept
-      eval_every=200,                # steps between validation evals (0 = only at the end)
-      log_every=10,                  # steps between metric logs
-      init_from='',                  # workdir/checkpoint of a converted model to fine-tune from
-      load_balance_coef=0.0,         # MoE load-balancing loss weight (0 = exact HF model)
-      router_z_coef=0.0,             # MoE router z-loss weight
-      skip_nonfinite=False,          # on a non-finite loss/grad: False = stop, True = skip the update
-      sample_tokens=48,              # length of the sample printed at the end (0 = none)
-      freeze='',                     # '', 'vision' (the vision tower) or 'language' (all but vision + projector)
-  ))
+  config.train = mlc.ConfigDict(
+      dict(
+          steps=1000,  # optimizer updates
+          batch_size=32,  # global batch, in sequences
+          grad_accum_steps=1,  # micro-batches per update (batch_size must divide)
+          checkpoint_every=200,  # steps between checkpoints (and one at the end)
+          keep_checkpoints=3,  # newest checkpoints kept
+          eval_every=200,  # steps between validation evals (0 = only at the end)
+          log_every=10,  # steps between metric logs
+          init_from='',  # workdir/checkpoint of a converted model to fine-tune from
+          load_balance_coef=0.0,  # MoE load-balancing loss weight (0 = exact HF model)
+          router_z_coef=0.0,  # MoE router z-loss weight
+          skip_nonfinite=False,  # on a non-finite loss/grad: False = stop, True = skip the update
+          sample_tokens=48,  # length of the sample printed at the end (0 = none)
+          freeze='',  # '', 'vision' (the vision tower) or 'language' (all but vision + projector)
+      )
+  )
 
-  config.optim = mlc.ConfigDict(dict(
-      lr=3e-3,                       # peak learning rate
-      warmup_steps=100,              # linear warmup from 0
-      min_lr_ratio=0.1,              # cosine decay ends at lr * min_lr_ratio at train.steps
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      weight_decay=0.1,              # decoupled (AdamW)
-      decay_norms=False,             # apply weight decay to norm scales
-      decay_embeddings=False,        # apply weight decay to the token embedding
-      clip_norm=1.0,                 # global gradient norm clip (0 = off)
-  ))
+  config.optim = mlc.ConfigDict(
+      dict(
+          lr=3e-3,  # peak learning rate
+          warmup_steps=100,  # linear warmup from 0
+          min_lr_ratio=0.1,  # cosine decay ends at lr * min_lr_ratio at train.steps
+          b1=0.9,
+          b2=0.95,
+          eps=1e-8,
+          weight_decay=0.1,  # decoupled (AdamW)
+          decay_norms=False,  # apply weight decay to norm scales
+          decay_embeddings=False,  # apply weight decay to the token embedding
+          clip_norm=1.0,  # global gradient norm clip (0 = off)
+      )
+  )
 
-  config.eval = mlc.ConfigDict(dict(
-      batch_size=16,                 # sequences per eval batch
-      max_batches=20,                # eval batches per validation (0 = whole split)
-  ))
+  config.eval = mlc.ConfigDict(
+      dict(
+          batch_size=16,  # sequences per eval batch
+          max_batches=20,  # eval batches per validation (0 = whole split)
+      )
+  )
   return config
 
 

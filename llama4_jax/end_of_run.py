@@ -18,8 +18,12 @@ MAX_PARAMS = 2_000_000_000  # above this a run is not "small"
 
 def wanted(config: mlc.ConfigDict, num_params: int, first_step: int, process_count: int) -> bool:
   """Whether the run should report them: a small one-process run that trained this time."""
-  return (config.train.sample_tokens > 0 and first_step < config.train.steps
-          and process_count == 1 and num_params <= MAX_PARAMS)
+  return (
+      config.train.sample_tokens > 0
+      and first_step < config.train.steps
+      and process_count == 1
+      and num_params <= MAX_PARAMS
+  )
 
 
 def report(config: mlc.ConfigDict, cfg, graphdef, params, tokenizer, workdir: str) -> dict:
@@ -27,17 +31,23 @@ def report(config: mlc.ConfigDict, cfg, graphdef, params, tokenizer, workdir: st
   if image_text.is_image_text(config):
     return shapes_accuracy(config, cfg, graphdef, params, tokenizer, workdir)
   model = nnx.merge(graphdef, params)
-  return {'sample': greedy_sample(model, tokenizer, config.train.sample_tokens),
-          'unigram_loss': text_data.unigram_loss(config.data, tokenizer,
-                                                 seq_len=config.data.seq_len)}
+  return {
+      'sample': greedy_sample(model, tokenizer, config.train.sample_tokens),
+      'unigram_loss': text_data.unigram_loss(config.data, tokenizer, seq_len=config.data.seq_len),
+  }
 
 
 def greedy_sample(model, tokenizer, num_tokens: int, prompt: str = SAMPLE_PROMPT) -> str:
   """The prompt and its greedy continuation of at most `num_tokens` tokens (KV-cache decoding)."""
   ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
   num_tokens = min(num_tokens, model.cfg.max_position_embeddings - len(ids))
-  [new] = sampling.generate(model, [ids], max_new_tokens=num_tokens,
-                            eos_ids=model.cfg.eos_token_ids, pad_id=tokenizer.pad_id)
+  [new] = sampling.generate(
+      model,
+      [ids],
+      max_new_tokens=num_tokens,
+      eos_ids=model.cfg.eos_token_ids,
+      pad_id=tokenizer.pad_id,
+  )
   return prompt + tokenizer.decode(new, skip_special=True)
 
 

@@ -56,13 +56,16 @@ def make_row_score_fn(graphdef, params):
   def score(params, batch):
     model = nnx.merge(graphdef, params)
     logits_BTV, _ = model(batch['inputs'], batch.get('segment_ids'), batch.get('pixels'))
-    return jnp.sum(losses.target_log_probs(logits_BTV, batch['targets']) * batch['weights'], axis=-1)
+    return jnp.sum(
+        losses.target_log_probs(logits_BTV, batch['targets']) * batch['weights'], axis=-1
+    )
 
   return lambda batch: score(params, batch)
 
 
-def evaluate(eval_fn, params, batches: Iterable[dict[str, np.ndarray]],
-             batch_sharding=None) -> dict[str, float]:
+def evaluate(
+    eval_fn, params, batches: Iterable[dict[str, np.ndarray]], batch_sharding=None
+) -> dict[str, float]:
   """Mean NLL (nats per predicted token), perplexity and token count over batches.
 
   Batches are process-local rows; with `batch_sharding` they are assembled into
@@ -121,9 +124,16 @@ class CheckpointEvaluator:
       return checkpoint.saved_steps(self.workdir)
     return [checkpoint.resolve_checkpoint(self.workdir, step)[1]]
 
-  def batches(self, *, files: str = '', tokens: str = '', tokenizer: str = '',
-              seq_len: int | None = None, batch_size: int | None = None,
-              max_batches: int | None = None) -> list[dict[str, np.ndarray]]:
+  def batches(
+      self,
+      *,
+      files: str = '',
+      tokens: str = '',
+      tokenizer: str = '',
+      seq_len: int | None = None,
+      batch_size: int | None = None,
+      max_batches: int | None = None,
+  ) -> list[dict[str, np.ndarray]]:
     """The batches to score (see scripts/eval.py); None = the run's setting.
 
     Default data is the run's validation data with `eval.max_batches` batches,
@@ -135,21 +145,30 @@ class CheckpointEvaluator:
       raise ValueError('give tokens or files, not both')
     seq_len = seq_len or config.data.seq_len
     if not 0 < seq_len <= cfg.max_position_embeddings:
-      raise ValueError(f'seq_len={seq_len} must lie in [1, max_position_embeddings='
-                       f'{cfg.max_position_embeddings}]')
+      raise ValueError(
+          f'seq_len={seq_len} must lie in [1, max_position_embeddings='
+          f'{cfg.max_position_embeddings}]'
+      )
     # Rows are split over the mesh's batch devices: round the batch up to fill them.
     shards = sharding.batch_shards(self.mesh)
     batch_size = -(-(batch_size or config.eval.batch_size) // shards) * shards
     if max_batches is None:
       max_batches = 0 if (files or tokens) else config.eval.max_batches
     if tokens:
-      windows = text_data.token_windows(text_data.read_token_file(tokens, cfg.vocab_size),
-                                        seq_len)
+      windows = text_data.token_windows(text_data.read_token_file(tokens, cfg.vocab_size), seq_len)
       batches = text_data.windows_to_batches(windows, batch_size)
       return batches[:max_batches] if max_batches else batches
     tokenizer = tokenizer_lib.tokenizer_for_files(self.workdir, config, files, tokenizer)
-    return pipeline.eval_batches(config, cfg, tokenizer, files=files, batch_size=batch_size,
-                                 seq_len=seq_len, max_batches=max_batches, workdir=self.workdir)
+    return pipeline.eval_batches(
+        config,
+        cfg,
+        tokenizer,
+        files=files,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        max_batches=max_batches,
+        workdir=self.workdir,
+    )
 
   def score(self, step: int, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
     """{'step', 'loss', 'perplexity', 'tokens'} of checkpoint `step` on `batches`."""
@@ -160,9 +179,16 @@ class CheckpointEvaluator:
     return {'step': step, **result}
 
 
-def evaluate_workdir(workdir: str, *, step: int | None = None, all_steps: bool = False,
-                     tag: str = '', table_dir: str | None = None, log=print,
-                     **batch_args) -> list[dict[str, float]]:
+def evaluate_workdir(
+    workdir: str,
+    *,
+    step: int | None = None,
+    all_steps: bool = False,
+    tag: str = '',
+    table_dir: str | None = None,
+    log=print,
+    **batch_args,
+) -> list[dict[str, float]]:
   """Scores the chosen checkpoints of a workdir; logs them to its TensorBoard.
 
   Returns one row {'step', 'loss', 'perplexity', 'tokens'} per checkpoint;
@@ -172,8 +198,13 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, all_steps: bool =
   data and `eval_files` / `eval_tokens` for other data.
   """
   if not tag:
-    tag = ('eval_files' if batch_args.get('files') else
-           'eval_tokens' if batch_args.get('tokens') else 'eval')
+    tag = (
+        'eval_files'
+        if batch_args.get('files')
+        else 'eval_tokens'
+        if batch_args.get('tokens')
+        else 'eval'
+    )
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'{workdir}: no such workdir')
   if all_steps and step is not None:

@@ -10,9 +10,17 @@ from llama4_jax import model as model_lib
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
 BF16_PEAK = {
-    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'B200': 2250e12,
-    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
-    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+    'H100': 989e12,
+    'H200': 989e12,
+    'A100': 312e12,
+    'L4': 121e12,
+    'B200': 2250e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12,
 }
 
 
@@ -46,16 +54,15 @@ def train_flops_per_token(cfg: model_lib.ModelConfig, seq_len: int) -> float:
 def vision_forward_flops_per_tile(cfg: model_lib.ModelConfig) -> float:
   """Forward FLOPs of one tile through the vision tower and the projector."""
   v = cfg.vision
-  P, W, F, A = v.grid ** 2, v.hidden_size, v.intermediate_size, v.projector_output_dim
+  P, W, F, A = v.grid**2, v.hidden_size, v.intermediate_size, v.projector_output_dim
   T = P + 1  # with the class token
   layer = 2 * T * (4 * W * W + 2 * W * F) + 2 * 2 * T * T * W  # projections, MLP; scores, values
   out_tokens = v.tokens_per_tile
   adapter = 2 * out_tokens * (F * A + A * A + A * cfg.hidden_size)  # adapter, projector
-  return 2 * P * v.num_channels * v.patch_size ** 2 * W + v.num_layers * layer + adapter
+  return 2 * P * v.num_channels * v.patch_size**2 * W + v.num_layers * layer + adapter
 
 
-def train_flops_per_row(cfg: model_lib.ModelConfig, seq_len: int, tiles_per_row: int = 0
-                        ) -> float:
+def train_flops_per_row(cfg: model_lib.ModelConfig, seq_len: int, tiles_per_row: int = 0) -> float:
   """Forward + backward FLOPs of one training row: its tokens and its image tiles."""
   text = seq_len * train_flops_per_token(cfg, seq_len)
   return text + (3.0 * tiles_per_row * vision_forward_flops_per_tile(cfg) if tiles_per_row else 0)
@@ -66,7 +73,7 @@ def matmul_probe(n: int = 2048, dtype=jnp.float32):
   a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  return (lambda: f(a)), 2 * n ** 3
+  return (lambda: f(a)), 2 * n**3
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

@@ -47,23 +47,34 @@ def _round_up(n: int, multiple: int, cap: int) -> int:
 class Llama4LM(lm_model.LM):
   """loglikelihood, loglikelihood_rolling and generate_until of a llama4_jax checkpoint."""
 
-  def __init__(self, workdir: str, step: int | None = None,
-               batch_size: int | str = DEFAULT_BATCH_SIZE, max_length: int | None = None,
-               max_gen_toks: int = 256, tokenizer: str = '', seed: int = 0,
-               device: str | None = None, max_batch_size: int | None = None):
+  def __init__(
+      self,
+      workdir: str,
+      step: int | None = None,
+      batch_size: int | str = DEFAULT_BATCH_SIZE,
+      max_length: int | None = None,
+      max_gen_toks: int = 256,
+      tokenizer: str = '',
+      seed: int = 0,
+      device: str | None = None,
+      max_batch_size: int | None = None,
+  ):
     super().__init__()
     del device, max_batch_size  # JAX places the model; the batch size is fixed
     workdir = str(workdir)
     self.model, config, self.step = workdir_lib.load_model(
-        workdir, None if step in (None, '') else int(step))
+        workdir, None if step in (None, '') else int(step)
+    )
     self.cfg = self.model.cfg
     self.tokenizer = tokenizer_lib.run_tokenizer(workdir, config, tokenizer or '')
     # lm_eval's CLI passes '--batch_size' through as a string ('auto' included).
     self.batch_size = int(batch_size) if str(batch_size).isdigit() else DEFAULT_BATCH_SIZE
     self.max_length = int(max_length or config.data.seq_len)
     if not 1 < self.max_length <= self.cfg.max_position_embeddings:
-      raise ValueError(f'max_length={self.max_length} must lie in [2, max_position_embeddings='
-                       f'{self.cfg.max_position_embeddings}]')
+      raise ValueError(
+          f'max_length={self.max_length} must lie in [2, max_position_embeddings='
+          f'{self.cfg.max_position_embeddings}]'
+      )
     self.max_gen_toks = int(max_gen_toks)
     self.seed = int(seed)
     graphdef, self._params = nnx.split(self.model)
@@ -71,22 +82,24 @@ class Llama4LM(lm_model.LM):
     @jax.jit
     def target_logprobs(params, inputs_BT, targets_BT, segments_BT):
       logits_BTV, _ = nnx.merge(graphdef, params)(inputs_BT, segments_BT)
-      return (losses.target_log_probs(logits_BTV, targets_BT),
-              jnp.argmax(logits_BTV, axis=-1) == targets_BT)
+      return (
+          losses.target_log_probs(logits_BTV, targets_BT),
+          jnp.argmax(logits_BTV, axis=-1) == targets_BT,
+      )
 
     self._target_logprobs = target_logprobs
 
   @classmethod
   def create_from_arg_obj(cls, arg_dict, additional_config=None):
     """Model arguments win over lm_eval's (its CLI always passes batch_size)."""
-    extra = {k: v for k, v in (additional_config or {}).items()
-             if v is not None and k not in arg_dict}
+    extra = {
+        k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict
+    }
     return cls(**arg_dict, **extra)
 
   @classmethod
   def create_from_arg_string(cls, arg_string, additional_config=None):
-    return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string),
-                                   additional_config)
+    return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
 
   # Tokens ---------------------------------------------------------------------------
 
@@ -109,14 +122,15 @@ class Llama4LM(lm_model.LM):
       context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     context_ids = self.encode_context(context)
     whole = self.encode_context(context + continuation)
-    if whole[:len(context_ids)] == context_ids and len(whole) > len(context_ids):
-      return context_ids, whole[len(context_ids):]
+    if whole[: len(context_ids)] == context_ids and len(whole) > len(context_ids):
+      return context_ids, whole[len(context_ids) :]
     return context_ids, self.tokenizer.encode(continuation)
 
   # Scoring --------------------------------------------------------------------------
 
-  def score_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
-                   ) -> list[tuple[float, bool]]:
+  def score_tokens(
+      self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+  ) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), whether it is the greedy one) per pair.
 
     Contexts longer than max_length are cut from the left; each row of a batch
@@ -127,14 +141,15 @@ class Llama4LM(lm_model.LM):
       if not continuation:
         raise ValueError('empty continuation: nothing to score')
       if len(continuation) > self.max_length:
-        raise ValueError(f'continuation of {len(continuation)} tokens exceeds max_length='
-                         f'{self.max_length}')
-      whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+        raise ValueError(
+            f'continuation of {len(continuation)} tokens exceeds max_length=' f'{self.max_length}'
+        )
+      whole = (list(context) + list(continuation))[-(self.max_length + 1) :]
       rows.append((np.asarray(whole, np.int32), len(continuation)))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     results = [None] * len(rows)
     for start in range(0, len(order), self.batch_size):
-      chunk = order[start:start + self.batch_size]
+      chunk = order[start : start + self.batch_size]
       T = _round_up(max(len(rows[i][0]) - 1 for i in chunk), LENGTH_MULTIPLE, self.max_length)
       inputs = np.full((self.batch_size, T), self.tokenizer.pad_id, np.int32)
       targets = np.zeros((self.batch_size, T), np.int32)
@@ -143,13 +158,18 @@ class Llama4LM(lm_model.LM):
         whole = rows[i][0]
         n = len(whole) - 1
         inputs[r, :n], targets[r, :n], segments[r, :n] = whole[:-1], whole[1:], 1
-      logprobs, greedy = jax.device_get(self._target_logprobs(
-          self._params, jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(segments)))
+      logprobs, greedy = jax.device_get(
+          self._target_logprobs(
+              self._params, jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(segments)
+          )
+      )
       for r, i in enumerate(chunk):
         whole, n_cont = rows[i]
         span = slice(len(whole) - 1 - n_cont, len(whole) - 1)
-        results[i] = (float(np.sum(logprobs[r, span], dtype=np.float64)),
-                      bool(np.all(greedy[r, span])))
+        results[i] = (
+            float(np.sum(logprobs[r, span], dtype=np.float64)),
+            bool(np.all(greedy[r, span])),
+        )
     return results
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -170,8 +190,11 @@ class Llama4LM(lm_model.LM):
     for doc, req in enumerate(requests):
       ids = self.tokenizer.encode(req.args[0])
       windows = lm_utils.get_rolling_token_windows(
-          token_list=ids, prefix_token=self.tokenizer.bos_id, max_seq_len=self.max_length,
-          context_len=1)
+          token_list=ids,
+          prefix_token=self.tokenizer.bos_id,
+          max_seq_len=self.max_length,
+          context_len=1,
+      )
       for window in map(lm_utils.make_disjoint_window, windows):
         pairs.append(window)
         owners.append(doc)
@@ -198,8 +221,9 @@ class Llama4LM(lm_model.LM):
       groups.setdefault(key, []).append(i)
     results = [None] * len(requests)
     for indices in groups.values():
-      texts = self._generate_group([requests[i].args[0] for i in indices],
-                                   dict(requests[indices[0]].args[1]))
+      texts = self._generate_group(
+          [requests[i].args[0] for i in indices], dict(requests[indices[0]].args[1])
+      )
       for i, text in zip(indices, texts):
         results[i] = text
         self.cache_hook.add_partial('generate_until', requests[i].args, text)
@@ -219,8 +243,9 @@ class Llama4LM(lm_model.LM):
       logging.warning('llama4_jax ignores gen_kwargs %s', sorted(gen_kwargs))
     max_prompt = self.max_length - max_new
     if max_prompt < 1:
-      raise ValueError(f'max_gen_toks={max_new} leaves no room for a prompt in max_length='
-                       f'{self.max_length}')
+      raise ValueError(
+          f'max_gen_toks={max_new} leaves no room for a prompt in max_length=' f'{self.max_length}'
+      )
 
     prompts = [self.encode_context(c)[-max_prompt:] for c in contexts]
     # Prompts are left-padded to the longest of their batch, not to a multiple of 64 as
@@ -230,13 +255,20 @@ class Llama4LM(lm_model.LM):
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts = [None] * len(prompts)
     for batch_index, start in enumerate(range(0, len(order), self.batch_size)):
-      chunk = order[start:start + self.batch_size]
+      chunk = order[start : start + self.batch_size]
       batch = [prompts[i] for i in chunk]
       batch += [[self.tokenizer.bos_id]] * (self.batch_size - len(batch))  # fixed batch size
       outputs = sampling.generate(
-          self.model, batch, max_new_tokens=max_new, eos_ids=self.cfg.eos_token_ids,
-          pad_id=self.tokenizer.pad_id, temperature=temperature, top_k=top_k, top_p=top_p,
-          seed=self.seed + batch_index)
+          self.model,
+          batch,
+          max_new_tokens=max_new,
+          eos_ids=self.cfg.eos_token_ids,
+          pad_id=self.tokenizer.pad_id,
+          temperature=temperature,
+          top_k=top_k,
+          top_p=top_p,
+          seed=self.seed + batch_index,
+      )
       for i, ids in zip(chunk, outputs):
         text = self.tokenizer.decode(ids, skip_special=True)
         cut = min((text.find(s) for s in until if s and s in text), default=len(text))
@@ -253,6 +285,7 @@ def main(argv: Sequence[str] | None = None):
   if not any('batch_size' in a or a == '-b' for a in args):
     args += ['--batch_size', str(DEFAULT_BATCH_SIZE)]
   from lm_eval.__main__ import cli_evaluate  # pylint: disable=g-import-not-at-top
+
   sys.argv = ['lm-eval'] + args
   cli_evaluate()
 

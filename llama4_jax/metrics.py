@@ -14,6 +14,7 @@ TENSORBOARD_DIR = 'tensorboard'  # in the workdir
 def tensorboard_writer(workdir: str):
   """A TensorBoard writer for <workdir>/tensorboard."""
   from tensorboardX import SummaryWriter  # imported here: only process 0 writes logs
+
   return SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
 
 
@@ -71,8 +72,14 @@ class Progress:
     self.enabled = enabled
     self.bar = None
     if enabled and self.stream.isatty():
-      self.bar = tqdm.tqdm(initial=start, total=total, dynamic_ncols=True, desc='train',
-                           unit='step', file=self.stream)
+      self.bar = tqdm.tqdm(
+          initial=start,
+          total=total,
+          dynamic_ncols=True,
+          desc='train',
+          unit='step',
+          file=self.stream,
+      )
 
   def log(self, step: int, **fields: str):
     """Shows the latest logged values (the bar's postfix, or one line)."""

@@ -10,8 +10,12 @@ def learning_rate_schedule(optim: mlc.ConfigDict, total_steps: int) -> optax.Sch
   """Linear warmup from 0 to optim.lr, then cosine decay to lr * min_lr_ratio."""
   warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=optim.lr * optim.min_lr_ratio)
+      init_value=0.0,
+      peak_value=optim.lr,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=optim.lr * optim.min_lr_ratio,
+  )
 
 
 # train.freeze: which top-level parts of the model keep their initial values.
@@ -50,23 +54,33 @@ def weight_decay_mask(params: nnx.State, optim: mlc.ConfigDict):
   return jax.tree.map_with_path(decays, params)
 
 
-def make_optimizer(optim: mlc.ConfigDict, total_steps: int, params: nnx.State,
-                   freeze: str = '') -> optax.GradientTransformation:
+def make_optimizer(
+    optim: mlc.ConfigDict, total_steps: int, params: nnx.State, freeze: str = ''
+) -> optax.GradientTransformation:
   tx = _adamw(optim, total_steps, params)
   if not freeze:
     return tx
   # Frozen parameters get zero updates and no optimizer state.
-  labels = jax.tree.map_with_path(lambda p, _: 'frozen' if is_frozen(p, freeze) else 'trained',
-                                  params)
+  labels = jax.tree.map_with_path(
+      lambda p, _: 'frozen' if is_frozen(p, freeze) else 'trained', params
+  )
   return optax.multi_transform({'trained': tx, 'frozen': optax.set_to_zero()}, labels)
 
 
-def _adamw(optim: mlc.ConfigDict, total_steps: int, params: nnx.State
-           ) -> optax.GradientTransformation:
+def _adamw(
+    optim: mlc.ConfigDict, total_steps: int, params: nnx.State
+) -> optax.GradientTransformation:
   parts = []
   if optim.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim.clip_norm))
-  parts.append(optax.adamw(
-      learning_rate_schedule(optim, total_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-      weight_decay=optim.weight_decay, mask=weight_decay_mask(params, optim)))
+  parts.append(
+      optax.adamw(
+          learning_rate_schedule(optim, total_steps),
+          b1=optim.b1,
+          b2=optim.b2,
+          eps=optim.eps,
+          weight_decay=optim.weight_decay,
+          mask=weight_decay_mask(params, optim),
+      )
+  )
   return optax.chain(*parts)

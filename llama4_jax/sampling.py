@@ -27,8 +27,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
   tokens = np.full((len(prompts), P), pad_id, np.int32)
   segments = np.zeros((len(prompts), P), np.int32)
   for row, prompt in enumerate(prompts):
-    tokens[row, P - len(prompt):] = prompt
-    segments[row, P - len(prompt):] = 1
+    tokens[row, P - len(prompt) :] = prompt
+    segments[row, P - len(prompt) :] = 1
   return tokens, segments
 
 
@@ -41,8 +41,9 @@ def _nucleus(scaled_BV: jax.Array, top_p: jax.Array) -> jax.Array:
   return jnp.where(scaled_BV < cutoff_B, -jnp.inf, scaled_BV)
 
 
-def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array,
-                  top_k: int, top_p: jax.Array) -> jax.Array:
+def sample_logits(
+    logits_BV: jax.Array, key: jax.Array, temperature: jax.Array, top_k: int, top_p: jax.Array
+) -> jax.Array:
   """Greedy when temperature == 0, else top-k / nucleus (top-p) sampling.
 
   The branches are `lax.cond`s so that greedy decoding never sorts the vocabulary.
@@ -62,15 +63,30 @@ def sample_logits(logits_BV: jax.Array, key: jax.Array, temperature: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k', 'cache_dtype'))
-def _generate(graphdef, state, tokens_BP, segments_BP, pixels_BMCHW, key, eos_ids, temperature,
-              top_p, pad_id, *, max_new_tokens: int, top_k: int, cache_dtype):
+def _generate(
+    graphdef,
+    state,
+    tokens_BP,
+    segments_BP,
+    pixels_BMCHW,
+    key,
+    eos_ids,
+    temperature,
+    top_p,
+    pad_id,
+    *,
+    max_new_tokens: int,
+    top_k: int,
+    cache_dtype,
+):
   # Weights sliced per layer and per expert once, before the loop.
   model = model_lib.decode_layout(nnx.merge(graphdef, state))
   B, P = tokens_BP.shape
   cache = model.init_cache(B, P + max_new_tokens, cache_dtype)
   # The images are encoded once, in the prefill; decode steps see only tokens.
-  logits_B1V, cache = model.decode(tokens_BP, cache, segments_BP, pixels_BMCHW,
-                                   last_logits_only=True)
+  logits_B1V, cache = model.decode(
+      tokens_BP, cache, segments_BP, pixels_BMCHW, last_logits_only=True
+  )
   key, first_key = jax.random.split(key)
   token_B = sample_logits(logits_B1V[:, 0], first_key, temperature, top_k, top_p)
   out_BN = jnp.full((B, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token_B)
@@ -93,9 +109,19 @@ def _generate(graphdef, state, tokens_BP, segments_BP, pixels_BMCHW, key, eos_id
   return jax.lax.while_loop(cond, body, carry)[4]
 
 
-def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             eos_ids: Sequence[int], pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, pixels_BMCHW=None) -> list[list[int]]:
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    pixels_BMCHW=None,
+) -> list[list[int]]:
   """Generated ids per prompt (without the prompt), each cut after its first EOS.
 
   pixels_BMCHW: with a multimodal model, each prompt's image tiles in the order
@@ -106,13 +132,26 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
     raise ValueError(f'max_new_tokens must be at least 1, got {max_new_tokens}')
   tokens, segments = left_pad(prompts, pad_id)
   if tokens.shape[1] + max_new_tokens > cfg.max_position_embeddings:
-    raise ValueError(f'prompt of {tokens.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds '
-                     f'the model\'s max_position_embeddings={cfg.max_position_embeddings}')
+    raise ValueError(
+        f'prompt of {tokens.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds '
+        f"the model's max_position_embeddings={cfg.max_position_embeddings}"
+    )
   graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, tokens, segments, pixels_BMCHW, jax.random.key(seed),
-                  jnp.asarray(list(eos_ids), jnp.int32), jnp.float32(temperature),
-                  jnp.float32(top_p), jnp.int32(pad_id), max_new_tokens=max_new_tokens,
-                  top_k=int(top_k), cache_dtype=cfg.dtype)
+  out = _generate(
+      graphdef,
+      state,
+      tokens,
+      segments,
+      pixels_BMCHW,
+      jax.random.key(seed),
+      jnp.asarray(list(eos_ids), jnp.int32),
+      jnp.float32(temperature),
+      jnp.float32(top_p),
+      jnp.int32(pad_id),
+      max_new_tokens=max_new_tokens,
+      top_k=int(top_k),
+      cache_dtype=cfg.dtype,
+  )
   results = []
   eos = set(int(e) for e in eos_ids)
   for row in np.asarray(out).tolist():

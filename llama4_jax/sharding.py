@@ -24,15 +24,15 @@ BATCH_AXES = ('data', 'fsdp', 'expert')
 
 LOGICAL_RULES = (
     # Parameters.
-    ('vocab', 'tensor'),        # embedding rows and lm_head columns
-    ('embed', 'fsdp'),          # model width D: FSDP shards every weight along it
-    ('q_heads', 'tensor'),      # query heads N
-    ('kv_heads', 'tensor'),     # key/value heads K
-    ('head_dim', None),         # H
-    ('mlp', 'tensor'),          # MLP / expert hidden width F
-    ('expert', 'expert'),       # expert index E
-    ('layers', None),           # the scanned layer axis
-    ('norm', None),             # norm scales
+    ('vocab', 'tensor'),  # embedding rows and lm_head columns
+    ('embed', 'fsdp'),  # model width D: FSDP shards every weight along it
+    ('q_heads', 'tensor'),  # query heads N
+    ('kv_heads', 'tensor'),  # key/value heads K
+    ('head_dim', None),  # H
+    ('mlp', 'tensor'),  # MLP / expert hidden width F
+    ('expert', 'expert'),  # expert index E
+    ('layers', None),  # the scanned layer axis
+    ('norm', None),  # norm scales
     # Activations.
     ('act_batch', BATCH_AXES),
     ('act_seq', None),
@@ -59,12 +59,15 @@ def mesh_shape(shape: dict[str, int], num_devices: int) -> tuple[int, ...]:
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f'mesh: {num_devices} devices are not divisible by the fixed axes '
-                       f'{given} (product {known})')
+      raise ValueError(
+          f'mesh: {num_devices} devices are not divisible by the fixed axes '
+          f'{given} (product {known})'
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
-    raise ValueError(f'mesh: {given} needs {int(np.prod(sizes))} devices, but {num_devices} '
-                     f'are available')
+    raise ValueError(
+        f'mesh: {given} needs {int(np.prod(sizes))} devices, but {num_devices} ' f'are available'
+    )
   return tuple(sizes)
 
 
@@ -76,8 +79,7 @@ def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
   """
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(shape, len(devices))
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes),
-                       devices=devices)
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
 
 
 @contextlib.contextmanager
@@ -146,8 +148,9 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
 
 def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
   """Each process's rows of a batch -> global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-          for k, v in local_batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local_batch.items()
+  }
 
 
 def state_shardings(abstract_state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):

@@ -21,14 +21,14 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from llama4_jax import (
-  checkpoint,
-  config_lib,
-  end_of_run,
-  evaluation,
-  flops,
-  losses,
-  optim,
-  sharding,
+    checkpoint,
+    config_lib,
+    end_of_run,
+    evaluation,
+    flops,
+    losses,
+    optim,
+    sharding,
 )
 from llama4_jax import metrics as metrics_lib
 from llama4_jax import model as model_lib
@@ -44,6 +44,7 @@ class TrainingError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """Everything static about a run: model structure, optimizer, shardings."""
+
   config: mlc.ConfigDict
   cfg: model_lib.ModelConfig
   mesh: jax.sharding.Mesh
@@ -57,13 +58,18 @@ class Setup:
 def make_setup(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   cfg = config_lib.model_config(config)
   graphdef, abstract_params = nnx.split(model_lib.abstract_model(cfg))
-  tx = optim.make_optimizer(config.optim, config.train.steps, abstract_params,
-                            config.train.get('freeze', ''))
-  abstract_state = {'params': abstract_params, 'opt_state': jax.eval_shape(tx.init, abstract_params),
-                    'step': jax.ShapeDtypeStruct((), jnp.int32)}
+  tx = optim.make_optimizer(
+      config.optim, config.train.steps, abstract_params, config.train.get('freeze', '')
+  )
+  abstract_state = {
+      'params': abstract_params,
+      'opt_state': jax.eval_shape(tx.init, abstract_params),
+      'step': jax.ShapeDtypeStruct((), jnp.int32),
+  }
   shardings = sharding.state_shardings(abstract_state, mesh)
-  return Setup(config, cfg, mesh, graphdef, tx, abstract_state, shardings,
-               sharding.batch_sharding(mesh))
+  return Setup(
+      config, cfg, mesh, graphdef, tx, abstract_state, shardings, sharding.batch_sharding(mesh)
+  )
 
 
 def init_state(setup: Setup, seed: int):
@@ -88,9 +94,12 @@ def _moe_terms(stats, train: mlc.ConfigDict):
   load_balance = jnp.mean(stats['load_balance_loss'])
   z_loss = jnp.mean(stats['router_z_loss'])
   counts_LE = stats['tokens_per_expert']
-  logged = {'load_balance_loss': load_balance, 'router_z_loss': z_loss,
-            'dropped_fraction': jnp.mean(stats['dropped_fraction']),
-            'expert_load': counts_LE / jnp.maximum(jnp.sum(counts_LE, -1, keepdims=True), 1.0)}
+  logged = {
+      'load_balance_loss': load_balance,
+      'router_z_loss': z_loss,
+      'dropped_fraction': jnp.mean(stats['dropped_fraction']),
+      'expert_load': counts_LE / jnp.maximum(jnp.sum(counts_LE, -1, keepdims=True), 1.0),
+  }
   return train.load_balance_coef * load_balance + train.router_z_coef * z_loss, logged
 
 
@@ -113,7 +122,8 @@ def train_step(state, batch, *, setup: Setup):
   else:
     # Micro-batch i takes every accum-th row, so each device keeps its own rows.
     micro_batches = jax.tree.map(
-        lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+        lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch
+    )
 
     def accumulate(carry, micro):
       grads, nll_sum = carry
@@ -133,20 +143,32 @@ def train_step(state, batch, *, setup: Setup):
   # skipped here, and the host stops the run or counts the skip (train.skip_nonfinite).
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = {'params': keep(params, state['params']),
-               'opt_state': keep(opt_state, state['opt_state']), 'step': state['step'] + 1}
+  new_state = {
+      'params': keep(params, state['params']),
+      'opt_state': keep(opt_state, state['opt_state']),
+      'step': state['step'] + 1,
+  }
   lr = optim.learning_rate_schedule(setup.config.optim, train.steps)(state['step'])
-  metrics = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': lr, 'finite': finite,
-             'tokens': total_weight, **moe_metrics}
+  metrics = {
+      'loss': loss,
+      'grad_norm': grad_norm,
+      'learning_rate': lr,
+      'finite': finite,
+      'tokens': total_weight,
+      **moe_metrics,
+  }
   return new_state, metrics
 
 
 def compile_steps(setup: Setup):
   """The jitted train and eval steps with pinned shardings; the state is donated."""
   s = setup.state_shardings
-  train = jax.jit(functools.partial(train_step, setup=setup),
-                  in_shardings=(s, setup.batch_sharding), out_shardings=(s, None),
-                  donate_argnums=0)
+  train = jax.jit(
+      functools.partial(train_step, setup=setup),
+      in_shardings=(s, setup.batch_sharding),
+      out_shardings=(s, None),
+      donate_argnums=0,
+  )
   evaluate = evaluation.make_eval_step(setup.graphdef, s['params'], setup.batch_sharding)
   return train, evaluate
 
@@ -166,7 +188,7 @@ def _gather_strings(text: str) -> list[str]:
   raw = np.frombuffer(text.encode(), np.uint8)
   length = int(np.max(multihost_utils.process_allgather(np.array([len(raw)]))))
   padded = np.zeros(length, np.uint8)
-  padded[:len(raw)] = raw
+  padded[: len(raw)] = raw
   gathered = multihost_utils.process_allgather(padded)
   return [bytes(row).rstrip(b'\0').decode() for row in np.asarray(gathered).reshape(-1, length)]
 
@@ -181,14 +203,18 @@ def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_ite
     if len(data_states) == jax.process_count():
       train_iter.set_state(json.loads(data_states[jax.process_index()]))
     else:
-      logging.warning('checkpoint has %d input states for %d processes; data restarts',
-                      len(data_states), jax.process_count())
+      logging.warning(
+          'checkpoint has %d input states for %d processes; data restarts',
+          len(data_states),
+          jax.process_count(),
+      )
     return state, f'resumed from step {step}'
   state = init_state(setup, config.seed)
   if config.train.init_from:
     path, from_step = checkpoint.resolve_checkpoint(config.train.init_from)
-    state['params'] = checkpoint.load_params_tree(path, setup.abstract_state['params'],
-                                                  setup.state_shardings['params'])
+    state['params'] = checkpoint.load_params_tree(
+        path, setup.abstract_state['params'], setup.state_shardings['params']
+    )
     return state, f'initialised from {config.train.init_from} (step {from_step})'
   return state, 'initialised from scratch'
 
@@ -204,8 +230,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   tokenizer = tokenizer_lib.load_tokenizer(config.data, cfg.vocab_size, workdir)
   seq_len = config.data.seq_len
   train_iter, eval_batches = pipeline.train_and_eval_data(
-      config, cfg, tokenizer, workdir, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      config,
+      cfg,
+      tokenizer,
+      workdir,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
 
   mesh = sharding.make_mesh(dict(config.mesh))
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
@@ -216,14 +247,17 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     train_fn, eval_fn = compile_steps(setup)
     start = int(jax.device_get(state['step']))
     peak, peak_source = flops.device_peak_flops()
-    flops_per_token = flops.train_flops_per_row(
-        cfg, seq_len, image_text.tiles_per_row(config, cfg)) / seq_len  # images included
+    flops_per_token = (
+        flops.train_flops_per_row(cfg, seq_len, image_text.tiles_per_row(config, cfg)) / seq_len
+    )  # images included
     num_params = model_lib.count_params(setup.abstract_state['params'])
     if is_main:
-      print(f'{how}; {jax.device_count()} devices, mesh {dict(mesh.shape)}; '
-            f'{num_params:,} parameters; '
-            f'MFU against {peak * jax.device_count() / 1e9:.1f} GFLOP/s ({peak_source})',
-            flush=True)
+      print(
+          f'{how}; {jax.device_count()} devices, mesh {dict(mesh.shape)}; '
+          f'{num_params:,} parameters; '
+          f'MFU against {peak * jax.device_count() / 1e9:.1f} GFLOP/s ({peak_source})',
+          flush=True,
+      )
 
     progress = metrics_lib.Progress(start, train_cfg.steps, enabled=is_main)
     tokens_per_step = train_cfg.batch_size * seq_len
@@ -248,24 +282,33 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
                 f'non-finite loss or gradient at step {s} (loss={float(m["loss"])}, '
                 f'grad_norm={float(m["grad_norm"])}); the update was not applied and the last '
                 f'checkpoint is step {ckpt.latest_step()}. Set train.skip_nonfinite=True to skip '
-                f'such updates instead.')
+                f'such updates instead.'
+            )
           skipped += 1
-      unchecked = unchecked[len(to_check):]
+      unchecked = unchecked[len(to_check) :]
       if must_log:
         m = jax.device_get(metrics)
         tokens_per_sec = window_steps * tokens_per_step / (time.perf_counter() - window_start)
-        final = {'loss': float(m['loss']), 'learning_rate': float(m['learning_rate']),
-                 'grad_norm': float(m['grad_norm']), 'tokens_per_sec': tokens_per_sec,
-                 'mfu': tokens_per_sec * flops_per_token / (peak * jax.device_count()),
-                 'skipped_steps': skipped}
+        final = {
+            'loss': float(m['loss']),
+            'learning_rate': float(m['learning_rate']),
+            'grad_norm': float(m['grad_norm']),
+            'tokens_per_sec': tokens_per_sec,
+            'mfu': tokens_per_sec * flops_per_token / (peak * jax.device_count()),
+            'skipped_steps': skipped,
+        }
         for key in ('load_balance_loss', 'router_z_loss', 'dropped_fraction'):
           if key in m:
             final[key] = float(m[key])
         if 'expert_load' in m:
           final['expert_load'] = np.round(np.asarray(m['expert_load']), 4).tolist()
         writer.write(step, final)
-        progress.log(step, loss=f'{final["loss"]:.3f}', tok_s=f'{tokens_per_sec:,.0f}',
-                     mfu=f'{100 * final["mfu"]:.1f}%')
+        progress.log(
+            step,
+            loss=f'{final["loss"]:.3f}',
+            tok_s=f'{tokens_per_sec:,.0f}',
+            mfu=f'{100 * final["mfu"]:.1f}%',
+        )
         window_start, window_steps = time.perf_counter(), 0
       if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or step == train_cfg.steps:
         final['eval_loss'] = evaluate(eval_fn, state['params'], eval_batches, setup.batch_sharding)

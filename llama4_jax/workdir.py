@@ -16,8 +16,9 @@ def load_params_into(model_abstract: model_lib.Llama4, path, mesh=None) -> model
   return nnx.merge(graphdef, checkpoint.load_params_tree(path, state, shardings))
 
 
-def load_model(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
-               **model_overrides):
+def load_model(
+    workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None, **model_overrides
+):
   """Returns (model, config, step) from a training or converted workdir."""
   config = config_lib.load(workdir)
   cfg = config_lib.model_config(config)
@@ -30,13 +31,18 @@ def load_model(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | 
 
 def check_resumable(config: mlc.ConfigDict, workdir: str):
   """A resumed run must have the model of the run it resumes; say which fields differ."""
-  if (not (epath.Path(workdir) / config_lib.CONFIG_FILE).exists()
-      or checkpoint.latest_step(workdir) is None):
+  if (
+      not (epath.Path(workdir) / config_lib.CONFIG_FILE).exists()
+      or checkpoint.latest_step(workdir) is None
+  ):
     return
   saved = config_lib.load(workdir)
   changed = config_lib.diff_model(config, saved)
   if changed:
-    details = ', '.join(f'model.{k}: {saved.model.get(k)} -> {config.model.get(k)}' for k in changed)
+    details = ', '.join(
+        f'model.{k}: {saved.model.get(k)} -> {config.model.get(k)}' for k in changed
+    )
     raise config_lib.ConfigError(
         f'{workdir} holds checkpoints of a different model ({details}); use a new workdir or '
-        f'the saved config')
+        f'the saved config'
+    )

@@ -21,11 +21,16 @@ from llama4_jax import cli
 from llama4_jax.tools import aot
 
 _CONFIG = cli.define_config_flag()
-_DEVICES = flags.DEFINE_integer('devices', None, 'Simulated devices (the mesh spans them).',
-                                required=True, lower_bound=1)
-_ACCELERATOR = flags.DEFINE_enum('accelerator', None, list(aot.ACCELERATORS),
-                                 'Check against this one; exit 1 if it does not fit.',
-                                 case_sensitive=False)
+_DEVICES = flags.DEFINE_integer(
+    'devices', None, 'Simulated devices (the mesh spans them).', required=True, lower_bound=1
+)
+_ACCELERATOR = flags.DEFINE_enum(
+    'accelerator',
+    None,
+    list(aot.ACCELERATORS),
+    'Check against this one; exit 1 if it does not fit.',
+    case_sensitive=False,
+)
 _NUM_LAYERS = flags.DEFINE_integer('num_layers', None, 'Keep only the first N layers.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write the report here as JSON.')
 

@@ -29,10 +29,12 @@ from llama4_jax.tools import benchmarks
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the results as JSON here.')
 _TOKENS = flags.DEFINE_integer('tokens', 16384, 'moe: tokens per step.')
-_TRAIN_CONFIGS = flags.DEFINE_list('train_configs', list(benchmarks.TRAIN_CONFIGS),
-                                   'train: configs to measure.')
-_REPEATS = flags.DEFINE_integer('repeats', 3, 'train, decode: timed runs per implementation '
-                                 '(in turns).')
+_TRAIN_CONFIGS = flags.DEFINE_list(
+    'train_configs', list(benchmarks.TRAIN_CONFIGS), 'train: configs to measure.'
+)
+_REPEATS = flags.DEFINE_integer(
+    'repeats', 3, 'train, decode: timed runs per implementation ' '(in turns).'
+)
 _PROFILE = flags.DEFINE_bool('profile', False, 'train: also profile one step of ours, by part.')
 
 
@@ -40,13 +42,22 @@ def moe():
   rows = benchmarks.moe_scaling(tokens=_TOKENS.value)
   by = {(r.experts, r.mode): r.seconds for r in rows}
   smallest = min(r.experts for r in rows)
-  print(f'MoE layer forward+backward, top-1, {_TOKENS.value} tokens, {jax.devices()[0].device_kind}')
-  print(f'{"E":>4} {"mode":>9} {"seconds":>9} {"vs E=" + str(smallest):>8} {"dense/this":>10} {"dropped":>8}')
+  print(
+      f'MoE layer forward+backward, top-1, {_TOKENS.value} tokens, {jax.devices()[0].device_kind}'
+  )
+  print(
+      f'{"E":>4} {"mode":>9} {"seconds":>9} {"vs E=" + str(smallest):>8} {"dense/this":>10} {"dropped":>8}'
+  )
   for r in rows:
-    print(f'{r.experts:>4} {r.mode:>9} {r.seconds:>9.4f} {r.seconds / by[(smallest, r.mode)]:>8.2f} '
-          f'{by[(r.experts, "dense")] / r.seconds:>10.1f} {r.dropped_fraction:>8.3f}')
-  return {'tokens': _TOKENS.value, 'device': jax.devices()[0].device_kind,
-          'rows': [dataclasses.asdict(r) for r in rows]}
+    print(
+        f'{r.experts:>4} {r.mode:>9} {r.seconds:>9.4f} {r.seconds / by[(smallest, r.mode)]:>8.2f} '
+        f'{by[(r.experts, "dense")] / r.seconds:>10.1f} {r.dropped_fraction:>8.3f}'
+    )
+  return {
+      'tokens': _TOKENS.value,
+      'device': jax.devices()[0].device_kind,
+      'rows': [dataclasses.asdict(r) for r in rows],
+  }
 
 
 def decode():
@@ -54,34 +65,47 @@ def decode():
   print(f'Decode tokens/s (prompt 128, 128 new tokens, greedy), {jax.devices()[0].device_kind}')
   print(f'{"config":>7} {"params":>12} {"batch":>5} {"ours":>10} {"transformers":>13} {"ratio":>6}')
   for r in rows:
-    print(f'{r.config:>7} {r.params:>12,} {r.batch:>5} {r.ours_tokens_per_sec:>10.1f} '
-          f'{r.transformers_tokens_per_sec:>13.1f} {r.ratio:>6.1f}')
+    print(
+        f'{r.config:>7} {r.params:>12,} {r.batch:>5} {r.ours_tokens_per_sec:>10.1f} '
+        f'{r.transformers_tokens_per_sec:>13.1f} {r.ratio:>6.1f}'
+    )
   by_position = benchmarks.decode_step_seconds_by_position()
   print('one decode step of the 100m config (cache of 2048) at position:')
   for position, seconds in by_position.items():
     print(f'  {position:>5}: {1000 * seconds:.2f} ms')
-  return {'device': jax.devices()[0].device_kind, 'rows': [dataclasses.asdict(r) for r in rows],
-          'step_seconds_by_position': by_position}
+  return {
+      'device': jax.devices()[0].device_kind,
+      'rows': [dataclasses.asdict(r) for r in rows],
+      'step_seconds_by_position': by_position,
+  }
 
 
 def train():
   unknown = set(_TRAIN_CONFIGS.value) - set(benchmarks.TRAIN_CONFIGS)
   if unknown:
-    raise ValueError(f'--train_configs: unknown {sorted(unknown)}; '
-                     f'known: {sorted(benchmarks.TRAIN_CONFIGS)}')
-  rows = benchmarks.train_speed(_TRAIN_CONFIGS.value, repeats=_REPEATS.value,
-                                profile=_PROFILE.value)
-  print(f'Train step (forward, backward, AdamW), {rows[0].device}; peak {rows[0].peak_flops / 1e9:.1f} '
-        f'GFLOP/s ({rows[0].peak_source})')
-  print(f'{"config":>8} {"params":>12} {"tokens":>6} | {"ours s":>7} {"tok/s":>7} {"MFU":>5} '
-        f'{"MiB":>6} | {"hf s":>7} {"tok/s":>7} {"MFU":>5} {"MiB":>6} | {"ratio":>5}')
+    raise ValueError(
+        f'--train_configs: unknown {sorted(unknown)}; ' f'known: {sorted(benchmarks.TRAIN_CONFIGS)}'
+    )
+  rows = benchmarks.train_speed(
+      _TRAIN_CONFIGS.value, repeats=_REPEATS.value, profile=_PROFILE.value
+  )
+  print(
+      f'Train step (forward, backward, AdamW), {rows[0].device}; peak {rows[0].peak_flops / 1e9:.1f} '
+      f'GFLOP/s ({rows[0].peak_source})'
+  )
+  print(
+      f'{"config":>8} {"params":>12} {"tokens":>6} | {"ours s":>7} {"tok/s":>7} {"MFU":>5} '
+      f'{"MiB":>6} | {"hf s":>7} {"tok/s":>7} {"MFU":>5} {"MiB":>6} | {"ratio":>5}'
+  )
   fmt = lambda value, spec: '-' if value is None else format(value, spec)
   for r in rows:
-    print(f'{r.config:>8} {r.params:>12,} {r.tokens_per_step:>6} | {r.ours_step_seconds:>7.2f} '
-          f'{r.ours_tokens_per_sec:>7.0f} {r.ours_mfu:>5.0%} {r.ours_step_memory_mib:>6.0f} | '
-          f'{fmt(r.transformers_step_seconds, ">7.2f")} {fmt(r.transformers_tokens_per_sec, ">7.0f")} '
-          f'{fmt(r.transformers_mfu, ">5.0%")} {fmt(r.transformers_step_memory_mib, ">6.0f")} | '
-          f'{fmt(r.ratio, ">5.1f")}')
+    print(
+        f'{r.config:>8} {r.params:>12,} {r.tokens_per_step:>6} | {r.ours_step_seconds:>7.2f} '
+        f'{r.ours_tokens_per_sec:>7.0f} {r.ours_mfu:>5.0%} {r.ours_step_memory_mib:>6.0f} | '
+        f'{fmt(r.transformers_step_seconds, ">7.2f")} {fmt(r.transformers_tokens_per_sec, ">7.0f")} '
+        f'{fmt(r.transformers_mfu, ">5.0%")} {fmt(r.transformers_step_memory_mib, ">6.0f")} | '
+        f'{fmt(r.ratio, ">5.1f")}'
+    )
   for r in rows:
     if r.ours_breakdown:
       total = sum(r.ours_breakdown.values())

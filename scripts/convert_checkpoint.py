@@ -11,8 +11,12 @@ from absl import flags
 from llama4_jax import cli
 from llama4_jax.tools import hf_convert
 
-_HF_DIR = flags.DEFINE_string('hf_dir', None, 'HF checkpoint directory (input, or output with --to_hf).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'llama4_jax workdir (output, or input with --to_hf).')
+_HF_DIR = flags.DEFINE_string(
+    'hf_dir', None, 'HF checkpoint directory (input, or output with --to_hf).'
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'llama4_jax workdir (output, or input with --to_hf).'
+)
 _TO_HF = flags.DEFINE_bool('to_hf', False, 'Export a workdir checkpoint to HF safetensors.')
 _STEP = flags.DEFINE_integer('step', None, 'With --to_hf: checkpoint step (default: latest).')
 _SHARD_GB = flags.DEFINE_float('max_shard_gb', 5.0, 'With --to_hf: safetensors shard size.')
@@ -22,13 +26,16 @@ flags.mark_flags_as_required(['hf_dir', 'workdir'])
 def main(argv):
   del argv
   if _TO_HF.value:
-    files = hf_convert.workdir_to_hf(_WORKDIR.value, _HF_DIR.value, _STEP.value,
-                                     int(_SHARD_GB.value * (1 << 30)))
+    files = hf_convert.workdir_to_hf(
+        _WORKDIR.value, _HF_DIR.value, _STEP.value, int(_SHARD_GB.value * (1 << 30))
+    )
     print(f'wrote {len(files)} safetensors file(s) and config.json to {_HF_DIR.value}')
   else:
     cfg = hf_convert.hf_to_workdir(_HF_DIR.value, _WORKDIR.value)
-    print(f'converted {cfg.num_layers}-layer Llama 4 ({cfg.num_experts} experts) into '
-          f'{_WORKDIR.value}')
+    print(
+        f'converted {cfg.num_layers}-layer Llama 4 ({cfg.num_experts} experts) into '
+        f'{_WORKDIR.value}'
+    )
 
 
 if __name__ == '__main__':

@@ -31,13 +31,18 @@ _FILES = flags.DEFINE_string('files', '', 'Comma-separated globs of text, .jsonl
 _TOKENS = flags.DEFINE_string('tokens', '', '1-D .npy array of token ids, cut into windows.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', "Tokenizer .model (default: the run's).")
 _SEQ_LEN = flags.DEFINE_integer('seq_len', None, "Predicted tokens per row (default: the run's).")
-_BATCH = flags.DEFINE_integer('batch_size', None,
-                              "Rows per batch (default: the run's eval.batch_size).")
+_BATCH = flags.DEFINE_integer(
+    'batch_size', None, "Rows per batch (default: the run's eval.batch_size)."
+)
 _MAX_BATCHES = flags.DEFINE_integer(
-    'max_batches', None, "Batches to score, 0 = all (default: the run's eval.max_batches on its "
-    'validation data, else all).')
+    'max_batches',
+    None,
+    "Batches to score, 0 = all (default: the run's eval.max_batches on its "
+    'validation data, else all).',
+)
 _TAG = flags.DEFINE_string(
-    'tag', '', 'TensorBoard tag prefix (default: eval, or eval_files / eval_tokens).')
+    'tag', '', 'TensorBoard tag prefix (default: eval, or eval_files / eval_tokens).'
+)
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the result as JSON here.')
 
 
@@ -45,11 +50,19 @@ def main(argv):
   del argv
   output = _OUTPUT.value
   rows = evaluation.evaluate_workdir(
-      _WORKDIR.value, step=_STEP.value, all_steps=_ALL_STEPS.value, tag=_TAG.value,
+      _WORKDIR.value,
+      step=_STEP.value,
+      all_steps=_ALL_STEPS.value,
+      tag=_TAG.value,
       table_dir=os.path.dirname(os.path.abspath(output)) if output else None,
-      log=functools.partial(print, flush=True), files=_FILES.value, tokens=_TOKENS.value,
-      tokenizer=_TOKENIZER.value, seq_len=_SEQ_LEN.value, batch_size=_BATCH.value,
-      max_batches=_MAX_BATCHES.value)
+      log=functools.partial(print, flush=True),
+      files=_FILES.value,
+      tokens=_TOKENS.value,
+      tokenizer=_TOKENIZER.value,
+      seq_len=_SEQ_LEN.value,
+      batch_size=_BATCH.value,
+      max_batches=_MAX_BATCHES.value,
+  )
   result = dict(rows[-1], all_steps=rows) if _ALL_STEPS.value else rows[-1]
   if output:
     with open(output, 'w') as f:

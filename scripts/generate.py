@@ -26,16 +26,19 @@ from llama4_jax.data import tokenizer as tokenizer_lib
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training or converted workdir.', required=True)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeatable).')
-_PROMPT_IDS = flags.DEFINE_multi_string('prompt_ids', [], 'Comma-separated prompt ids (repeatable).')
-_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'sentencepiece .model (default: the run\'s).')
+_PROMPT_IDS = flags.DEFINE_multi_string(
+    'prompt_ids', [], 'Comma-separated prompt ids (repeatable).'
+)
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, "sentencepiece .model (default: the run's).")
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per prompt.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 = greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0 = all).')
 _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Write {"ids": [[...], ...]} here.')
-_IMAGE = flags.DEFINE_multi_string('image', [], 'Image file (PNG, JPEG, ...) for the prompts '
-                                   '(repeatable).')
+_IMAGE = flags.DEFINE_multi_string(
+    'image', [], 'Image file (PNG, JPEG, ...) for the prompts ' '(repeatable).'
+)
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
@@ -45,7 +48,9 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
     raise ValueError(f'--prompt_ids={text!r}: expected comma-separated integers') from e
   bad = [i for i in ids if not 0 <= i < vocab_size]
   if bad or not ids:
-    raise ValueError(f'--prompt_ids={text!r}: ids must be in [0, {vocab_size}), got {bad or "none"}')
+    raise ValueError(
+        f'--prompt_ids={text!r}: ids must be in [0, {vocab_size}), got {bad or "none"}'
+    )
   return ids
 
 
@@ -77,12 +82,21 @@ def main(argv):
     if cfg.vision is None:
       raise ValueError(f'--image: the model in {_WORKDIR.value} has no vision tower')
     images = [image_processing.load_image(path) for path in _IMAGE.value]
-    prompts, pixels = image_text.place_images(prompts, images, cfg.vision,
-                                              image_token_ids(cfg, tokenizer))
-  ids = sampling.generate(model, prompts, max_new_tokens=_MAX_NEW.value, eos_ids=cfg.eos_token_ids,
-                          pad_id=cfg.pad_token_id, temperature=_TEMPERATURE.value,
-                          top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
-                          pixels_BMCHW=pixels)
+    prompts, pixels = image_text.place_images(
+        prompts, images, cfg.vision, image_token_ids(cfg, tokenizer)
+    )
+  ids = sampling.generate(
+      model,
+      prompts,
+      max_new_tokens=_MAX_NEW.value,
+      eos_ids=cfg.eos_token_ids,
+      pad_id=cfg.pad_token_id,
+      temperature=_TEMPERATURE.value,
+      top_k=_TOP_K.value,
+      top_p=_TOP_P.value,
+      seed=_SEED.value,
+      pixels_BMCHW=pixels,
+  )
   for prompt, out in zip(prompts, ids):
     if tokenizer is not None:
       print(repr(tokenizer.decode(prompt[1:] + out, skip_special=True)))

@@ -22,10 +22,14 @@ from llama4_jax.tools import sweep
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep root: one workdir per run under it.')
-_PARALLEL = flags.DEFINE_integer('parallel', None, 'Runs at a time: locally (default 1), or the '
-                                 'SLURM array throttle (default none).')
-_EMIT = flags.DEFINE_enum('emit', None, ['commands', 'slurm'],
-                          'Write launch files instead of running.')
+_PARALLEL = flags.DEFINE_integer(
+    'parallel',
+    None,
+    'Runs at a time: locally (default 1), or the ' 'SLURM array throttle (default none).',
+)
+_EMIT = flags.DEFINE_enum(
+    'emit', None, ['commands', 'slurm'], 'Write launch files instead of running.'
+)
 _SBATCH = flags.DEFINE_multi_string('sbatch', [], 'Extra #SBATCH option (repeatable).')
 _SUMMARIZE = flags.DEFINE_string('summarize', None, 'Summarize the sweep under this root.')
 
@@ -40,17 +44,27 @@ def main(argv):
   if not (_CONFIG.value and _WORKDIR.value):
     raise ValueError('give --config and --workdir, or --summarize=ROOT')
   config_flag = flags.FLAGS['config']
-  runs = sweep.plan(config_flags.get_config_filename(config_flag), _WORKDIR.value,
-                    config_flags.get_override_values(config_flag))
+  runs = sweep.plan(
+      config_flags.get_config_filename(config_flag),
+      _WORKDIR.value,
+      config_flags.get_override_values(config_flag),
+  )
   print(f'{len(runs)} runs: ' + ', '.join(r.name for r in runs))
   if _EMIT.value:
-    paths = sweep.emit(runs, _WORKDIR.value, _EMIT.value, parallel=_PARALLEL.value or 0,
-                       sbatch_options=_SBATCH.value)
+    paths = sweep.emit(
+        runs,
+        _WORKDIR.value,
+        _EMIT.value,
+        parallel=_PARALLEL.value or 0,
+        sbatch_options=_SBATCH.value,
+    )
     print('wrote ' + ', '.join(paths) if paths else 'every run is finished; nothing to launch')
     return
   sweep.run_local(runs, parallel=_PARALLEL.value or 1, log=lambda m: print(m, flush=True))
-  print(f'all runs finished; summarize with: {sys.executable} scripts/sweep.py '
-        f'--summarize={_WORKDIR.value}')
+  print(
+      f'all runs finished; summarize with: {sys.executable} scripts/sweep.py '
+      f'--summarize={_WORKDIR.value}'
+  )
 
 
 if __name__ == '__main__':

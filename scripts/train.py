@@ -43,15 +43,20 @@ def main(argv):
   initialize_distributed()
   result = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   if jax.process_index() == 0 and 'eval_loss' in result:
-    baseline = (f' (best unigram model of the same data: {result["unigram_loss"]:.4f})'
-                if 'unigram_loss' in result else '')
+    baseline = (
+        f' (best unigram model of the same data: {result["unigram_loss"]:.4f})'
+        if 'unigram_loss' in result
+        else ''
+    )
     print(f'final validation loss {result["eval_loss"]:.4f} at step {result["step"]}{baseline}')
     if result.get('sample'):
       print(f'sample: {result["sample"]!r}')
     if 'qa_accuracy' in result:
       by_question = ', '.join(f'{k} {v:.1%}' for k, v in result['qa_accuracy_by_question'].items())
-      print(f'held-out answer accuracy {result["qa_accuracy"]:.1%} over {result["qa_questions"]} '
-            f'questions ({by_question}); best text-only answer: {result["text_only_accuracy"]:.1%}')
+      print(
+          f'held-out answer accuracy {result["qa_accuracy"]:.1%} over {result["qa_questions"]} '
+          f'questions ({by_question}); best text-only answer: {result["text_only_accuracy"]:.1%}'
+      )
 
 
 if __name__ == '__main__':

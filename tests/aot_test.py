@@ -39,11 +39,23 @@ def start_maverick_script(output) -> subprocess.Popen:
   The script runs without the tests' XLA_FLAGS, so it makes its 16 devices itself.
   """
   return subprocess.Popen(
-      [sys.executable, 'scripts/aot_check.py', '--config=configs/maverick.py', '--devices=16',
-       '--num_layers=2', f'--config.train.batch_size={2 * BATCH}',
-       f'--config.data.seq_len={SEQ_LEN}', '--accelerator=tpu-v5e', f'--output={output}'],
-      cwd=small_run.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'})
+      [
+          sys.executable,
+          'scripts/aot_check.py',
+          '--config=configs/maverick.py',
+          '--devices=16',
+          '--num_layers=2',
+          f'--config.train.batch_size={2 * BATCH}',
+          f'--config.data.seq_len={SEQ_LEN}',
+          '--accelerator=tpu-v5e',
+          f'--output={output}',
+      ],
+      cwd=small_run.REPO,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+  )
 
 
 @pytest.fixture(scope='module')
@@ -59,8 +71,10 @@ def checks(devices, tmp_path_factory):
   compiled = aot.compile_train_step(config, sharding.make_mesh(dict(config.mesh)))
   new_arrays = [x for x in jax.live_arrays() if id(x) not in before]
   stdout, stderr = script.communicate(timeout=600)
-  return {'scout': (compiled, aot.report(compiled), new_arrays),
-          'maverick': (script.returncode, stdout, stderr, output)}
+  return {
+      'scout': (compiled, aot.report(compiled), new_arrays),
+      'maverick': (script.returncode, stdout, stderr, output),
+  }
 
 
 @pytest.fixture
@@ -92,8 +106,9 @@ def test_scout_state_is_split_over_the_8_devices(scout):
   assert report.batch == 5 * 4 * BATCH * SEQ_LEN // 8
   # XLA's own count of the step's inputs is the sharded state: nothing was replicated by
   # accident, and the donated state is written in place.
-  assert report.arguments == pytest.approx(report.params + report.opt_state + report.batch,
-                                           rel=1e-5)
+  assert report.arguments == pytest.approx(
+      report.params + report.opt_state + report.batch, rel=1e-5
+  )
   assert report.aliased == pytest.approx(report.params + report.opt_state, rel=1e-5)
   assert report.temporaries > report.params  # at least the float32 gradients
   assert report.total == report.arguments + report.outputs - report.aliased + report.temporaries
@@ -104,7 +119,8 @@ def test_scout_flops(scout):
   compiled, report, _ = scout
   tokens = BATCH * SEQ_LEN
   assert report.model_flops == pytest.approx(
-      flops.train_flops_per_token(compiled.setup.cfg, SEQ_LEN) * tokens / 8)
+      flops.train_flops_per_token(compiled.setup.cfg, SEQ_LEN) * tokens / 8
+  )
   # One layer: no scanned loop whose body XLA would count once. Full remat recomputes the
   # layer's forward; the blocked expert matmul pads each expert's rows.
   assert 0.8 < report.xla_flops / report.model_flops < 2.0
@@ -131,8 +147,11 @@ def test_verdicts():
 
 def test_truncate_layers_keeps_the_layer_pattern():
   config = preset_config('maverick', num_layers=4)
-  assert (config.model.num_layers, tuple(config.model.moe_layers),
-          tuple(config.model.no_rope_layers)) == (4, (1, 3), (1, 1, 1, 0))
+  assert (
+      config.model.num_layers,
+      tuple(config.model.moe_layers),
+      tuple(config.model.no_rope_layers),
+  ) == (4, (1, 3), (1, 1, 1, 0))
   with pytest.raises(config_lib.ConfigError, match='num_layers'):
     aot.truncate_layers(config, 5)
 
@@ -145,13 +164,15 @@ def test_script_on_maverick_with_16_simulated_devices(checks):
   routed = 3 * 128 * D * F
   dense = 3 * D * 16384
   shared_and_router = 3 * D * F + D * 128
-  assert report['num_params'] == (2 * V * D + D + 2 * attention_params() + dense + routed
-                                  + shared_and_router)
+  assert report['num_params'] == (
+      2 * V * D + D + 2 * attention_params() + dense + routed + shared_and_router
+  )
   # Routed experts are split 16 ways (expert x fsdp), other weights 2 ways (fsdp), and the
   # norm scales of the 2 layers and the output are replicated.
   norms = 5 * D
-  assert report['params'] == 4 * (routed // 16 + (report['num_params'] - routed - norms) // 2
-                                  + norms)
+  assert report['params'] == 4 * (
+      routed // 16 + (report['num_params'] - routed - norms) // 2 + norms
+  )
   assert report['opt_state'] == pytest.approx(2 * report['params'], rel=1e-5)
   # Far over a 16 GiB TPU v5e: the script says so and exits 1.
   assert returncode == 1, stderr[-2000:]

@@ -47,8 +47,9 @@ def write_run(workdir, config):
   cfg = config_lib.model_config(config)
   model = model_lib.Llama4(cfg, rngs=nnx.Rngs(params=jax.random.key(0)))
   params = checkpoint.flatten_tree(nnx.state(model, nnx.Param))
-  checkpoint.write_params_streaming(checkpoint.step_path(str(workdir), 0),
-                                    ((name, np.asarray(x)) for name, x in params.items()))
+  checkpoint.write_params_streaming(
+      checkpoint.step_path(str(workdir), 0), ((name, np.asarray(x)) for name, x in params.items())
+  )
   config_lib.save(config, str(workdir))
 
 
@@ -57,14 +58,29 @@ def write_image_files(root, config):
   from PIL import Image
 
   from llama4_jax.model import vision
-  tokenizer_lib.train_tokenizer(['What colour are the shapes? red green blue'] * 50, vocab_size=300,
-                                output_path=str(root / 'tok.model'))
+
+  tokenizer_lib.train_tokenizer(
+      ['What colour are the shapes? red green blue'] * 50,
+      vocab_size=300,
+      output_path=str(root / 'tok.model'),
+  )
   mm_config = config.copy_and_resolve_references()
   with mm_config.unlocked():
     mm_config.model.vision = vision.VisionConfig(
-        hidden_size=16, num_heads=2, num_layers=1, intermediate_size=64, image_size=16,
-        patch_size=4, projector_input_dim=16, projector_output_dim=16, vision_output_dim=16,
-        max_tiles=1, image_token_id=12, boi_token_id=9, eoi_token_id=10).to_dict()
+        hidden_size=16,
+        num_heads=2,
+        num_layers=1,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        projector_input_dim=16,
+        projector_output_dim=16,
+        vision_output_dim=16,
+        max_tiles=1,
+        image_token_id=12,
+        boi_token_id=9,
+        eoi_token_id=10,
+    ).to_dict()
   write_run(root / 'mm_run', mm_config)
   Image.new('RGB', (16, 16), (255, 0, 0)).save(root / 'red.png')
   Image.new('RGB', (64, 64), (0, 255, 0)).save(root / 'big.png')
@@ -105,8 +121,10 @@ def files(tmp_path_factory):
   write_image_files(root, config)
   (root / 'hf_no_weights').mkdir()
   from llama4_jax.tools import hf_convert
+
   (root / 'hf_no_weights' / 'config.json').write_text(
-      json.dumps(hf_convert.hf_text_config(config_lib.model_config(config))))
+      json.dumps(hf_convert.hf_text_config(config_lib.model_config(config)))
+  )
   return root
 
 
@@ -119,110 +137,184 @@ def train(*flags, **overrides):
 CASES = {
     # train.py: the config
     'train-unknown-key': (train('--workdir={root}/w1', '--config.train.stepz=7'), ['stepz']),
-    'train-wrong-type': (train('--workdir={root}/w2', '--config.train.steps=many'),
-                         ['steps', 'many']),
-    'train-mesh-too-big': (train('--workdir={root}/w3', mesh__fsdp=16),
-                           ['config.mesh', '16', '8']),
-    'train-seq-len-too-long': (train('--workdir={root}/w4', data__seq_len=100000),
-                               ['config.data.seq_len', '100000', 'max_position_embeddings=4096']),
-    'train-zero-steps': (train('--workdir={root}/w5', train__steps=0),
-                         ['config.train.steps', 'must be positive']),
-    'train-missing-config-file': (['train.py', '--config=configs/nope.py', '--workdir={root}/w6'],
-                                  ['nope.py']),
-    'train-config-file-raises': (['train.py', '--config={root}/raising.py', '--workdir={root}/w7'],
-                                 ['the config file raised ValueError', 'broken on purpose']),
+    'train-wrong-type': (
+        train('--workdir={root}/w2', '--config.train.steps=many'),
+        ['steps', 'many'],
+    ),
+    'train-mesh-too-big': (train('--workdir={root}/w3', mesh__fsdp=16), ['config.mesh', '16', '8']),
+    'train-seq-len-too-long': (
+        train('--workdir={root}/w4', data__seq_len=100000),
+        ['config.data.seq_len', '100000', 'max_position_embeddings=4096'],
+    ),
+    'train-zero-steps': (
+        train('--workdir={root}/w5', train__steps=0),
+        ['config.train.steps', 'must be positive'],
+    ),
+    'train-missing-config-file': (
+        ['train.py', '--config=configs/nope.py', '--workdir={root}/w6'],
+        ['nope.py'],
+    ),
+    'train-config-file-raises': (
+        ['train.py', '--config={root}/raising.py', '--workdir={root}/w7'],
+        ['the config file raised ValueError', 'broken on purpose'],
+    ),
     'train-no-workdir': (train(), ['workdir']),
     # train.py: the data
-    'train-no-data-files': (train('--workdir={root}/w8', data__train_files='{root}/none*.txt'),
-                            ['No files match', 'none*.txt']),
-    'train-empty-data-file': (train('--workdir={root}/w9', data__train_files='{root}/empty.txt'),
-                              ['empty.txt: file is empty']),
-    'train-undecodable-text': (train('--workdir={root}/w10', data__train_files='{root}/latin1.txt'),
-                               ['latin1.txt: invalid UTF-8 at byte offset 3']),
+    'train-no-data-files': (
+        train('--workdir={root}/w8', data__train_files='{root}/none*.txt'),
+        ['No files match', 'none*.txt'],
+    ),
+    'train-empty-data-file': (
+        train('--workdir={root}/w9', data__train_files='{root}/empty.txt'),
+        ['empty.txt: file is empty'],
+    ),
+    'train-undecodable-text': (
+        train('--workdir={root}/w10', data__train_files='{root}/latin1.txt'),
+        ['latin1.txt: invalid UTF-8 at byte offset 3'],
+    ),
     # train.py: the workdir and init_from
     'train-resume-with-another-model': (
         train('--workdir={root}/resume', model__hidden_size=128),
-        ['holds checkpoints of a different model', 'model.hidden_size: 64 -> 128']),
+        ['holds checkpoints of a different model', 'model.hidden_size: 64 -> 128'],
+    ),
     'train-init-from-another-architecture': (
         train('--workdir={root}/w11', model__hidden_size=128, train__init_from='{root}/run'),
-        ['parameter embed has shape (512, 64) in the checkpoint but (512, 128) in the model']),
+        ['parameter embed has shape (512, 64) in the checkpoint but (512, 128) in the model'],
+    ),
     # eval.py
     'eval-no-workdir': (['eval.py', '--workdir={root}/nowhere'], ['nowhere: no such workdir']),
-    'eval-config-not-json': (['eval.py', '--workdir={root}/bad_json'],
-                             ['config.json: not valid JSON']),
-    'eval-step-and-all-steps': (['eval.py', '--workdir={root}/run', '--step=0', '--all_steps'],
-                                ['not both']),
+    'eval-config-not-json': (
+        ['eval.py', '--workdir={root}/bad_json'],
+        ['config.json: not valid JSON'],
+    ),
+    'eval-step-and-all-steps': (
+        ['eval.py', '--workdir={root}/run', '--step=0', '--all_steps'],
+        ['not both'],
+    ),
     'eval-tokens-shorter-than-a-window': (
         ['eval.py', '--workdir={root}/run', '--tokens={root}/short.npy', '--seq_len=8'],
-        ['3 tokens are fewer than one window of seq_len + 1 = 9']),
-    'eval-tokens-not-1d': (['eval.py', '--workdir={root}/run', '--tokens={root}/matrix.npy'],
-                           ['matrix.npy', '1-D integer array', '(4, 10)']),
-    'eval-tokens-pickled': (['eval.py', '--workdir={root}/run', '--tokens={root}/pickled.npy'],
-                            ['pickled.npy', 'allow_pickle=False']),
+        ['3 tokens are fewer than one window of seq_len + 1 = 9'],
+    ),
+    'eval-tokens-not-1d': (
+        ['eval.py', '--workdir={root}/run', '--tokens={root}/matrix.npy'],
+        ['matrix.npy', '1-D integer array', '(4, 10)'],
+    ),
+    'eval-tokens-pickled': (
+        ['eval.py', '--workdir={root}/run', '--tokens={root}/pickled.npy'],
+        ['pickled.npy', 'allow_pickle=False'],
+    ),
     'eval-seq-len-too-long': (
         ['eval.py', '--workdir={root}/run', '--tokens={root}/tokens.npy', '--seq_len=100000'],
-        ['seq_len=100000', 'max_position_embeddings=4096']),
+        ['seq_len=100000', 'max_position_embeddings=4096'],
+    ),
     'eval-damaged-checkpoint': (
         ['eval.py', '--workdir={root}/damaged', '--tokens={root}/tokens.npy', '--seq_len=8'],
-        ['_METADATA: damaged checkpoint file']),
+        ['_METADATA: damaged checkpoint file'],
+    ),
     # generate.py
     'generate-no-prompt': (['generate.py', '--workdir={root}/run'], ['give at least one --prompt']),
     'generate-ids-out-of-range': (
         ['generate.py', '--workdir={root}/run', '--prompt_ids=1,99999'],
-        ['ids must be in [0, 512)', '99999']),
-    'generate-ids-not-integers': (['generate.py', '--workdir={root}/run', '--prompt_ids=1,a'],
-                                  ['expected comma-separated integers']),
+        ['ids must be in [0, 512)', '99999'],
+    ),
+    'generate-ids-not-integers': (
+        ['generate.py', '--workdir={root}/run', '--prompt_ids=1,a'],
+        ['expected comma-separated integers'],
+    ),
     'generate-prompt-longer-than-cache': (
-        ['generate.py', '--workdir={root}/run', '--prompt_ids=' + ','.join(['5'] * 4097),
-         '--max_new_tokens=1'],
-        ['prompt of 4097 tokens', "exceeds the model's max_position_embeddings=4096"]),
-    'generate-no-workdir': (['generate.py', '--workdir={root}/nowhere', '--prompt_ids=1'],
-                            ['config.json: missing']),
+        [
+            'generate.py',
+            '--workdir={root}/run',
+            '--prompt_ids=' + ','.join(['5'] * 4097),
+            '--max_new_tokens=1',
+        ],
+        ['prompt of 4097 tokens', "exceeds the model's max_position_embeddings=4096"],
+    ),
+    'generate-no-workdir': (
+        ['generate.py', '--workdir={root}/nowhere', '--prompt_ids=1'],
+        ['config.json: missing'],
+    ),
     'generate-step-not-saved': (
         ['generate.py', '--workdir={root}/run', '--step=7', '--prompt_ids=1'],
-        ['no checkpoint for step 7; saved steps: [0]']),
+        ['no checkpoint for step 7; saved steps: [0]'],
+    ),
     'generate-tokenizer-file-missing': (
         ['generate.py', '--workdir={root}/run', '--tokenizer={root}/none.model', '--prompt=hi'],
-        ['none.model']),
+        ['none.model'],
+    ),
     'generate-checkpoint-of-another-architecture': (
         ['generate.py', '--workdir={root}/other_arch', '--prompt_ids=1'],
-        ['parameter embed has shape (512, 64) in the checkpoint but (512, 128) in the model']),
-    'generate-damaged-checkpoint': (['generate.py', '--workdir={root}/damaged', '--prompt_ids=1'],
-                                    ['_METADATA: damaged checkpoint file']),
+        ['parameter embed has shape (512, 64) in the checkpoint but (512, 128) in the model'],
+    ),
+    'generate-damaged-checkpoint': (
+        ['generate.py', '--workdir={root}/damaged', '--prompt_ids=1'],
+        ['_METADATA: damaged checkpoint file'],
+    ),
     # generate.py with images
     'generate-image-missing': (
         ['generate.py', '--workdir={root}/mm_run', '--prompt_ids=1', '--image={root}/none.png'],
-        ['none.png', 'does not exist']),
+        ['none.png', 'does not exist'],
+    ),
     'generate-image-not-an-image': (
         ['generate.py', '--workdir={root}/mm_run', '--prompt_ids=1', '--image={root}/text.png'],
-        ['text.png', 'not an image file']),
+        ['text.png', 'not an image file'],
+    ),
     'generate-image-truncated': (
-        ['generate.py', '--workdir={root}/mm_run', '--prompt_ids=1', '--image={root}/truncated.png'],
-        ['Cannot decode image file', 'truncated.png']),
+        [
+            'generate.py',
+            '--workdir={root}/mm_run',
+            '--prompt_ids=1',
+            '--image={root}/truncated.png',
+        ],
+        ['Cannot decode image file', 'truncated.png'],
+    ),
     'generate-image-mode-not-rgb': (
         ['generate.py', '--workdir={root}/mm_run', '--prompt_ids=1', '--image={root}/float.tiff'],
-        ['float.tiff', "pixel mode 'F'"]),
+        ['float.tiff', "pixel mode 'F'"],
+    ),
     'generate-more-images-than-placeholders': (
-        ['generate.py', '--workdir={root}/mm_run', '--tokenizer={root}/tok.model',
-         '--prompt=<|image|>red', '--image={root}/red.png', '--image={root}/red.png'],
-        ['1 <|image|> placeholder but 2 images were given']),
+        [
+            'generate.py',
+            '--workdir={root}/mm_run',
+            '--tokenizer={root}/tok.model',
+            '--prompt=<|image|>red',
+            '--image={root}/red.png',
+            '--image={root}/red.png',
+        ],
+        ['1 <|image|> placeholder but 2 images were given'],
+    ),
     'generate-more-placeholders-than-images': (
-        ['generate.py', '--workdir={root}/mm_run', '--tokenizer={root}/tok.model',
-         '--prompt=<|image|><|image|>red', '--image={root}/red.png'],
-        ['2 <|image|> placeholders but 1 image was given']),
+        [
+            'generate.py',
+            '--workdir={root}/mm_run',
+            '--tokenizer={root}/tok.model',
+            '--prompt=<|image|><|image|>red',
+            '--image={root}/red.png',
+        ],
+        ['2 <|image|> placeholders but 1 image was given'],
+    ),
     'generate-image-for-a-text-model': (
         ['generate.py', '--workdir={root}/run', '--prompt_ids=1', '--image={root}/red.png'],
-        ['has no vision tower']),
+        ['has no vision tower'],
+    ),
     # convert_checkpoint.py
     'convert-config-not-json': (
         ['convert_checkpoint.py', '--hf_dir={root}/hf_bad_json', '--workdir={root}/c1'],
-        ['config.json: not valid JSON']),
+        ['config.json: not valid JSON'],
+    ),
     'convert-no-safetensors': (
         ['convert_checkpoint.py', '--hf_dir={root}/hf_no_weights', '--workdir={root}/c2'],
-        ['no *.safetensors files']),
+        ['no *.safetensors files'],
+    ),
     'convert-to-hf-without-checkpoint': (
-        ['convert_checkpoint.py', '--to_hf', '--workdir={root}/no_checkpoint',
-         '--hf_dir={root}/c3'], ['no complete checkpoint']),
+        [
+            'convert_checkpoint.py',
+            '--to_hf',
+            '--workdir={root}/no_checkpoint',
+            '--hf_dir={root}/c3',
+        ],
+        ['no complete checkpoint'],
+    ),
 }
 
 
@@ -238,8 +330,16 @@ def results(files, tmp_path_factory):
       args.append(f'--config.data.tokenizer_cache={tokenizer_cache}')
     cases.append(args)
   (tmp / 'cases.json').write_text(json.dumps(cases))
-  subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'cli_runner.py'),
-                  str(tmp / 'cases.json'), str(tmp / 'results.json')], check=True, cwd=REPO)
+  subprocess.run(
+      [
+          sys.executable,
+          os.path.join(REPO, 'tests', 'cli_runner.py'),
+          str(tmp / 'cases.json'),
+          str(tmp / 'results.json'),
+      ],
+      check=True,
+      cwd=REPO,
+  )
   return dict(zip(CASES, json.loads((tmp / 'results.json').read_text())))
 
 
@@ -272,7 +372,9 @@ def test_pickled_token_arrays_are_refused_without_running_them(tmp_path):
   path, marker = tmp_path / 'evil.npy', tmp_path / 'ran'
   write_pickled_npy(path, marker)
   ids = tokenizer_lib.TokenIds(vocab_size=512, bos_id=1, eos_id=2, pad_id=0)
-  with pytest.raises(text_data.DataError, match='evil.npy: not a readable .npy array.*allow_pickle'):
+  with pytest.raises(
+      text_data.DataError, match='evil.npy: not a readable .npy array.*allow_pickle'
+  ):
     text_data.load_documents(str(path), ids, builtin_split='train', builtin_max_bytes=0)
   assert not marker.exists()
   np.load(path, allow_pickle=True)  # the file is a live payload: a pickle-loader would run it
@@ -282,8 +384,11 @@ def test_pickled_token_arrays_are_refused_without_running_them(tmp_path):
 @pytest.mark.reference
 def test_no_loader_can_run_code():
   """Weights load through safetensors and Orbax, tokens through numpy without pickle."""
-  unsafe = re.compile(r'^\s*(import|from)\s+(c?pickle|dill|joblib|marshal|shelve)\b|'
-                      r'\btorch\.load\(|\byaml\.(unsafe_)?load\(|allow_pickle=True', re.M)
+  unsafe = re.compile(
+      r'^\s*(import|from)\s+(c?pickle|dill|joblib|marshal|shelve)\b|'
+      r'\btorch\.load\(|\byaml\.(unsafe_)?load\(|allow_pickle=True',
+      re.M,
+  )
   sources = [p for d in ('llama4_jax', 'scripts') for p in pathlib.Path(REPO, d).rglob('*.py')]
   assert len(sources) > 10
   for path in sources:

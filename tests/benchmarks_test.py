@@ -8,8 +8,9 @@ from llama4_jax.tools import benchmarks
 @pytest.mark.reference
 @pytest.mark.slow
 def test_decode_speed_times_both_implementations_on_the_same_model():
-  rows = benchmarks.decode_speed(names=('tiny',), batches=(1, 2), prompt_len=8, new_tokens=4,
-                                 repeats=1)
+  rows = benchmarks.decode_speed(
+      names=('tiny',), batches=(1, 2), prompt_len=8, new_tokens=4, repeats=1
+  )
   assert [(r.config, r.batch) for r in rows] == [('tiny', 1), ('tiny', 2)]
   for r in rows:
     assert r.params > 1_000_000 and r.ours_tokens_per_sec > 0 and r.transformers_tokens_per_sec > 0
@@ -19,5 +20,6 @@ def test_decode_speed_times_both_implementations_on_the_same_model():
 @pytest.mark.slow
 def test_decode_step_time_by_position():
   by_position = benchmarks.decode_step_seconds_by_position(
-      'tiny', positions=(4, 60), cache_len=64, repeats=1)
+      'tiny', positions=(4, 60), cache_len=64, repeats=1
+  )
   assert set(by_position) == {4, 60} and all(s > 0 for s in by_position.values())

@@ -23,8 +23,15 @@ import traceback
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 120  # seconds per case
 # What the scripts import, loaded once so that each fork starts with it.
-PRELOAD = ('jax', 'llama4_jax.config_lib', 'llama4_jax.evaluation', 'llama4_jax.tools.hf_convert',
-           'llama4_jax.sampling', 'llama4_jax.trainer', 'llama4_jax.workdir')
+PRELOAD = (
+    'jax',
+    'llama4_jax.config_lib',
+    'llama4_jax.evaluation',
+    'llama4_jax.tools.hf_convert',
+    'llama4_jax.sampling',
+    'llama4_jax.trainer',
+    'llama4_jax.workdir',
+)
 
 
 def run_in_child(script: str, args: list[str]):
@@ -64,8 +71,10 @@ def run_case(script: str, args: list[str]) -> dict:
         break
       time.sleep(0.01)
     out.seek(0)
-    return {'status': os.waitstatus_to_exitcode(done[1]),
-            'output': out.read().decode(errors='replace')}
+    return {
+        'status': os.waitstatus_to_exitcode(done[1]),
+        'output': out.read().decode(errors='replace'),
+    }
 
 
 def main():
@@ -74,6 +83,7 @@ def main():
   for module in PRELOAD:
     importlib.import_module(module)
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
   assert not xla_bridge.backends_are_initialized(), 'a forked child would inherit the backend'
   os.chdir(REPO)  # config paths like configs/tiny.py are relative to the repository
   with open(cases_file) as f:

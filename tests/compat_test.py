@@ -30,8 +30,16 @@ pytestmark = pytest.mark.slow
 OLD_WORKDIR = os.path.join(os.path.dirname(__file__), 'testdata', 'workdir_538be93')
 OLD_EVAL_LOSS = 6.24710750579834  # eval.py --tokens=<TOKENS> --seq_len=32
 OLD_GREEDY_IDS = [47, 95, 380, 242, 205, 480]  # generate.py --prompt_ids=1,5,7 --max_new_tokens=6
-MODEL = {'vocab_size': 512, 'hidden_size': 32, 'num_heads': 2, 'num_kv_heads': 1, 'head_dim': 16,
-         'intermediate_size': 32, 'intermediate_size_mlp': 64, 'attention_chunk_size': 16}
+MODEL = {
+    'vocab_size': 512,
+    'hidden_size': 32,
+    'num_heads': 2,
+    'num_kv_heads': 1,
+    'head_dim': 16,
+    'intermediate_size': 32,
+    'intermediate_size_mlp': 64,
+    'attention_chunk_size': 16,
+}
 
 
 @pytest.fixture
@@ -44,15 +52,25 @@ def old_workdir(tmp_path):
 def test_old_workdir_evaluates_and_generates_as_before(old_workdir, tmp_path):
   tokens = tmp_path / 'tokens.npy'
   np.save(tokens, ((np.arange(330) * 7) % 509 + 3).astype(np.int32))
-  result = small_run.run_script('eval.py', f'--workdir={old_workdir}', f'--tokens={tokens}',
-                                '--seq_len=32', f'--output={tmp_path}/eval.json')
+  result = small_run.run_script(
+      'eval.py',
+      f'--workdir={old_workdir}',
+      f'--tokens={tokens}',
+      '--seq_len=32',
+      f'--output={tmp_path}/eval.json',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   scored = json.loads((tmp_path / 'eval.json').read_text())
   assert scored['step'] == 2 and scored['tokens'] == 320
   np.testing.assert_allclose(scored['loss'], OLD_EVAL_LOSS, rtol=1e-5)
 
-  result = small_run.run_script('generate.py', f'--workdir={old_workdir}', '--prompt_ids=1,5,7',
-                                '--max_new_tokens=6', f'--output={tmp_path}/ids.json')
+  result = small_run.run_script(
+      'generate.py',
+      f'--workdir={old_workdir}',
+      '--prompt_ids=1,5,7',
+      '--max_new_tokens=6',
+      f'--output={tmp_path}/ids.json',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert json.loads((tmp_path / 'ids.json').read_text())['ids'] == [OLD_GREEDY_IDS]
 
@@ -63,9 +81,19 @@ def test_old_workdir_resumes_training(old_workdir):
   tokenizer = next((old_workdir / 'tokenizer').glob('*.model'))  # named for the Python version
   overrides = {f'model__{k}': v for k, v in MODEL.items()}
   result = small_run.run_train(
-      old_workdir, env=env, **overrides, data__seq_len=32, data__tokenizer=str(tokenizer),
-      data__builtin_max_bytes=200_000, train__batch_size=4, train__steps=3,
-      train__checkpoint_every=1, eval__batch_size=4, eval__max_batches=1, optim__warmup_steps=1)
+      old_workdir,
+      env=env,
+      **overrides,
+      data__seq_len=32,
+      data__tokenizer=str(tokenizer),
+      data__builtin_max_bytes=200_000,
+      train__batch_size=4,
+      train__steps=3,
+      train__checkpoint_every=1,
+      eval__batch_size=4,
+      eval__max_batches=1,
+      optim__warmup_steps=1,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resumed from step 2' in result.stdout
   logged = [json.loads(line) for line in open(old_workdir / 'metrics.jsonl')]

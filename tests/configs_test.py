@@ -16,8 +16,9 @@ CONFIG_FILES = [f for f in CONFIG_FILES if os.path.basename(f) not in ('__init__
 
 def parse(*args):
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', flag_values=values, lock_config=True,
-                                  sys_argv=['prog', *args])
+  config_flags.DEFINE_config_file(
+      'config', flag_values=values, lock_config=True, sys_argv=['prog', *args]
+  )
   values(['prog', *args])
   return values.config
 
@@ -32,9 +33,14 @@ def test_every_config_file_loads_and_validates(path):
 
 
 def test_overrides_reach_every_section():
-  config = parse(f'--config={REPO}/configs/tiny.py', '--config.train.steps=7',
-                 '--config.model.num_experts=8', '--config.mesh.fsdp=2', '--config.optim.lr=0.5',
-                 '--config.model.moe_layers=(1,)')
+  config = parse(
+      f'--config={REPO}/configs/tiny.py',
+      '--config.train.steps=7',
+      '--config.model.num_experts=8',
+      '--config.mesh.fsdp=2',
+      '--config.optim.lr=0.5',
+      '--config.model.moe_layers=(1,)',
+  )
   assert (config.train.steps, config.model.num_experts, config.mesh.fsdp) == (7, 8, 2)
   assert config_lib.validate(config).moe_layers == (1,)
 
@@ -49,13 +55,16 @@ def test_wrong_type_is_an_error_naming_the_key():
     parse(f'--config={REPO}/configs/tiny.py', '--config.train.steps=many')
 
 
-@pytest.mark.parametrize('override,key', [
-    ('--config.model.num_kv_heads=3', 'num_kv_heads'),
-    ('--config.data.seq_len=100000', 'data.seq_len'),
-    ('--config.train.grad_accum_steps=5', 'grad_accum_steps'),
-    ('--config.mesh.tensor=3', 'mesh'),
-    ('--config.model.rope_type=yarn', 'rope_type'),
-])
+@pytest.mark.parametrize(
+    'override,key',
+    [
+        ('--config.model.num_kv_heads=3', 'num_kv_heads'),
+        ('--config.data.seq_len=100000', 'data.seq_len'),
+        ('--config.train.grad_accum_steps=5', 'grad_accum_steps'),
+        ('--config.mesh.tensor=3', 'mesh'),
+        ('--config.model.rope_type=yarn', 'rope_type'),
+    ],
+)
 def test_validation_names_the_key(override, key):
   config = parse(f'--config={REPO}/configs/tiny.py', override)
   with pytest.raises(config_lib.ConfigError, match=key):

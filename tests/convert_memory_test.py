@@ -17,9 +17,18 @@ MB = 1 << 20
 
 # 16 layers (a 4-layer block x 4), 8 experts: ~560 MB of float32 in 6 files.
 CONFIG = model_lib.ModelConfig(
-    vocab_size=8192, hidden_size=512, num_layers=16, num_heads=8, num_kv_heads=2, head_dim=64,
-    intermediate_size=1024, intermediate_size_mlp=1024, num_experts=8,
-    moe_layers=tuple(range(1, 16, 2)), no_rope_layers=(1, 1, 1, 0) * 4)
+    vocab_size=8192,
+    hidden_size=512,
+    num_layers=16,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=64,
+    intermediate_size=1024,
+    intermediate_size_mlp=1024,
+    num_experts=8,
+    moe_layers=tuple(range(1, 16, 2)),
+    no_rope_layers=(1, 1, 1, 0) * 4,
+)
 
 
 def write_random_checkpoint(path, cfg, shard_bytes=100 * MB):
@@ -45,10 +54,16 @@ def write_random_checkpoint(path, cfg, shard_bytes=100 * MB):
 
 def peak_rss(*command):
   """Peak resident memory of `command` (a python invocation), measured by a parent process."""
-  wrapper = ('import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); '
-             'print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)')
-  result = subprocess.run([sys.executable, '-c', wrapper, sys.executable, *command],
-                          capture_output=True, text=True, cwd=REPO)
+  wrapper = (
+      'import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); '
+      'print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)'
+  )
+  result = subprocess.run(
+      [sys.executable, '-c', wrapper, sys.executable, *command],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+  )
   returncode, peak_kb = result.stdout.split()[-2:]
   assert returncode == '0', result.stderr[-3000:]
   return int(peak_kb) * 1024
@@ -62,12 +77,17 @@ def test_conversion_peak_memory_is_far_below_model_size(tmp_path):
   assert len(list((tmp_path / 'hf').glob('*.safetensors'))) > 3
 
   baseline = peak_rss('-c', 'import llama4_jax.tools.hf_convert, orbax.checkpoint, jax, jax.numpy')
-  peak = peak_rss(os.path.join(REPO, 'scripts', 'convert_checkpoint.py'),
-                  f'--hf_dir={tmp_path / "hf"}', f'--workdir={tmp_path / "out"}')
+  peak = peak_rss(
+      os.path.join(REPO, 'scripts', 'convert_checkpoint.py'),
+      f'--hf_dir={tmp_path / "hf"}',
+      f'--workdir={tmp_path / "out"}',
+  )
   # One HF tensor (gate_up, E x D x 2F) plus our stacked tensor and Orbax's copy of it.
   largest_hf = CONFIG.num_experts * CONFIG.hidden_size * 2 * CONFIG.intermediate_size * 4
   largest_ours = 4 * largest_hf // 2
-  print(f'model {total / MB:.0f} MB, baseline {baseline / MB:.0f} MB, peak {peak / MB:.0f} MB, '
-        f'growth {(peak - baseline) / MB:.0f} MB')
+  print(
+      f'model {total / MB:.0f} MB, baseline {baseline / MB:.0f} MB, peak {peak / MB:.0f} MB, '
+      f'growth {(peak - baseline) / MB:.0f} MB'
+  )
   assert peak - baseline < largest_hf + 2 * largest_ours + 100 * MB
   assert peak - baseline < 0.6 * total

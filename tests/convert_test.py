@@ -33,10 +33,17 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, hf_checkpoi
   hf_dir, hf_model = hf_checkpoint
   result = run_script('convert_checkpoint.py', f'--hf_dir={hf_dir}', f'--workdir={tmp_path}/ours')
   assert result.returncode == 0, result.stderr
-  result = run_script('convert_checkpoint.py', '--to_hf', f'--workdir={tmp_path}/ours',
-                      f'--hf_dir={tmp_path}/back', '--max_shard_gb=0.0001')
+  result = run_script(
+      'convert_checkpoint.py',
+      '--to_hf',
+      f'--workdir={tmp_path}/ours',
+      f'--hf_dir={tmp_path}/back',
+      '--max_shard_gb=0.0001',
+  )
   assert result.returncode == 0, result.stderr
-  original, back = hf_reference.read_safetensors(hf_dir), hf_reference.read_safetensors(tmp_path / 'back')
+  original, back = hf_reference.read_safetensors(hf_dir), hf_reference.read_safetensors(
+      tmp_path / 'back'
+  )
   assert sorted(original) == sorted(back)
   for name, tensor in original.items():
     assert back[name].dtype == tensor.dtype and np.array_equal(back[name], tensor), name
@@ -44,8 +51,9 @@ def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, hf_checkpoi
 
   reloaded = transformers.Llama4ForCausalLM.from_pretrained(tmp_path / 'back').eval()
   tokens = np.random.default_rng(1).integers(0, 128, (1, 40))
-  np.testing.assert_array_equal(hf_reference.text_logits(reloaded, tokens),
-                                hf_reference.text_logits(hf_model, tokens))
+  np.testing.assert_array_equal(
+      hf_reference.text_logits(reloaded, tokens), hf_reference.text_logits(hf_model, tokens)
+  )
 
 
 @pytest.mark.reference
@@ -58,8 +66,9 @@ def test_multimodal_checkpoint_text_part_converts(tmp_path, hf_checkpoint):
   (tmp_path / 'mm').mkdir()
   save_file(tensors, str(tmp_path / 'mm' / 'model.safetensors'))
   text = json.loads((hf_dir / 'config.json').read_text())
-  (tmp_path / 'mm' / 'config.json').write_text(json.dumps(
-      {'model_type': 'llama4', 'text_config': text, 'vision_config': {}}))
+  (tmp_path / 'mm' / 'config.json').write_text(
+      json.dumps({'model_type': 'llama4', 'text_config': text, 'vision_config': {}})
+  )
   direct = hf_convert.load_hf_model(str(hf_dir))
   via_mm = hf_convert.load_hf_model(str(tmp_path / 'mm'))
   tokens = np.arange(20)[None] % 128
@@ -70,8 +79,16 @@ def test_config_fields_survive_hf_round_trip():
   for name in ('scout', 'maverick', 'parity'):
     cfg = model_lib.PRESETS[name]
     again = hf_convert.model_config_from_hf(hf_convert.hf_text_config(cfg))
-    fields = ('dtype', 'param_dtype', 'remat', 'moe_dispatch', 'moe_grouped_matmul',
-              'moe_block_size', 'moe_capacity_factor', 'scan_layers')
+    fields = (
+        'dtype',
+        'param_dtype',
+        'remat',
+        'moe_dispatch',
+        'moe_grouped_matmul',
+        'moe_block_size',
+        'moe_capacity_factor',
+        'scan_layers',
+    )
     assert again.replace(**{f: getattr(cfg, f) for f in fields}) == cfg, name
 
 
@@ -156,7 +173,9 @@ def test_tensor_shape_mismatch(tmp_path, hf_checkpoint):
 @pytest.mark.reference
 def test_unknown_tensor(tmp_path, hf_checkpoint):
   bad = copy_checkpoint(hf_checkpoint[0], tmp_path / 'bad')
-  file, _ = rewrite_first_shard(bad, lambda t: t.update({'model.layers.0.extra.weight': np.ones(2)}))
+  file, _ = rewrite_first_shard(
+      bad, lambda t: t.update({'model.layers.0.extra.weight': np.ones(2)})
+  )
   message = convert_error(bad, tmp_path)
   assert 'model.layers.0.extra.weight' in message and 'unknown tensor' in message
 
@@ -182,6 +201,10 @@ def test_truncated_safetensors(tmp_path, hf_checkpoint):
 @pytest.mark.reference
 @pytest.mark.slow
 def test_refuses_to_overwrite_existing_conversion(tmp_path, hf_checkpoint):
-  assert run_script('convert_checkpoint.py', f'--hf_dir={hf_checkpoint[0]}',
-                    f'--workdir={tmp_path}/out').returncode == 0
+  assert (
+      run_script(
+          'convert_checkpoint.py', f'--hf_dir={hf_checkpoint[0]}', f'--workdir={tmp_path}/out'
+      ).returncode
+      == 0
+  )
   assert 'exists' in convert_error(hf_checkpoint[0], tmp_path)

@@ -19,9 +19,15 @@ def tok():
 
 
 def _config(train_files='', eval_files='', **kwargs):
-  return mlc.ConfigDict(dict(train_files=train_files, eval_files=eval_files,
-                             tokenizer='', builtin_max_bytes=MAX_BYTES,
-                             **kwargs))
+  return mlc.ConfigDict(
+      dict(
+          train_files=train_files,
+          eval_files=eval_files,
+          tokenizer='',
+          builtin_max_bytes=MAX_BYTES,
+          **kwargs,
+      )
+  )
 
 
 def _write_jsonl(path, texts):
@@ -34,8 +40,8 @@ def _pieces(batches):
   pieces = []
   for batch in batches:
     for inputs, targets, segments, weights in zip(
-        batch['inputs'], batch['targets'], batch['segment_ids'],
-        batch['weights']):
+        batch['inputs'], batch['targets'], batch['segment_ids'], batch['weights']
+    ):
       for segment in np.unique(segments[segments > 0]):
         idx = np.flatnonzero(segments == segment)
         last = [targets[idx[-1]]] if weights[idx[-1]] else []
@@ -70,16 +76,14 @@ def test_builtin_split_is_deterministic_and_disjoint():
   assert 'pydoc_data/topics.py' not in train_names | valid_names
   capped = text_data.builtin_documents('train', MAX_BYTES)
   assert sum(len(t.encode()) for _, t in capped) <= MAX_BYTES
-  assert capped == train[:len(capped)]  # A prefix in a stable order.
+  assert capped == train[: len(capped)]  # A prefix in a stable order.
 
 
 def test_split_document_overlaps_by_one():
   doc = np.arange(10)
   pieces = text_data.split_document(doc, 4)
-  assert [p.tolist() for p in pieces] == [[0, 1, 2, 3], [3, 4, 5, 6],
-                                          [6, 7, 8, 9]]
-  assert [p.tolist() for p in text_data.split_document(doc[:4], 4)] == [
-      [0, 1, 2, 3]]
+  assert [p.tolist() for p in pieces] == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+  assert [p.tolist() for p in text_data.split_document(doc[:4], 4)] == [[0, 1, 2, 3]]
   # Targets of all pieces are exactly the document's targets.
   assert sum(len(p) - 1 for p in text_data.split_document(doc, 3)) == 9
 
@@ -88,28 +92,23 @@ def test_split_at_eos():
   bos, eos = 1, 2
   docs = text_data.split_at_eos(np.array([5, 6, 2, 1, 7, 2, 8]), bos, eos)
   assert [d.tolist() for d in docs] == [[1, 5, 6, 2], [1, 7, 2], [1, 8, 2]]
-  assert [d.tolist() for d in text_data.split_at_eos(np.array([5]), bos, eos)
-          ] == [[1, 5, 2]]
+  assert [d.tolist() for d in text_data.split_at_eos(np.array([5]), bos, eos)] == [[1, 5, 2]]
 
 
 # --------------------------------------------------------------- batches ---
 
 
 def test_batch_format(tok):
-  batch = next(text_data.make_train_iterator(
-      _config(), tok, batch_size=4, seq_len=SEQ_LEN, seed=0))
-  assert sorted(batch) == ['inputs', 'positions', 'segment_ids', 'targets',
-                           'weights']
+  batch = next(text_data.make_train_iterator(_config(), tok, batch_size=4, seq_len=SEQ_LEN, seed=0))
+  assert sorted(batch) == ['inputs', 'positions', 'segment_ids', 'targets', 'weights']
   for key, value in batch.items():
     assert value.shape == (4, SEQ_LEN), key
     assert value.dtype == (np.float32 if key == 'weights' else np.int32), key
-  inputs, targets, segments = (batch['inputs'], batch['targets'],
-                               batch['segment_ids'])
+  inputs, targets, segments = (batch['inputs'], batch['targets'], batch['segment_ids'])
   # Rows are contiguous token runs; targets are the next tokens.
   np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
   # Positions restart with each piece and count up within it.
-  starts = np.concatenate([np.ones((4, 1), bool),
-                           segments[:, 1:] != segments[:, :-1]], axis=1)
+  starts = np.concatenate([np.ones((4, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1)
   pos = batch['positions']
   assert np.all(pos[starts & (segments > 0)] == 0)
   assert np.all(pos[:, 1:][~starts[:, 1:]] == pos[:, :-1][~starts[:, 1:]] + 1)
@@ -128,16 +127,16 @@ def test_eval_batches_hold_every_document_once(tok, tmp_path):
   texts = [f'document {i}: ' + 'word ' * (i % 7) for i in range(50)]
   files = _write_jsonl(tmp_path / 'docs.jsonl', texts)
   batches = text_data.make_eval_batches(
-      _config(eval_files=files), tok, batch_size=4, seq_len=SEQ_LEN)
+      _config(eval_files=files), tok, batch_size=4, seq_len=SEQ_LEN
+  )
   expected = sorted(tok.encode(t, bos=True, eos=True) for t in texts)
   assert sorted(_pieces(batches)) == expected
   assert all(b['inputs'].shape == (4, SEQ_LEN) for b in batches)
-  again = text_data.make_eval_batches(
-      _config(eval_files=files), tok, batch_size=4, seq_len=SEQ_LEN)
+  again = text_data.make_eval_batches(_config(eval_files=files), tok, batch_size=4, seq_len=SEQ_LEN)
   _assert_batches_equal(batches, again)
-  limited = text_data.make_eval_batches(_config(eval_files=files), tok,
-                                       batch_size=4, seq_len=SEQ_LEN,
-                                       max_batches=2)
+  limited = text_data.make_eval_batches(
+      _config(eval_files=files), tok, batch_size=4, seq_len=SEQ_LEN, max_batches=2
+  )
   _assert_batches_equal(limited, batches[:2])
 
 
@@ -146,7 +145,8 @@ def test_long_document_is_split_into_pieces(tok, tmp_path):
   path = tmp_path / 'long.txt'
   path.write_text(text)
   batches = text_data.make_eval_batches(
-      _config(eval_files=str(path)), tok, batch_size=2, seq_len=SEQ_LEN)
+      _config(eval_files=str(path)), tok, batch_size=2, seq_len=SEQ_LEN
+  )
   pieces = _pieces(batches)
   assert max(len(p) for p in pieces) == SEQ_LEN + 1
   joined = pieces[0] + [t for p in pieces[1:] for t in p[1:]]
@@ -154,19 +154,25 @@ def test_long_document_is_split_into_pieces(tok, tmp_path):
 
 
 def test_npy_tokens(tok, tmp_path):
-  docs = [tok.encode('first doc', bos=True, eos=True),
-          tok.encode('second', eos=True), tok.encode('tail')]
+  docs = [
+      tok.encode('first doc', bos=True, eos=True),
+      tok.encode('second', eos=True),
+      tok.encode('tail'),
+  ]
   path = tmp_path / 'tokens.npy'
   np.save(path, np.concatenate(docs).astype(np.uint16))
   batches = text_data.make_eval_batches(
-      _config(eval_files=str(path)), tok, batch_size=2, seq_len=SEQ_LEN)
-  assert _pieces(batches) == [tok.encode(t, bos=True, eos=True)
-                              for t in ('first doc', 'second', 'tail')]
+      _config(eval_files=str(path)), tok, batch_size=2, seq_len=SEQ_LEN
+  )
+  assert _pieces(batches) == [
+      tok.encode(t, bos=True, eos=True) for t in ('first doc', 'second', 'tail')
+  ]
 
 
 def test_eval_default_is_builtin_validation(tok):
-  batches = text_data.make_eval_batches(_config(), tok, batch_size=4,
-                                       seq_len=SEQ_LEN, max_batches=3)
+  batches = text_data.make_eval_batches(
+      _config(), tok, batch_size=4, seq_len=SEQ_LEN, max_batches=3
+  )
   assert len(batches) == 3
 
 
@@ -175,20 +181,23 @@ def test_eval_default_is_builtin_validation(tok):
 
 def test_train_iterator_is_deterministic(tok):
   def first(seed):
-    return _take(text_data.make_train_iterator(
-        _config(), tok, batch_size=4, seq_len=SEQ_LEN, seed=seed), 3)
+    return _take(
+        text_data.make_train_iterator(_config(), tok, batch_size=4, seq_len=SEQ_LEN, seed=seed), 3
+    )
+
   _assert_batches_equal(first(0), first(0))
   assert not np.array_equal(first(0)[0]['inputs'], first(1)[0]['inputs'])
 
 
 def test_resume_from_checkpointed_state(tok, tmp_path):
   # A tiny corpus, so the M batches after the checkpoint cross epochs.
-  files = _write_jsonl(tmp_path / 'small.jsonl',
-                       [f'sample number {i} ' * 3 for i in range(40)])
+  files = _write_jsonl(tmp_path / 'small.jsonl', [f'sample number {i} ' * 3 for i in range(40)])
+
   def make():
     return text_data.make_train_iterator(
-        _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN,
-        seed=3)
+        _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN, seed=3
+    )
+
   iterator = make()
   _take(iterator, 5)
   state = json.loads(json.dumps(iterator.get_state()))  # As a checkpoint.
@@ -203,18 +212,22 @@ def test_processes_split_the_same_global_batch(tok, tmp_path):
   """Process p keeps rows [p*B/P, (p+1)*B/P) of the batch one process would see."""
   files = _write_jsonl(tmp_path / 'docs.jsonl', [f'unique text {i}' for i in range(60)])
   make = lambda index, count: text_data.make_train_iterator(
-      _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN, seed=0,
-      process_index=index, process_count=count)
+      _config(train_files=files),
+      tok,
+      batch_size=4,
+      seq_len=SEQ_LEN,
+      seed=0,
+      process_index=index,
+      process_count=count,
+  )
   whole = _take(make(0, 1), 10)
   halves = [_take(make(index, 2), 10) for index in range(2)]
   assert halves[0][0]['inputs'].shape == (2, SEQ_LEN)
   for step, batch in enumerate(whole):
     for key, x in batch.items():
-      np.testing.assert_array_equal(
-          np.concatenate([halves[0][step][key], halves[1][step][key]]), x)
+      np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]), x)
   with pytest.raises(ValueError, match='not divisible'):
-    text_data.make_train_iterator(_config(), tok, batch_size=3, seq_len=8,
-                                 seed=0, process_count=2)
+    text_data.make_train_iterator(_config(), tok, batch_size=3, seq_len=8, seed=0, process_count=2)
 
 
 # ---------------------------------------------------------------- errors ---
@@ -222,8 +235,8 @@ def test_processes_split_the_same_global_batch(tok, tmp_path):
 
 def _train(tok, files, **kwargs):
   return text_data.make_train_iterator(
-      _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN, seed=0,
-      **kwargs)
+      _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN, seed=0, **kwargs
+  )
 
 
 def test_missing_files(tok, tmp_path):
@@ -244,8 +257,7 @@ def test_empty_file(tok, tmp_path, name):
 def test_undecodable_bytes(tok, tmp_path):
   path = tmp_path / 'bad.txt'
   path.write_bytes(b'hello \xff world')
-  with pytest.raises(text_data.DataError,
-                     match='bad.txt: invalid UTF-8 at byte offset 6'):
+  with pytest.raises(text_data.DataError, match='bad.txt: invalid UTF-8 at byte offset 6'):
     _train(tok, str(path))
 
 
@@ -262,9 +274,11 @@ def test_bad_json_lines(tok, tmp_path):
 def test_token_ids_outside_vocab(tok, tmp_path):
   path = tmp_path / 'ids.npy'
   np.save(path, np.array([1, 5, tok.vocab_size + 3, 2], np.int32))
-  with pytest.raises(text_data.DataError,
-                     match=f'ids.npy: token id {tok.vocab_size + 3} at index 2'
-                     f'.*vocabulary \\(size {tok.vocab_size}\\)'):
+  with pytest.raises(
+      text_data.DataError,
+      match=f'ids.npy: token id {tok.vocab_size + 3} at index 2'
+      f'.*vocabulary \\(size {tok.vocab_size}\\)',
+  ):
     _train(tok, str(path))
   np.save(path, np.zeros((2, 3), np.int32))
   with pytest.raises(text_data.DataError, match='ids.npy: expected a 1-D'):
@@ -274,8 +288,7 @@ def test_token_ids_outside_vocab(tok, tmp_path):
 def test_corpus_too_small(tok, tmp_path):
   files = _write_jsonl(tmp_path / 'tiny.jsonl', ['hi'])
   have, needed = len(tok.encode('hi')) + 2, 4 * (SEQ_LEN + 1)
-  with pytest.raises(text_data.DataError,
-                     match=f'too small.* has {have} tokens.*needs {needed}'):
+  with pytest.raises(text_data.DataError, match=f'too small.* has {have} tokens.*needs {needed}'):
     _train(tok, files)
 
 

@@ -33,7 +33,7 @@ def test_greedy_sample_is_the_full_forward_argmax():
   sample = end_of_run.greedy_sample(model, tok, 12, prompt='ab')
   prompt = [tok.bos_id] + tok.encode('ab')
   tokens = np.zeros((1, len(prompt) + 12), np.int32)  # one shape: causal, the zeros are unseen
-  tokens[0, :len(prompt)] = prompt
+  tokens[0, : len(prompt)] = prompt
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens)[0])
   end = tokens.shape[1]
@@ -42,7 +42,7 @@ def test_greedy_sample_is_the_full_forward_argmax():
     if tokens[0, position] in cfg.eos_token_ids:
       end = position + 1
       break
-  assert sample == 'ab' + tok.decode(tokens[0, len(prompt):end].tolist(), skip_special=True)
+  assert sample == 'ab' + tok.decode(tokens[0, len(prompt) : end].tolist(), skip_special=True)
 
 
 def test_only_small_one_process_runs_that_trained_report():

@@ -27,12 +27,13 @@ def run_eval(*args):
 def tensorboard_scalars(workdir) -> dict[str, dict[int, float]]:
   """{tag: {step: value}} from the event files (TFRecord framing: length, crc, event, crc)."""
   from tensorboardX.proto import event_pb2
+
   scalars = {}
   for path in sorted(glob.glob(os.path.join(workdir, 'tensorboard', 'events*'))):
     raw, i = open(path, 'rb').read(), 0
     while i < len(raw):
-      n = struct.unpack('<Q', raw[i:i + 8])[0]
-      event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+      n = struct.unpack('<Q', raw[i : i + 8])[0]
+      event = event_pb2.Event.FromString(raw[i + 12 : i + 12 + n])
       i += 16 + n
       for value in event.summary.value:
         scalars.setdefault(value.tag, {})[event.step] = value.simple_value
@@ -47,8 +48,9 @@ def converted(tmp_path_factory):
   path = tmp_path_factory.mktemp('converted')
   hf = hf_reference.text_model(num_experts_per_tok=2)
   hf.save_pretrained(path / 'hf', max_shard_size='100KB')
-  converted = small_run.run_script('convert_checkpoint.py', f'--hf_dir={path}/hf',
-                                   f'--workdir={path}/ours')
+  converted = small_run.run_script(
+      'convert_checkpoint.py', f'--hf_dir={path}/hf', f'--workdir={path}/ours'
+  )
   assert converted.returncode == 0, converted.stderr[-2000:]
   return hf, path / 'ours'
 
@@ -58,7 +60,8 @@ def hf_window_loss(hf_model, windows):
     logits = hf_model(input_ids=torch.as_tensor(windows[:, :-1], dtype=torch.long)).logits
     nll = torch.nn.functional.cross_entropy(
         logits.double().reshape(-1, logits.shape[-1]),
-        torch.as_tensor(windows[:, 1:], dtype=torch.long).reshape(-1))
+        torch.as_tensor(windows[:, 1:], dtype=torch.long).reshape(-1),
+    )
   return float(nll)
 
 
@@ -68,8 +71,13 @@ def test_eval_loss_equals_transformers(converted, tmp_path):
   hf, workdir = converted
   tokens = np.random.default_rng(0).integers(0, 128, 1000).astype(np.int32)
   np.save(tmp_path / 'tokens.npy', tokens)
-  result = run_eval(f'--workdir={workdir}', f'--tokens={tmp_path}/tokens.npy', '--seq_len=32',
-                    '--batch_size=8', f'--output={tmp_path}/result.json')
+  result = run_eval(
+      f'--workdir={workdir}',
+      f'--tokens={tmp_path}/tokens.npy',
+      '--seq_len=32',
+      '--batch_size=8',
+      f'--output={tmp_path}/result.json',
+  )
   assert result.returncode == 0, result.stderr
   ours = json.loads((tmp_path / 'result.json').read_text())
 
@@ -96,8 +104,9 @@ def test_npy_files_need_no_tokenizer_but_validation_data_does(converted, tmp_pat
   hf, workdir = converted
   doc = np.random.default_rng(1).integers(3, 128, 40).astype(np.int32)
   np.save(tmp_path / 'doc.npy', doc)
-  rows = evaluation.evaluate_workdir(str(workdir), files=str(tmp_path / 'doc.npy'), seq_len=64,
-                                     log=lambda _: None)
+  rows = evaluation.evaluate_workdir(
+      str(workdir), files=str(tmp_path / 'doc.npy'), seq_len=64, log=lambda _: None
+  )
   full = np.concatenate([[1], doc, [2]])[None]  # BOS + doc + EOS, one row
   assert rows[0]['tokens'] == full.shape[1] - 1
   assert abs(rows[0]['loss'] - hf_window_loss(hf, full)) <= 1e-5 * rows[0]['loss']
@@ -134,8 +143,9 @@ def test_default_data_is_the_runs_validation_as_in_training(trained, tmp_path):
 @pytest.mark.slow
 def test_all_steps_writes_one_row_per_checkpoint(trained, tmp_path):
   workdir, training_eval_loss = trained
-  rows = evaluation.evaluate_workdir(str(workdir), all_steps=True, table_dir=str(tmp_path),
-                                     log=lambda _: None)
+  rows = evaluation.evaluate_workdir(
+      str(workdir), all_steps=True, table_dir=str(tmp_path), log=lambda _: None
+  )
   steps = checkpoint.all_steps(str(workdir))
   assert steps == [2, 4] and [r['step'] for r in rows] == steps
   assert len({r['tokens'] for r in rows}) == 1  # the same data for every step
@@ -157,14 +167,19 @@ def test_jsonl_files_at_a_step_equal_a_direct_computation(trained, tmp_path):
   workdir, _ = trained
   texts = ['def main():\n  return 0\n', 'import os\nprint(os.getcwd())\n', 'x = [1, 2, 3]\n']
   (tmp_path / 'docs.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
-  result = run_eval(f'--workdir={workdir}', f'--files={tmp_path}/docs.jsonl', '--step=2',
-                    f'--output={tmp_path}/result.json')
+  result = run_eval(
+      f'--workdir={workdir}',
+      f'--files={tmp_path}/docs.jsonl',
+      '--step=2',
+      f'--output={tmp_path}/result.json',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   ours = json.loads((tmp_path / 'result.json').read_text())
 
   config = small_run.config()
-  tokenizer = tokenizer_lib.load_tokenizer(config.data, config.model.vocab_size,
-                                           workdir=str(workdir))
+  tokenizer = tokenizer_lib.load_tokenizer(
+      config.data, config.model.vocab_size, workdir=str(workdir)
+  )
   model, _, step = workdir_lib.load_model(str(workdir), 2)
   nll, count = 0.0, 0
   for text in texts:
@@ -175,8 +190,9 @@ def test_jsonl_files_at_a_step_equal_a_direct_computation(trained, tmp_path):
     count += result['tokens']
   assert ours['step'] == step == 2 and ours['tokens'] == count
   np.testing.assert_allclose(ours['loss'], nll / count, rtol=1e-5)
-  np.testing.assert_allclose(tensorboard_scalars(workdir)['eval_files/loss'][2], ours['loss'],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      tensorboard_scalars(workdir)['eval_files/loss'][2], ours['loss'], rtol=1e-6
+  )
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ def _fill_disk_after(num_saves: int):
       if disk_full:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
       return await write(path, data)
+
     return wrapped
 
   async_path.write_text = failing(async_path.write_text)

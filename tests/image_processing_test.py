@@ -9,8 +9,9 @@ from llama4_jax.data import tokenizer as tokenizer_lib
 
 TILE = 336
 # Small stand-in ids, so failures print readably.
-IDS = ip.ImageTokenIds(image_start=1, image_end=2, image=3, patch=4,
-                       tile_x_separator=5, tile_y_separator=6)
+IDS = ip.ImageTokenIds(
+    image_start=1, image_end=2, image=3, patch=4, tile_x_separator=5, tile_y_separator=6
+)
 
 
 def _solid(height, width, colour, mode='RGB'):
@@ -20,21 +21,22 @@ def _solid(height, width, colour, mode='RGB'):
 # Tiling and resize targets (doc section 6; sizes are height x width).
 
 
-@pytest.mark.parametrize('height, width, tiling, resized', [
-    (500, 800, (2, 3), (500, 800)),  # Fits a canvas: no resize at all.
-    (1000, 300, (3, 1), (1000, 300)),
-    (100, 200, (1, 1), (168, 336)),  # Upscaled until one side fills a tile.
-    (2000, 2000, (4, 4), (1344, 1344)),  # Too big for any canvas.
-])
+@pytest.mark.parametrize(
+    'height, width, tiling, resized',
+    [
+        (500, 800, (2, 3), (500, 800)),  # Fits a canvas: no resize at all.
+        (1000, 300, (3, 1), (1000, 300)),
+        (100, 200, (1, 1), (168, 336)),  # Upscaled until one side fills a tile.
+        (2000, 2000, (4, 4), (1344, 1344)),  # Too big for any canvas.
+    ],
+)
 def test_documented_examples(height, width, tiling, resized):
   assert ip.best_fit_tiling(height, width, TILE, 16) == tiling
   assert ip.resize_target(height, width, tiling, TILE) == resized
-  processed = ip.preprocess(_solid(height, width, (9, 9, 9)),
-                            tile_size=TILE, max_tiles=16)
+  processed = ip.preprocess(_solid(height, width, (9, 9, 9)), tile_size=TILE, max_tiles=16)
   n_tiles = tiling[0] * tiling[1]
   assert processed.aspect_ratio == tiling
-  assert processed.pixels_NCHW.shape == (
-      n_tiles + (n_tiles > 1), 3, TILE, TILE)
+  assert processed.pixels_NCHW.shape == (n_tiles + (n_tiles > 1), 3, TILE, TILE)
   assert processed.pixels_NCHW.dtype == np.float32
 
 
@@ -72,8 +74,7 @@ def test_bad_sizes_are_rejected():
 
 def test_exact_values_and_padding():
   # 2x4 with 4-px tiles: already fills the width, so no resize, 2 pad rows.
-  image = Image.fromarray(np.array(
-      [[[255, 0, 51]] * 4, [[0, 255, 51]] * 4], np.uint8))
+  image = Image.fromarray(np.array([[[255, 0, 51]] * 4, [[0, 255, 51]] * 4], np.uint8))
   processed = ip.preprocess(image, tile_size=4, max_tiles=4)
   assert processed.aspect_ratio == (1, 1)
   pixels_CHW = processed.pixels_NCHW[0]
@@ -86,8 +87,9 @@ def test_exact_values_and_padding():
 
 def test_custom_mean_std():
   image = _solid(4, 4, (255, 255, 255))
-  pixels = ip.preprocess(image, tile_size=4, max_tiles=1, mean=(0, 0.5, 1),
-                         std=(1, 0.25, 2)).pixels_NCHW
+  pixels = ip.preprocess(
+      image, tile_size=4, max_tiles=1, mean=(0, 0.5, 1), std=(1, 0.25, 2)
+  ).pixels_NCHW
   np.testing.assert_allclose(pixels[0, :, 0, 0], [1, 2, 0])
 
 
@@ -105,7 +107,7 @@ def test_tiles_are_row_major_and_global_tile_last():
   image_HWC = np.zeros((8, 12, 3), np.uint8)
   for r in range(2):
     for c in range(3):
-      image_HWC[4 * r:4 * r + 4, 4 * c:4 * c + 4] = colours[r][c]
+      image_HWC[4 * r : 4 * r + 4, 4 * c : 4 * c + 4] = colours[r][c]
   image = Image.fromarray(image_HWC)
   processed = ip.preprocess(image, tile_size=4, max_tiles=6)
   assert processed.aspect_ratio == (2, 3)
@@ -115,8 +117,7 @@ def test_tiles_are_row_major_and_global_tile_last():
     value = colours[tile // 3][tile % 3][0] / 255 * 2 - 1
     np.testing.assert_allclose(pixels[tile], value, atol=1e-6)
   global_HWC = np.asarray(image.resize((4, 4), Image.Resampling.BILINEAR))
-  np.testing.assert_allclose(
-      pixels[6], global_HWC.transpose(2, 0, 1) / 255 * 2 - 1, atol=1e-6)
+  np.testing.assert_allclose(pixels[6], global_HWC.transpose(2, 0, 1) / 255 * 2 - 1, atol=1e-6)
 
 
 def test_single_tile_has_no_global_tile():
@@ -126,8 +127,7 @@ def test_single_tile_has_no_global_tile():
 
 
 def test_non_rgb_image_is_converted():
-  processed = ip.preprocess(_solid(4, 4, 255, mode='L'), tile_size=4,
-                            max_tiles=1)
+  processed = ip.preprocess(_solid(4, 4, 255, mode='L'), tile_size=4, max_tiles=1)
   np.testing.assert_array_equal(processed.pixels_NCHW, 1)
 
 
@@ -148,34 +148,48 @@ def test_two_by_three_layout():
 
 
 def test_image_token_ids_from_tokenizer():
-  tok = tokenizer_lib.train_tokenizer(['a small corpus of text'] * 20,
-                                      vocab_size=300)
+  tok = tokenizer_lib.train_tokenizer(['a small corpus of text'] * 20, vocab_size=300)
   ids = ip.ImageTokenIds.from_tokenizer(tok)
   assert ids.image == tok.encode('<|image|>')[0]
   assert tok.decode([ids.tile_y_separator]) == '<|tile_y_separator|>'
   prompt = tok.encode('Look: <|image|> and <|image|>?')
-  layouts = [ip.image_token_layout((1, 1), 2, ids),
-             ip.image_token_layout((1, 2), 2, ids)]
+  layouts = [ip.image_token_layout((1, 1), 2, ids), ip.image_token_layout((1, 2), 2, ids)]
   expanded = ip.expand_image_prompt(prompt, layouts, ids.image)
   assert tok.decode(expanded) == (
       'Look: <|image_start|><|image|><|patch|><|patch|><|image_end|> and '
       '<|image_start|><|patch|><|patch|><|tile_x_separator|><|patch|>'
       '<|patch|><|tile_y_separator|><|image|><|patch|><|patch|>'
-      '<|image_end|>?')
+      '<|image_end|>?'
+  )
 
 
 def test_expand_image_prompt():
   layouts = [[1, 3, 4, 2], [1, 3, 4, 4, 2]]
   assert ip.expand_image_prompt([7, 3, 8, 3, 9], layouts, IDS.image) == [
-      7, 1, 3, 4, 2, 8, 1, 3, 4, 4, 2, 9]
+      7,
+      1,
+      3,
+      4,
+      2,
+      8,
+      1,
+      3,
+      4,
+      4,
+      2,
+      9,
+  ]
   assert ip.expand_image_prompt([7, 8], [], IDS.image) == [7, 8]
 
 
-@pytest.mark.parametrize('prompt, n_images, message', [
-    ([7, 3, 3], 1, 'Prompt has 2 <|image|> placeholders but 1 image was given'),
-    ([7, 3], 2, 'Prompt has 1 <|image|> placeholder but 2 images were given'),
-    ([7], 1, 'Prompt has 0 <|image|> placeholders but 1 image was given'),
-])
+@pytest.mark.parametrize(
+    'prompt, n_images, message',
+    [
+        ([7, 3, 3], 1, 'Prompt has 2 <|image|> placeholders but 1 image was given'),
+        ([7, 3], 2, 'Prompt has 1 <|image|> placeholder but 2 images were given'),
+        ([7], 1, 'Prompt has 0 <|image|> placeholders but 1 image was given'),
+    ],
+)
 def test_placeholder_count_mismatch(prompt, n_images, message):
   with pytest.raises(ValueError, match=message.replace('|', r'\|')):
     ip.expand_image_prompt(prompt, [[1, 3, 4, 2]] * n_images, IDS.image)
@@ -208,7 +222,7 @@ def test_truncated_file(tmp_path, monkeypatch, suffix, lenient_pillow):
   path = tmp_path / f'cut.{suffix}'
   _random_image().save(path)
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
   # Another library may have told Pillow to accept truncated files.
   monkeypatch.setattr(ImageFile, 'LOAD_TRUNCATED_IMAGES', lenient_pillow)
   with pytest.raises(ip.ImageError, match=f'cut.{suffix}.*truncated'):
@@ -216,10 +230,13 @@ def test_truncated_file(tmp_path, monkeypatch, suffix, lenient_pillow):
   assert ImageFile.LOAD_TRUNCATED_IMAGES == lenient_pillow  # Restored.
 
 
-@pytest.mark.parametrize('mode, array, suffix', [
-    ('F', np.full((4, 5), 0.5, np.float32), 'tiff'),
-    ('I', np.full((4, 5), 70_000, np.int32), 'tiff'),
-])
+@pytest.mark.parametrize(
+    'mode, array, suffix',
+    [
+        ('F', np.full((4, 5), 0.5, np.float32), 'tiff'),
+        ('I', np.full((4, 5), 70_000, np.int32), 'tiff'),
+    ],
+)
 def test_unconvertible_mode(tmp_path, mode, array, suffix):
   path = tmp_path / f'deep.{suffix}'
   image = Image.fromarray(array)
@@ -239,13 +256,13 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
 
 def test_rgba_is_composited_over_white(tmp_path):
   path = tmp_path / 'alpha.png'
-  rgba = np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 0, 128]]],
-                  np.uint8)
+  rgba = np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 0, 128]]], np.uint8)
   Image.fromarray(rgba).save(path)
   image = ip.load_image(path)
   assert image.mode == 'RGB'
   np.testing.assert_array_equal(
-      np.asarray(image), [[[255, 0, 0], [255, 255, 255], [127, 127, 127]]])
+      np.asarray(image), [[[255, 0, 0], [255, 255, 255], [127, 127, 127]]]
+  )
 
 
 def test_palette_with_transparency_and_grey(tmp_path):
@@ -253,8 +270,9 @@ def test_palette_with_transparency_and_grey(tmp_path):
   palette.putpalette([10, 20, 30, 200, 100, 0])
   palette.putdata([0, 1])
   palette.save(tmp_path / 'p.png', transparency=0)
-  np.testing.assert_array_equal(np.asarray(ip.load_image(tmp_path / 'p.png')),
-                                [[[255, 255, 255], [200, 100, 0]]])
+  np.testing.assert_array_equal(
+      np.asarray(ip.load_image(tmp_path / 'p.png')), [[[255, 255, 255], [200, 100, 0]]]
+  )
   _solid(2, 3, 77, mode='L').save(tmp_path / 'l.jpg')
   grey = ip.load_image(tmp_path / 'l.jpg')
   assert grey.mode == 'RGB' and grey.size == (3, 2)

@@ -23,9 +23,13 @@ import small_run
 @pytest.fixture(scope='module')
 def tok(tmp_path_factory):
   path = tmp_path_factory.mktemp('tok') / 'tok.model'
-  texts = [f'{q} {a}' for q in shapes_data.QUESTIONS.values()
-           for a in ('red green blue yellow magenta cyan circle square triangle one two three '
-                     'four').split()] * 20
+  texts = [
+      f'{q} {a}'
+      for q in shapes_data.QUESTIONS.values()
+      for a in (
+          'red green blue yellow magenta cyan circle square triangle one two three ' 'four'
+      ).split()
+  ] * 20
   return tokenizer_lib.train_tokenizer(texts, vocab_size=320, output_path=str(path)), str(path)
 
 
@@ -34,13 +38,24 @@ def config(tok, tmp_path_factory):
   """configs/tiny_mm.py, smaller: 6 steps on 64 shapes examples."""
   root = tmp_path_factory.mktemp('mm')
   config = tiny_mm.get_config()
-  for key, value in {'model.vocab_size': 320, 'model.hidden_size': 64, 'model.head_dim': 16,
-                     'model.intermediate_size': 64, 'model.intermediate_size_mlp': 128,
-                     'data.tokenizer': tok[1], 'data.shapes.dir': str(root / 'shapes'),
-                     'data.shapes.train_examples': 64, 'data.shapes.eval_examples': 12,
-                     'train.steps': 6, 'train.batch_size': 8, 'train.log_every': 1,
-                     'train.checkpoint_every': 3, 'train.eval_every': 0, 'eval.batch_size': 8,
-                     'optim.warmup_steps': 2}.items():
+  for key, value in {
+      'model.vocab_size': 320,
+      'model.hidden_size': 64,
+      'model.head_dim': 16,
+      'model.intermediate_size': 64,
+      'model.intermediate_size_mlp': 128,
+      'data.tokenizer': tok[1],
+      'data.shapes.dir': str(root / 'shapes'),
+      'data.shapes.train_examples': 64,
+      'data.shapes.eval_examples': 12,
+      'train.steps': 6,
+      'train.batch_size': 8,
+      'train.log_every': 1,
+      'train.checkpoint_every': 3,
+      'train.eval_every': 0,
+      'eval.batch_size': 8,
+      'optim.warmup_steps': 2,
+  }.items():
     config_lib.set_override(config, key, value)
   return config
 
@@ -55,11 +70,16 @@ def test_row_layout_and_text_only_weights(maker, tok):
   row = maker.row(image, 'What colour are the shapes? red', 'red.png')
   ids = image_processing.ImageTokenIds.from_tokenizer(tok[0])
   text = tok[0].encode('What colour are the shapes? red')
-  expected = ([tok[0].bos_id, ids.image_start, ids.image] + [ids.patch] * 16 + [ids.image_end]
-              + text + [tok[0].eos_id])
+  expected = (
+      [tok[0].bos_id, ids.image_start, ids.image]
+      + [ids.patch] * 16
+      + [ids.image_end]
+      + text
+      + [tok[0].eos_id]
+  )
   n = len(expected)
   np.testing.assert_array_equal(row['inputs'][:n], expected)
-  np.testing.assert_array_equal(row['targets'][:n - 1], expected[1:])
+  np.testing.assert_array_equal(row['targets'][: n - 1], expected[1:])
   # The loss covers the text and EOS only: targets that are image tokens weigh 0.
   weighted = row['targets'][row['weights'] == 1]
   np.testing.assert_array_equal(weighted, text + [tok[0].eos_id])
@@ -80,24 +100,31 @@ def test_bad_records_and_images_are_named(tmp_path, maker, tok):
     maker.pad_tiles(np.zeros((3, 3, 48, 48), np.float32), 'wide.png')
   cfg = config_lib.model_config(tiny_mm.get_config())
   with pytest.raises(text_data.DataError, match='image_token_id is 99'):
-    image_text.RowMaker(cfg.vision.__class__(**{**cfg.vision.to_dict(), 'image_token_id': 99,
-                                                'image_size': 48, 'patch_size': 6}),
-                        tok[0], seq_len=48, tiles_per_row=1)
+    image_text.RowMaker(
+        cfg.vision.__class__(
+            **{**cfg.vision.to_dict(), 'image_token_id': 99, 'image_size': 48, 'patch_size': 6}
+        ),
+        tok[0],
+        seq_len=48,
+        tiles_per_row=1,
+    )
 
 
 def test_place_images_fills_markers_in_order(tok):
   ids = image_processing.ImageTokenIds.from_tokenizer(tok[0])
   vcfg = config_lib.model_config(tiny_mm.get_config()).vision
   images = [Image.new('RGB', (48, 48), c) for c in ((255, 0, 0), (0, 0, 255))]
-  prompts, pixels = image_text.place_images([[1, ids.image, 40], [1, 41, ids.image]], images,
-                                            vcfg, ids)
+  prompts, pixels = image_text.place_images(
+      [[1, ids.image, 40], [1, 41, ids.image]], images, vcfg, ids
+  )
   assert prompts[0].count(ids.patch) == 16 and prompts[1].count(ids.patch) == 16
   assert pixels.shape == (2, 1, 3, 48, 48)
   assert pixels[0, 0, 0, 0, 0] == 1.0 and pixels[1, 0, 2, 0, 0] == 1.0  # red, then blue
   (single,), _ = image_text.place_images([[1, 40]], images[:1], vcfg, ids)
   assert single[:3] == [1, ids.image_start, ids.image]  # no marker: the image goes first
-  with pytest.raises(ValueError,
-                     match=re.escape('1 <|image|> placeholder but 2 images were given')):
+  with pytest.raises(
+      ValueError, match=re.escape('1 <|image|> placeholder but 2 images were given')
+  ):
     image_text.place_images([[1, ids.image], [1, 40]], images, vcfg, ids)
 
 
@@ -107,8 +134,10 @@ def test_freezing_keeps_the_frozen_parts(config):
   shapes = nnx.state(model_lib.abstract_model(cfg), nnx.Param)
   params = jax.tree.map(lambda p: np.zeros(p.shape, p.dtype), shapes)
   grads = jax.tree.map(lambda p: np.ones(p.shape, p.dtype), shapes)
-  for freeze, frozen_part, trained_part in (('vision', 'vision', 'projector'),
-                                            ('language', 'embed', 'vision')):
+  for freeze, frozen_part, trained_part in (
+      ('vision', 'vision', 'projector'),
+      ('language', 'embed', 'vision'),
+  ):
     tx = optim.make_optimizer(config.optim, 10, params, freeze)
     update = jax.jit(tx.update)
     state = jax.jit(tx.init)(params)
@@ -118,8 +147,9 @@ def test_freezing_keeps_the_frozen_parts(config):
     old = nnx.to_pure_dict(params)
     same = jax.tree.map(np.array_equal, new[frozen_part], old[frozen_part])
     assert all(jax.tree.leaves(same)), freeze
-    assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, new[trained_part],
-                                                old[trained_part]))), freeze
+    assert not all(
+        jax.tree.leaves(jax.tree.map(np.array_equal, new[trained_part], old[trained_part]))
+    ), freeze
 
 
 @pytest.fixture(scope='module')
@@ -145,9 +175,14 @@ def test_generate_script_with_an_image(trained, tok, tmp_path):
   image = tmp_path / 'shape.png'
   Image.fromarray(shapes_data.make_examples(1, seed=3)[0].image_HWC).save(image)
   out = tmp_path / 'ids.json'
-  result = small_run.run_script('generate.py', f'--workdir={workdir}', f'--image={image}',
-                                '--prompt=What colour are the shapes?', '--max_new_tokens=4',
-                                f'--output={out}')
+  result = small_run.run_script(
+      'generate.py',
+      f'--workdir={workdir}',
+      f'--image={image}',
+      '--prompt=What colour are the shapes?',
+      '--max_new_tokens=4',
+      f'--output={out}',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   ids = json.loads(out.read_text())['ids']
   assert len(ids) == 1 and 1 <= len(ids[0]) <= 4
@@ -156,6 +191,7 @@ def test_generate_script_with_an_image(trained, tok, tmp_path):
 @pytest.mark.slow
 def test_eval_scores_an_image_text_run_as_training_did(trained):
   from llama4_jax import evaluation
+
   result, workdir = trained
   (row,) = evaluation.evaluate_workdir(str(workdir), log=lambda *_: None)
   assert row['step'] == 6

@@ -62,20 +62,21 @@ def workdir(tmp_path_factory):
   """A randomly initialised small model (peaked logits) with its own tokenizer."""
   path = tmp_path_factory.mktemp('run')
   tokenizer_lib.train_tokenizer(text_data.read_texts('', 200_000), 512, str(path / 'tok.model'))
-  config = small_run.config(data__tokenizer=str(path / 'tok.model'),
-                            model__initializer_range=0.2)
+  config = small_run.config(data__tokenizer=str(path / 'tok.model'), model__initializer_range=0.2)
   config_lib.save(config, str(path))
   model = model_lib.Llama4(config_lib.model_config(config), rngs=nnx.Rngs(0))
   params = checkpoint.flatten_tree(nnx.state(model))
-  checkpoint.write_params_streaming(checkpoint.step_path(str(path), 3),
-                                    ((k, np.asarray(v)) for k, v in params.items()))
+  checkpoint.write_params_streaming(
+      checkpoint.step_path(str(path), 3), ((k, np.asarray(v)) for k, v in params.items())
+  )
   return path
 
 
 @pytest.fixture(scope='module')
 def lm(workdir):
-  return lm_eval_adapter.Llama4LM(workdir=str(workdir), batch_size=4, max_length=MAX_LENGTH,
-                                  max_gen_toks=24)
+  return lm_eval_adapter.Llama4LM(
+      workdir=str(workdir), batch_size=4, max_length=MAX_LENGTH, max_gen_toks=24
+  )
 
 
 @pytest.fixture(scope='module')
@@ -86,8 +87,8 @@ def logits_of(lm):
 
   def logits(ids):
     tokens = np.zeros((1, MAX_LENGTH), np.int32)
-    tokens[0, :len(ids)] = ids
-    return np.asarray(forward(params, jnp.asarray(tokens)))[:len(ids)]
+    tokens[0, : len(ids)] = ids
+    return np.asarray(forward(params, jnp.asarray(tokens)))[: len(ids)]
 
   return logits
 
@@ -110,12 +111,13 @@ def test_loglikelihood_equals_the_model_and_is_greedy_is_right(lm, logits_of):
   for (context, continuation), (logprob, is_greedy) in zip(pairs, results):
     context_ids, continuation_ids = lm.encode_pair(context, continuation)
     assert context_ids[0] == lm.tokenizer.bos_id
-    ids = (context_ids + continuation_ids)[-(MAX_LENGTH + 1):]
-    np.testing.assert_allclose(logprob, direct_logprob(logits_of, ids, len(continuation_ids)),
-                               rtol=1e-5, atol=1e-4)
+    ids = (context_ids + continuation_ids)[-(MAX_LENGTH + 1) :]
+    np.testing.assert_allclose(
+        logprob, direct_logprob(logits_of, ids, len(continuation_ids)), rtol=1e-5, atol=1e-4
+    )
     assert logprob < 0
-    greedy = np.argmax(logits_of(ids[:-1]), axis=-1)[-len(continuation_ids):]
-    assert is_greedy == bool(np.all(greedy == ids[-len(continuation_ids):]))
+    greedy = np.argmax(logits_of(ids[:-1]), axis=-1)[-len(continuation_ids) :]
+    assert is_greedy == bool(np.all(greedy == ids[-len(continuation_ids) :]))
 
 
 @pytest.mark.slow
@@ -125,18 +127,20 @@ def test_loglikelihood_rolling_scores_every_token_once(lm, logits_of):
   ids = lm.tokenizer.encode(text)
   assert len(ids) > 2 * MAX_LENGTH
   results = lm.loglikelihood_rolling(
-      [Instance('loglikelihood_rolling', {}, (t,), i) for i, t in enumerate([text, short])])
+      [Instance('loglikelihood_rolling', {}, (t,), i) for i, t in enumerate([text, short])]
+  )
 
   short_ids = [lm.tokenizer.bos_id] + lm.tokenizer.encode(short)
   np.testing.assert_allclose(
-      results[1], direct_logprob(logits_of, short_ids, len(short_ids) - 1), rtol=1e-5)
+      results[1], direct_logprob(logits_of, short_ids, len(short_ids) - 1), rtol=1e-5
+  )
   # The first window sees BOS + the first tokens; each later token sees MAX_LENGTH before it
   # within windows that end at multiples of MAX_LENGTH, or at the end of the text.
   expected = direct_logprob(logits_of, [lm.tokenizer.bos_id] + ids[:MAX_LENGTH], MAX_LENGTH)
   done = MAX_LENGTH
   while done < len(ids):
     end = min(done + MAX_LENGTH, len(ids))
-    expected += direct_logprob(logits_of, ids[end - MAX_LENGTH - 1:end], end - done)
+    expected += direct_logprob(logits_of, ids[end - MAX_LENGTH - 1 : end], end - done)
     done = end
   np.testing.assert_allclose(results[0], expected, rtol=1e-5)
 
@@ -147,18 +151,24 @@ def test_generate_until_is_greedy_generation_cut_at_until(lm):
   contexts = ['def main(', 'class A:\n  def f(self):\n    return ']
   expected = []
   for context in contexts:
-    ids = sampling.generate(lm.model, [lm.encode_context(context)], max_new_tokens=24,
-                            eos_ids=lm.cfg.eos_token_ids, pad_id=lm.tokenizer.pad_id)[0]
+    ids = sampling.generate(
+        lm.model,
+        [lm.encode_context(context)],
+        max_new_tokens=24,
+        eos_ids=lm.cfg.eos_token_ids,
+        pad_id=lm.tokenizer.pad_id,
+    )[0]
     expected.append(lm.tokenizer.decode(ids, skip_special=True))
   assert all(expected)
 
   def generate(**gen_kwargs):
-    return lm.generate_until([Instance('generate_until', {}, (c, gen_kwargs), i)
-                              for i, c in enumerate(contexts)])
+    return lm.generate_until(
+        [Instance('generate_until', {}, (c, gen_kwargs), i) for i, c in enumerate(contexts)]
+    )
 
   assert generate(until=[], do_sample=False) == expected
-  until = expected[0][len(expected[0]) // 2:][:2]  # a string in the middle of the first
-  assert generate(until=[until])[0] == expected[0][:expected[0].find(until)]
+  until = expected[0][len(expected[0]) // 2 :][:2]  # a string in the middle of the first
+  assert generate(until=[until])[0] == expected[0][: expected[0].find(until)]
   sampled = generate(until=[], temperature=1.0)  # sampling: same shapes, no new compile
   assert all(isinstance(text, str) for text in sampled) and sampled != expected
 
@@ -172,15 +182,17 @@ def write_task(directory):
 def test_simple_evaluate_on_a_local_multiple_choice_task(lm, logits_of, tmp_path):
   write_task(tmp_path)
   task_manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
-  out = lm_eval.simple_evaluate(model=lm, tasks=['tiny_mc'], task_manager=task_manager,
-                                log_samples=True)
+  out = lm_eval.simple_evaluate(
+      model=lm, tasks=['tiny_mc'], task_manager=task_manager, log_samples=True
+  )
   correct = []
   for q in QUESTIONS:
     scores = []
     for choice in q['choices']:
       context_ids, continuation_ids = lm.encode_pair(q['question'], choice)
       scores.append(
-          direct_logprob(logits_of, context_ids + continuation_ids, len(continuation_ids)))
+          direct_logprob(logits_of, context_ids + continuation_ids, len(continuation_ids))
+      )
     correct.append(float(np.argmax(scores) == q['answer']))
   assert out['results']['tiny_mc']['acc,none'] == pytest.approx(np.mean(correct))
   samples = sorted(out['samples']['tiny_mc'], key=lambda s: s['doc_id'])
@@ -195,9 +207,22 @@ def test_simple_evaluate_on_a_local_multiple_choice_task(lm, logits_of, tmp_path
 def test_command_line_entry_point(workdir, tmp_path):
   write_task(tmp_path)
   result = subprocess.run(
-      [sys.executable, '-m', 'llama4_jax.lm_eval_adapter', '--model_args',
-       f'workdir={workdir},step=3,max_length={MAX_LENGTH},batch_size=4', '--tasks', 'tiny_mc',
-       '--include_path', str(tmp_path), '--output_path', str(tmp_path / 'out')],
-      cwd=small_run.REPO, capture_output=True, text=True)
+      [
+          sys.executable,
+          '-m',
+          'llama4_jax.lm_eval_adapter',
+          '--model_args',
+          f'workdir={workdir},step=3,max_length={MAX_LENGTH},batch_size=4',
+          '--tasks',
+          'tiny_mc',
+          '--include_path',
+          str(tmp_path),
+          '--output_path',
+          str(tmp_path / 'out'),
+      ],
+      cwd=small_run.REPO,
+      capture_output=True,
+      text=True,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'tiny_mc' in result.stdout and 'acc' in result.stdout

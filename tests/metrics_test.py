@@ -7,6 +7,7 @@ from llama4_jax import metrics
 
 
 class Terminal(io.StringIO):
+
   def isatty(self):
     return True
 
@@ -49,6 +50,8 @@ def test_metrics_writer_appends_json_lines(tmp_path):
   writer.write(2, {'eval_loss': 2.0})
   writer.close()
   lines = [json.loads(line) for line in open(tmp_path / metrics.METRICS_FILE)]
-  assert lines == [{'step': 1, 'loss': 2.5, 'expert_load': [[0.25, 0.75]]},
-                   {'step': 2, 'eval_loss': 2.0}]
+  assert lines == [
+      {'step': 1, 'loss': 2.5, 'expert_load': [[0.25, 0.75]]},
+      {'step': 2, 'eval_loss': 2.0},
+  ]
   assert list((tmp_path / metrics.TENSORBOARD_DIR).iterdir())

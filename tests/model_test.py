@@ -64,12 +64,16 @@ def test_no_padding_matches_default_positions(tmp_path):
 @pytest.mark.slow
 def test_irregular_layer_pattern_matches_transformers(tmp_path):
   """MoE and RoPE lists that are not periodic: stages of scanned and single layers."""
-  overrides = dict(num_hidden_layers=7, moe_layers=[0, 2, 3, 5], no_rope_layers=[1, 0, 1, 0, 1, 0, 1])
+  overrides = dict(
+      num_hidden_layers=7, moe_layers=[0, 2, 3, 5], no_rope_layers=[1, 0, 1, 0, 1, 0, 1]
+  )
   hf = hf_reference.text_model(**overrides)
   model = converted(tmp_path, hf)
   stages = model.cfg.stages()
-  assert any(stage.repeats > 1 for stage in stages) and sum(
-      len(s.kinds) * s.repeats for s in stages) == 7
+  assert (
+      any(stage.repeats > 1 for stage in stages)
+      and sum(len(s.kinds) * s.repeats for s in stages) == 7
+  )
   tokens, mask = inputs()
   ours, _ = model(jnp.asarray(tokens), jnp.asarray(mask))
   assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens, mask), mask)
@@ -77,10 +81,13 @@ def test_irregular_layer_pattern_matches_transformers(tmp_path):
 
 @pytest.mark.reference
 @pytest.mark.slow
-@pytest.mark.parametrize('mesh_shape', [
-    dict(data=2, fsdp=2, tensor=2),
-    dict(fsdp=2, expert=2, tensor=2),
-])
+@pytest.mark.parametrize(
+    'mesh_shape',
+    [
+        dict(data=2, fsdp=2, tensor=2),
+        dict(fsdp=2, expert=2, tensor=2),
+    ],
+)
 def test_sharded_logits_match_transformers(tmp_path, devices, mesh_shape):
   hf = hf_reference.text_model(num_experts_per_tok=2)
   mesh = sharding.make_mesh(mesh_shape)
@@ -117,14 +124,19 @@ def test_banded_attention_equals_masked_attention_with_packing():
   np.testing.assert_allclose(np.asarray(banded)[valid], np.asarray(full)[valid], atol=1e-6)
 
 
-@pytest.mark.parametrize('x_shape, w_shape, contracted', [
-    ((2, 5, 8), (8, 3, 4), 1),  # q_proj: BTD,DNH->BTNH
-    ((2, 5, 3, 4), (3, 4, 8), 2),  # o_proj: BTNH,NHD->BTD
-])
+@pytest.mark.parametrize(
+    'x_shape, w_shape, contracted',
+    [
+        ((2, 5, 8), (8, 3, 4), 1),  # q_proj: BTD,DNH->BTNH
+        ((2, 5, 3, 4), (3, 4, 8), 2),  # o_proj: BTNH,NHD->BTD
+    ],
+)
 def test_project_and_its_gradients_equal_tensordot(x_shape, w_shape, contracted):
   rng = np.random.default_rng(0)
-  x, w, dy = (jnp.asarray(rng.standard_normal(s), jnp.float32)
-              for s in (x_shape, w_shape, x_shape[:len(x_shape) - contracted] + w_shape[contracted:]))
+  x, w, dy = (
+      jnp.asarray(rng.standard_normal(s), jnp.float32)
+      for s in (x_shape, w_shape, x_shape[: len(x_shape) - contracted] + w_shape[contracted:])
+  )
   reference = lambda x, w: jnp.sum(jnp.tensordot(x, w, contracted) * dy)
   ours = lambda x, w: jnp.sum(layers.project(x, w, contracted) * dy)
   for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w)):
@@ -141,9 +153,15 @@ def test_layer_stages_cover_every_layer():
   assert model_lib.layer_stages((R, N, d)) == (model_lib.Stage((R, N, d), 1),)
 
 
-@pytest.mark.parametrize('name,total', [
-    ('scout', 107_769_861_120), ('maverick', 400_711_848_960),
-    ('scout_mm', 108_641_793_536), ('maverick_mm', 401_583_781_376)])  # doc §3
+@pytest.mark.parametrize(
+    'name,total',
+    [
+        ('scout', 107_769_861_120),
+        ('maverick', 400_711_848_960),
+        ('scout_mm', 108_641_793_536),
+        ('maverick_mm', 401_583_781_376),
+    ],
+)  # doc §3
 def test_preset_parameter_counts(name, total):
   cfg = model_lib.PRESETS[name]
   abstract = model_lib.abstract_model(cfg)

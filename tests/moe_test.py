@@ -35,6 +35,7 @@ def loss_and_grads(dispatch, args):
   def loss(x, weights, g, u, o):
     y, _ = dispatch(x, weights, args[2], g, u, o)
     return jnp.sum(jnp.sin(y))
+
   return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(args[0], args[1], *args[3:])
 
 
@@ -88,7 +89,8 @@ def test_switched_dispatch_matches_dense(tokens, top_k):
   x, weights, experts, g, u, o = layer_inputs(K=top_k, N=tokens)
   want, _ = moe.dense_dispatch(x, weights, experts, g, u, o)
   got, _ = jax.jit(functools.partial(moe.switched_dispatch, block_size=8))(
-      x, weights, experts, list(zip(g, u, o)))
+      x, weights, experts, list(zip(g, u, o))
+  )
   assert_forward_close(got, want)
 
 
@@ -106,8 +108,9 @@ def test_switched_dispatch_with_all_tokens_on_one_expert():
 
 @pytest.fixture(scope='module')
 def moe_cfg():
-  return model_lib.PRESETS['parity'].replace(num_experts=8, num_experts_per_tok=2, hidden_size=32,
-                                             intermediate_size=16)
+  return model_lib.PRESETS['parity'].replace(
+      num_experts=8, num_experts_per_tok=2, hidden_size=32, intermediate_size=16
+  )
 
 
 def layer_and_input(cfg, batch=8, length=12):
@@ -135,15 +138,21 @@ def layer_loss_and_grads(layer, x, mesh=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('dispatch,mesh_shape,factor', [
-    ('dropless', dict(expert=8), 1.25),
-    ('dropless', dict(data=2, expert=2, tensor=2), 1.25),
-    ('dense', dict(fsdp=2, expert=4), 1.25),
-    # Capacity is per expert group: with one group the drops are those of one device.
-    ('capacity', dict(expert=4, tensor=2), 0.6),
-    ('capacity', dict(data=2, fsdp=2, expert=2), 8.0),
-], ids=str)
-def test_expert_parallel_layer_matches_single_device(devices, moe_cfg, dispatch, mesh_shape, factor):
+@pytest.mark.parametrize(
+    'dispatch,mesh_shape,factor',
+    [
+        ('dropless', dict(expert=8), 1.25),
+        ('dropless', dict(data=2, expert=2, tensor=2), 1.25),
+        ('dense', dict(fsdp=2, expert=4), 1.25),
+        # Capacity is per expert group: with one group the drops are those of one device.
+        ('capacity', dict(expert=4, tensor=2), 0.6),
+        ('capacity', dict(data=2, fsdp=2, expert=2), 8.0),
+    ],
+    ids=str,
+)
+def test_expert_parallel_layer_matches_single_device(
+    devices, moe_cfg, dispatch, mesh_shape, factor
+):
   cfg = moe_cfg.replace(moe_dispatch=dispatch, moe_capacity_factor=factor)
   layer, x = layer_and_input(cfg)
   (want_loss, want_dropped), want_grads = layer_loss_and_grads(layer, x)
@@ -153,8 +162,9 @@ def test_expert_parallel_layer_matches_single_device(devices, moe_cfg, dispatch,
   np.testing.assert_allclose(dropped, want_dropped, atol=1e-7)
   if factor < 1:
     assert float(dropped) > 0
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads,
-               want_grads)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads, want_grads
+  )
 
 
 @pytest.mark.slow
@@ -170,8 +180,12 @@ def test_load_balance_loss_is_one_when_balanced_and_split_invariant():
   experts = jax.lax.top_k(logits, 2)[1]
   valid = jnp.ones((4, 8), bool).at[1, :3].set(False)
   whole = moe.router_statistics(logits, experts, valid)['load_balance_loss']
-  halves = [moe.router_statistics(logits[i:i + 2], experts[i:i + 2], valid[i:i + 2])
-            ['load_balance_loss'] for i in (0, 2)]
+  halves = [
+      moe.router_statistics(logits[i : i + 2], experts[i : i + 2], valid[i : i + 2])[
+          'load_balance_loss'
+      ]
+      for i in (0, 2)
+  ]
   np.testing.assert_allclose(whole, np.mean(halves), rtol=1e-6)
 
 

@@ -39,7 +39,7 @@ def tokens_with_patches(runs, length=60, seed=0):
   """Random text ids with `<|patch|>` runs at (row, start, count)."""
   tokens = np.random.default_rng(seed).integers(8, 128, (max(r for r, _, _ in runs) + 1, length))
   for row, start, count in runs:
-    tokens[row, start:start + count] = PATCH
+    tokens[row, start : start + count] = PATCH
   return tokens
 
 
@@ -76,6 +76,7 @@ def test_one_image_per_row_and_left_padding(ours, hf_model):
 def test_sharded_multimodal_logits_equal_transformers(ours, hf_model, devices):
   """The vision tower split over data x fsdp x tensor = 2 x 2 x 2 devices."""
   from llama4_jax import sharding
+
   mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
   model = sharding.put_on_mesh(ours, mesh)
   assert len(model.vision.layers.fc1.w[...].sharding.device_set) == 8
@@ -104,7 +105,7 @@ def test_cached_prefill_with_images_equals_full_forward(ours):
   prefill, cache = decode(ours, jnp.asarray(tokens[:, :30]), ours.init_cache(1, 40), None, pixels)
   steps = [prefill]
   for t in range(30, 36):
-    step, cache = decode(ours, jnp.asarray(tokens[:, t:t + 1]), cache)
+    step, cache = decode(ours, jnp.asarray(tokens[:, t : t + 1]), cache)
     steps.append(step)
   np.testing.assert_allclose(np.concatenate(steps, axis=1), np.asarray(full), atol=1e-4, rtol=1e-4)
 
@@ -118,17 +119,19 @@ def test_pieces_follow_the_doc():
     for j in range(2):
       for dy in range(2):
         for dx in range(2):
-          np.testing.assert_array_equal(ps[0, i * 2 + j, (2 * dy + dx) * W:(2 * dy + dx + 1) * W],
-                                        x[0, (2 * i + dy) * 4 + 2 * j + dx])
+          np.testing.assert_array_equal(
+              ps[0, i * 2 + j, (2 * dy + dx) * W : (2 * dy + dx + 1) * W],
+              x[0, (2 * i + dy) * 4 + 2 * j + dx],
+          )
   pixels = np.arange(2 * 4 * 4, dtype=np.float32).reshape(1, 2, 4, 4)
   patches = np.asarray(vision.unfold_patches(jnp.asarray(pixels), 2))
   np.testing.assert_array_equal(patches[0, 1], pixels[0, :, 0:2, 2:4].reshape(-1))  # c, ky, kx
   cfg = vision.VisionConfig()
   angles = vision.rope_angles(cfg)
-  assert angles.shape == (cfg.grid ** 2 + 1, 4)
-  assert np.all(angles[-1] == 0)                       # CLS, appended last, is not rotated
-  patch = 1 * cfg.grid + 2                             # row y = 1, column x = 2
-  np.testing.assert_allclose(angles[patch], [3, 3 * 1e4 ** -0.5, 2, 2 * 1e4 ** -0.5], rtol=1e-6)
+  assert angles.shape == (cfg.grid**2 + 1, 4)
+  assert np.all(angles[-1] == 0)  # CLS, appended last, is not rotated
+  patch = 1 * cfg.grid + 2  # row y = 1, column x = 2
+  np.testing.assert_allclose(angles[patch], [3, 3 * 1e4**-0.5, 2, 2 * 1e4**-0.5], rtol=1e-6)
 
 
 @pytest.mark.reference
@@ -171,19 +174,27 @@ def test_greedy_generation_with_images_equals_transformers(ours, hf_model):
   import torch
 
   from llama4_jax import sampling
+
   image = [6] + [PATCH] * 16 + [7]
   prompts = [[1, 20, 21] + image + [30, 31, 32], [1] + image + [40]]
   tiles = np.random.default_rng(6).standard_normal((2, 1) + TILE).astype(np.float32)
-  ours_ids = sampling.generate(ours, prompts, max_new_tokens=10, eos_ids=(2,), pad_id=0,
-                               pixels_BMCHW=tiles)
+  ours_ids = sampling.generate(
+      ours, prompts, max_new_tokens=10, eos_ids=(2,), pad_id=0, pixels_BMCHW=tiles
+  )
   for prompt, pixels, got in zip(prompts, tiles, ours_ids):
     with torch.no_grad():
-      out = hf_model.generate(torch.tensor([prompt]), pixel_values=torch.as_tensor(pixels),
-                              attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=0)
-    expected = out[0, len(prompt):].tolist()
+      out = hf_model.generate(
+          torch.tensor([prompt]),
+          pixel_values=torch.as_tensor(pixels),
+          attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+          max_new_tokens=10,
+          do_sample=False,
+          eos_token_id=2,
+          pad_token_id=0,
+      )
+    expected = out[0, len(prompt) :].tolist()
     if 2 in expected:
-      expected = expected[:expected.index(2) + 1]
+      expected = expected[: expected.index(2) + 1]
     assert got == expected
 
 
@@ -194,12 +205,21 @@ def test_vision_flops_match_the_compiled_tower():
   the elementwise work that XLA counts too; compiled abstractly.
   """
   from llama4_jax import flops
-  tower = vision.VisionConfig(hidden_size=512, num_heads=8, num_layers=1, intermediate_size=2048,
-                              projector_input_dim=512, projector_output_dim=512,
-                              vision_output_dim=512)
+
+  tower = vision.VisionConfig(
+      hidden_size=512,
+      num_heads=8,
+      num_layers=1,
+      intermediate_size=2048,
+      projector_input_dim=512,
+      projector_output_dim=512,
+      vision_output_dim=512,
+  )
   cfg = model_lib.ModelConfig(vision=tower)
   graphdef, state = nnx.split(model_lib.abstract_model(cfg))
-  forward = jax.jit(lambda state, x: (lambda m: m.projector(m.vision(x)))(nnx.merge(graphdef, state)))
+  forward = jax.jit(
+      lambda state, x: (lambda m: m.projector(m.vision(x)))(nnx.merge(graphdef, state))
+  )
   tiles = jax.ShapeDtypeStruct((4,) + TILE, jnp.float32)
   xla = forward.lower(state, tiles).compile().cost_analysis()['flops']
   ours = 4 * flops.vision_forward_flops_per_tile(cfg)
@@ -208,5 +228,6 @@ def test_vision_flops_match_the_compiled_tower():
 
 def test_tokens_per_tile():
   assert model_lib.LLAMA4_VISION.tokens_per_tile == 144  # 336 px, 14 px patches, ratio 0.5
-  assert vision.VisionConfig(image_size=32, patch_size=8, pixel_shuffle_ratio=0.5
-                             ).tokens_per_tile == 4
+  assert (
+      vision.VisionConfig(image_size=32, patch_size=8, pixel_shuffle_ratio=0.5).tokens_per_tile == 4
+  )

@@ -20,5 +20,10 @@ def float32_bound(desired, terms: int) -> float:
 
 def assert_close(actual, desired, *, terms: int, err_msg: str = ''):
   """Elementwise |actual - desired| <= float32_bound(desired, terms)."""
-  np.testing.assert_allclose(np.asarray(actual), np.asarray(desired), rtol=0,
-                             atol=float32_bound(desired, terms), err_msg=err_msg)
+  np.testing.assert_allclose(
+      np.asarray(actual),
+      np.asarray(desired),
+      rtol=0,
+      atol=float32_bound(desired, terms),
+      err_msg=err_msg,
+  )

@@ -10,8 +10,18 @@ from llama4_jax import optim
 
 
 def optim_config(**kw):
-  base = dict(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, b1=0.9, b2=0.95, eps=1e-8,
-              weight_decay=0.1, decay_norms=False, decay_embeddings=False, clip_norm=1.0)
+  base = dict(
+      lr=1.0,
+      warmup_steps=10,
+      min_lr_ratio=0.1,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      decay_norms=False,
+      decay_embeddings=False,
+      clip_norm=1.0,
+  )
   return mlc.ConfigDict({**base, **kw})
 
 

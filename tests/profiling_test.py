@@ -18,8 +18,10 @@ def test_step_breakdown_groups_ops_by_named_scope():
   x = jnp.ones((256, 256))
   step(x).block_until_ready()
   breakdown = profiling.step_breakdown(lambda: step(x), step.lower(x).compile().as_text())
-  assert {'attention core (scores, mask, softmax, values)',
-          'optimizer (AdamW update, clipping)'} <= set(breakdown)
+  assert {
+      'attention core (scores, mask, softmax, values)',
+      'optimizer (AdamW update, clipping)',
+  } <= set(breakdown)
   assert all(seconds >= 0 for seconds in breakdown.values())
   assert sum(breakdown.values()) > 0
 
@@ -27,7 +29,9 @@ def test_step_breakdown_groups_ops_by_named_scope():
 def test_categorize_falls_back_to_the_op_kind():
   assert profiling.categorize('dot.3', 'jit(step)/dot_general') == profiling.DENSE_MATMULS
   assert profiling.categorize('fusion.1', 'jit(step)/moe_dispatch/gather') == (
-      'MoE dispatch (sort, gather, scatter, padding)')
+      'MoE dispatch (sort, gather, scatter, padding)'
+  )
   assert profiling.categorize('fusion.2', 'jit(step)/moe_dispatch/expert_matmuls/dot_general') == (
-      'MoE expert matmuls')
+      'MoE expert matmuls'
+  )
   assert profiling.categorize('add.1', '') == profiling.OTHER

@@ -40,13 +40,25 @@ def tokenizer_cache(tmp_path_factory):
 def launch(workdir, tokenizer_cache, devices=1, fault_env=None, **overrides) -> subprocess.Popen:
   """Starts a run printing to <workdir>.log (a file keeps what a killed run said)."""
   flags = small_run.flag_list(**{**RUN, 'data__tokenizer_cache': tokenizer_cache, **overrides})
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             PYTHONUNBUFFERED='1', **(fault_env or {}))
+  env = dict(
+      os.environ,
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+      PYTHONUNBUFFERED='1',
+      **(fault_env or {}),
+  )
   with open(f'{workdir}.log', 'a') as log:
     return subprocess.Popen(
-        [sys.executable, os.path.join(small_run.REPO, 'tests', 'faulty_train.py'),
-         f'--workdir={workdir}', *flags], cwd=small_run.REPO, env=env, stdout=log,
-        stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            os.path.join(small_run.REPO, 'tests', 'faulty_train.py'),
+            f'--workdir={workdir}',
+            *flags,
+        ],
+        cwd=small_run.REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def log_text(workdir) -> str:
@@ -94,8 +106,10 @@ def saved_params(workdir, step) -> dict[str, np.ndarray]:
   """The parameters of a checkpoint, on the host (one Orbax load)."""
   path = checkpoint.step_path(str(workdir), step)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = {name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device)
-              for name, meta in checkpoint.param_names(path).items()}
+  abstract = {
+      name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device)
+      for name, meta in checkpoint.param_names(path).items()
+  }
   return jax.device_get(checkpoint.load_params(path, abstract))
 
 
@@ -126,8 +140,9 @@ def reference(tmp_path_factory, tokenizer_cache):
 
 
 @pytest.mark.slow
-def test_same_seed_config_and_devices_give_bit_identical_losses(reference, tokenizer_cache,
-                                                                 tmp_path):
+def test_same_seed_config_and_devices_give_bit_identical_losses(
+    reference, tokenizer_cache, tmp_path
+):
   status, output = run(tmp_path / 'again', tokenizer_cache)
   assert status == 0, output[-3000:]
   losses = logged_losses(tmp_path / 'again')
@@ -214,8 +229,9 @@ def kill_in_start_up(process, rng) -> bool:
 
 
 @pytest.mark.slow
-def test_sigkill_ten_times_including_mid_save_then_resume_is_bit_exact(reference, tokenizer_cache,
-                                                                       tmp_path):
+def test_sigkill_ten_times_including_mid_save_then_resume_is_bit_exact(
+    reference, tokenizer_cache, tmp_path
+):
   """Every restart resumes from the newest complete checkpoint; every step any run logged has
   the uninterrupted run's loss, and the final parameters are the uninterrupted run's."""
   rng = random.Random(0)
@@ -262,13 +278,13 @@ def test_sigkill_ten_times_including_mid_save_then_resume_is_bit_exact(reference
 
 
 @pytest.mark.slow
-def test_full_disk_stops_the_run_and_keeps_written_checkpoints(reference, tokenizer_cache,
-                                                               tmp_path):
+def test_full_disk_stops_the_run_and_keeps_written_checkpoints(
+    reference, tokenizer_cache, tmp_path
+):
   """The disk fills up after 3 checkpoints: the run stops naming the step and the cause; the
   3 checkpoints are the uninterrupted run's, and a rerun resumes and ends bit-exactly."""
   workdir = tmp_path / 'full'
-  status, output = run(workdir, tokenizer_cache,
-                       fault_env={'FAULT_DISK_FULL_AFTER_SAVES': '3'})
+  status, output = run(workdir, tokenizer_cache, fault_env={'FAULT_DISK_FULL_AFTER_SAVES': '3'})
   assert status == 1, output[-3000:]
   errors = re.findall(r'^error: (.*)$', output, re.M)
   assert len(errors) == 1, output[-3000:]
@@ -323,8 +339,9 @@ def setup(devices):
 def last_two(reference, tmp_path):
   """A workdir holding copies of the reference's last two checkpoints."""
   for step in (STEPS - 1, STEPS):
-    shutil.copytree(checkpoint.step_path(str(reference), step),
-                    checkpoint.step_path(str(tmp_path), step))
+    shutil.copytree(
+        checkpoint.step_path(str(reference), step), checkpoint.step_path(str(tmp_path), step)
+    )
   return tmp_path
 
 
@@ -335,7 +352,7 @@ def damage(workdir, step: int, pattern: str, how: str):
   for file in files:
     if how == 'truncate':
       data = file.read_bytes()
-      file.write_bytes(data[:len(data) // 2])
+      file.write_bytes(data[: len(data) // 2])
     else:
       file.unlink()
 
@@ -347,18 +364,30 @@ def restore_latest(workdir, setup):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('pattern,how', [
-    ('state/ocdbt.process_0/d/*', 'truncate'),  # the array data
-    ('state/ocdbt.process_0/d/*', 'delete'),
-    ('state/_METADATA', 'truncate'),  # the tree
-    ('state/manifest.ocdbt', 'delete'),  # the index of the data
-    ('state/_strings.json', 'delete'),  # the input iterator's state
-], ids=['data-truncated', 'data-deleted', 'tree-truncated', 'manifest-deleted',
-        'iterator-state-deleted'])
+@pytest.mark.parametrize(
+    'pattern,how',
+    [
+        ('state/ocdbt.process_0/d/*', 'truncate'),  # the array data
+        ('state/ocdbt.process_0/d/*', 'delete'),
+        ('state/_METADATA', 'truncate'),  # the tree
+        ('state/manifest.ocdbt', 'delete'),  # the index of the data
+        ('state/_strings.json', 'delete'),  # the input iterator's state
+    ],
+    ids=[
+        'data-truncated',
+        'data-deleted',
+        'tree-truncated',
+        'manifest-deleted',
+        'iterator-state-deleted',
+    ],
+)
 # Orbax's event loop, closed after the failed read, cannot take the damaged read's last callback.
-@pytest.mark.filterwarnings('ignore:Exception ignored in. None:pytest.PytestUnraisableExceptionWarning')
-def test_damaged_newest_checkpoint_is_skipped_with_a_warning(reference, last_two, setup, caplog,
-                                                              pattern, how):
+@pytest.mark.filterwarnings(
+    'ignore:Exception ignored in. None:pytest.PytestUnraisableExceptionWarning'
+)
+def test_damaged_newest_checkpoint_is_skipped_with_a_warning(
+    reference, last_two, setup, caplog, pattern, how
+):
   damage(last_two, STEPS, pattern, how)
   with caplog.at_level(logging.WARNING):
     ckpt, (step, state, data_states) = restore_latest(last_two, setup)
@@ -381,7 +410,9 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(reference, last_two
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(last_two, setup):
   damage(last_two, STEPS, 'state/_METADATA', 'truncate')
   damage(last_two, STEPS - 1, 'state/ocdbt.process_0/d/*', 'delete')
-  with pytest.raises(checkpoint.CheckpointError,
-                     match=f'no checkpoint can be read; step {STEPS}: .*; step {STEPS - 1}: '):
+  with pytest.raises(
+      checkpoint.CheckpointError,
+      match=f'no checkpoint can be read; step {STEPS}: .*; step {STEPS - 1}: ',
+  ):
     restore_latest(last_two, setup)
   assert checkpoint.all_steps(str(last_two)) == [STEPS - 1, STEPS]  # nothing was moved

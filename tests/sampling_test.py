@@ -49,7 +49,7 @@ def test_cached_decoding_equals_full_forward_at_every_step(converted, layout):
   steps = [logits]
   decode = jax.jit(lambda t, c: model.decode(t, c))
   for t in range(20, 40):
-    logits, cache = decode(jnp.asarray(tokens[:, t:t + 1]), cache)
+    logits, cache = decode(jnp.asarray(tokens[:, t : t + 1]), cache)
     steps.append(logits)
   cached = np.concatenate([np.asarray(s) for s in steps], axis=1)
   valid = segments.astype(bool)
@@ -64,10 +64,15 @@ def test_greedy_ids_equal_transformers_generate(converted):
   ours = sampling.generate(model, prompts, max_new_tokens=30, eos_ids=[2], pad_id=0)
   tokens, segments = sampling.left_pad(prompts, pad_id=0)
   with torch.no_grad():
-    out = hf.generate(torch.as_tensor(tokens, dtype=torch.long),
-                      attention_mask=torch.as_tensor(segments, dtype=torch.long),
-                      max_new_tokens=30, do_sample=False, eos_token_id=2, pad_token_id=0)
-  for row, ids in enumerate(out[:, tokens.shape[1]:].tolist()):
+    out = hf.generate(
+        torch.as_tensor(tokens, dtype=torch.long),
+        attention_mask=torch.as_tensor(segments, dtype=torch.long),
+        max_new_tokens=30,
+        do_sample=False,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+  for row, ids in enumerate(out[:, tokens.shape[1] :].tolist()):
     cut = next((i + 1 for i, t in enumerate(ids) if t == 2), len(ids))
     assert ours[row] == ids[:cut], row
   assert max(len(r) for r in ours) > 10
@@ -78,16 +83,19 @@ def test_greedy_ids_equal_transformers_generate(converted):
 def test_sampling_is_seeded_and_respects_top_k(converted):
   _, model = converted
   prompts = [[1, 5, 6, 7]] * 3
-  a = sampling.generate(model, prompts, max_new_tokens=12, eos_ids=[], temperature=1.0,
-                        top_k=3, seed=1)
-  b = sampling.generate(model, prompts, max_new_tokens=12, eos_ids=[], temperature=1.0,
-                        top_k=3, seed=1)
+  a = sampling.generate(
+      model, prompts, max_new_tokens=12, eos_ids=[], temperature=1.0, top_k=3, seed=1
+  )
+  b = sampling.generate(
+      model, prompts, max_new_tokens=12, eos_ids=[], temperature=1.0, top_k=3, seed=1
+  )
   assert a == b and len(set(map(tuple, a))) > 1  # same seed, same ids; rows differ
 
   def draws(logits, top_k, top_p):  # 50 draws, one compiled call (eager ones take 16 s)
     keys = jax.random.split(jax.random.key(0), 50)
-    draw = lambda key: sampling.sample_logits(jnp.array([logits]), key, jnp.float32(1.0), top_k,
-                                              jnp.float32(top_p))[0]
+    draw = lambda key: sampling.sample_logits(
+        jnp.array([logits]), key, jnp.float32(1.0), top_k, jnp.float32(top_p)
+    )[0]
     return set(jax.jit(jax.vmap(draw))(keys).tolist())
 
   assert draws([0.0, 1.0, 2.0, 3.0], top_k=2, top_p=1.0) == {2, 3}
@@ -101,7 +109,7 @@ def test_stops_at_eos_per_row_and_generates_at_least_one_token(converted):
   greedy = sampling.generate(model, [[1, 17, 33]], max_new_tokens=8, eos_ids=[])[0]
   stop = greedy[2]
   out = sampling.generate(model, [[1, 17, 33]], max_new_tokens=8, eos_ids=[stop])[0]
-  assert out == greedy[:greedy.index(stop) + 1]
+  assert out == greedy[: greedy.index(stop) + 1]
   assert sampling.generate(model, [[1, 17, 33]], max_new_tokens=1, eos_ids=[]) == [greedy[:1]]
   with pytest.raises(ValueError, match='max_new_tokens must be at least 1, got 0'):
     sampling.generate(model, [[1, 17, 33]], max_new_tokens=0, eos_ids=[])
@@ -112,18 +120,26 @@ def test_stops_at_eos_per_row_and_generates_at_least_one_token(converted):
 def test_generate_script_writes_ids(tmp_path, converted):
   hf, model = converted
   hf.save_pretrained(tmp_path / 'hf')
-  converted_run = small_run.run_script('convert_checkpoint.py', f'--hf_dir={tmp_path}/hf',
-                                       f'--workdir={tmp_path}/ours')
+  converted_run = small_run.run_script(
+      'convert_checkpoint.py', f'--hf_dir={tmp_path}/hf', f'--workdir={tmp_path}/ours'
+  )
   assert converted_run.returncode == 0, converted_run.stderr[-2000:]
   result = small_run.run_script(
-      'generate.py', f'--workdir={tmp_path}/ours', '--prompt_ids=1,17,33,45', '--prompt_ids=1,64',
-      '--max_new_tokens=10', f'--output={tmp_path}/ids.json')
+      'generate.py',
+      f'--workdir={tmp_path}/ours',
+      '--prompt_ids=1,17,33,45',
+      '--prompt_ids=1,64',
+      '--max_new_tokens=10',
+      f'--output={tmp_path}/ids.json',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   ids = json.loads((tmp_path / 'ids.json').read_text())['ids']
-  assert ids == sampling.generate(model, [[1, 17, 33, 45], [1, 64]], max_new_tokens=10,
-                                  eos_ids=model.cfg.eos_token_ids)
-  too_long = small_run.run_script('generate.py', f'--workdir={tmp_path}/ours', '--prompt_ids=1,2',
-                                  '--max_new_tokens=5000')
+  assert ids == sampling.generate(
+      model, [[1, 17, 33, 45], [1, 64]], max_new_tokens=10, eos_ids=model.cfg.eos_token_ids
+  )
+  too_long = small_run.run_script(
+      'generate.py', f'--workdir={tmp_path}/ours', '--prompt_ids=1,2', '--max_new_tokens=5000'
+  )
   assert too_long.returncode == 1 and 'max_position_embeddings' in too_long.stderr
   no_tokenizer = small_run.run_script('generate.py', f'--workdir={tmp_path}/ours', '--prompt=hello')
   assert no_tokenizer.returncode == 1 and 'tokenizer' in no_tokenizer.stderr

@@ -73,7 +73,10 @@ def test_scene_renders_its_kind_colour_and_count(size):
     assert scene.pixels_HWC.shape == (size, size, 3)
     assert scene.pixels_HWC.dtype == np.uint8
     assert _describe(scene.pixels_HWC, sd.shape_extent(size)) == (
-        scene.kind, scene.colour, scene.count)
+        scene.kind,
+        scene.colour,
+        scene.count,
+    )
 
 
 def test_shapes_keep_apart_and_off_the_border():
@@ -99,8 +102,7 @@ def test_answers_match_the_image(train):
   extent = sd.shape_extent(SIZE)
   for ex in train[:200]:
     kind, colour, count = _describe(ex.image_HWC, extent)
-    truth = {'colour': colour, 'shape': kind,
-             'count': sd.COUNT_WORDS[count - 1]}[ex.question_type]
+    truth = {'colour': colour, 'shape': kind, 'count': sd.COUNT_WORDS[count - 1]}[ex.question_type]
     assert ex.answer == truth
     assert ex.question == sd.QUESTIONS[ex.question_type]
     assert ex.answer in sd.answer_choices(ex.question_type)
@@ -108,16 +110,14 @@ def test_answers_match_the_image(train):
 
 def test_same_seed_same_examples(train):
   again = sd.make_examples(NUM, seed=0, size=SIZE)
-  assert [(e.question, e.answer) for e in again] == [
-      (e.question, e.answer) for e in train]
+  assert [(e.question, e.answer) for e in again] == [(e.question, e.answer) for e in train]
   for a, b in zip(again, train):
     np.testing.assert_array_equal(a.image_HWC, b.image_HWC)
 
 
 def test_different_seeds_differ(train):
   other = sd.make_examples(50, seed=2, size=SIZE)
-  assert any(not np.array_equal(a.image_HWC, b.image_HWC)
-             for a, b in zip(other, train))
+  assert any(not np.array_equal(a.image_HWC, b.image_HWC) for a, b in zip(other, train))
   assert [e.answer for e in other] != [e.answer for e in train[:50]]
 
 
@@ -142,8 +142,7 @@ def test_answers_balanced(train):
     assert set(counts) == set(choices)
     expected = total / len(choices)
     for answer in choices:
-      assert abs(counts[answer] - expected) < 0.5 * expected, (
-          question_type, counts)
+      assert abs(counts[answer] - expected) < 0.5 * expected, (question_type, counts)
 
 
 def test_text_only_baseline_is_about_a_quarter(train, heldout):
@@ -187,6 +186,7 @@ def test_write_dataset_round_trips(tmp_path, monkeypatch):
   # Same parameters: kept as is, nothing regenerated.
   def fail(*args, **kwargs):
     raise AssertionError('regenerated')
+
   monkeypatch.setattr(sd, 'make_examples', fail)
   assert sd.write_dataset(str(out_dir), 20, seed=3, size=SIZE) == jsonl
   monkeypatch.undo()
@@ -202,6 +202,7 @@ def test_write_dataset_round_trips(tmp_path, monkeypatch):
 def test_write_dataset_leaves_no_partial_output(tmp_path, monkeypatch):
   def broken_save(self, *args, **kwargs):
     raise OSError('disk full')
+
   monkeypatch.setattr(Image.Image, 'save', broken_save)
   with pytest.raises(OSError, match='disk full'):
     sd.write_dataset(str(tmp_path / 'shapes'), 5, seed=0, size=SIZE)

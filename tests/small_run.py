@@ -10,12 +10,25 @@ from ml_collections import config_flags
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL = {
-    'model.vocab_size': 512, 'model.hidden_size': 64, 'model.num_heads': 4,
-    'model.num_kv_heads': 2, 'model.head_dim': 16, 'model.intermediate_size': 64,
-    'model.intermediate_size_mlp': 128, 'model.attention_chunk_size': 16,
-    'data.seq_len': 64, 'data.builtin_max_bytes': 300_000, 'data.tokenizer_train_bytes': 300_000,
-    'train.batch_size': 8, 'train.steps': 6, 'train.log_every': 1, 'train.checkpoint_every': 2,
-    'train.eval_every': 0, 'train.sample_tokens': 0, 'eval.batch_size': 8, 'eval.max_batches': 2,
+    'model.vocab_size': 512,
+    'model.hidden_size': 64,
+    'model.num_heads': 4,
+    'model.num_kv_heads': 2,
+    'model.head_dim': 16,
+    'model.intermediate_size': 64,
+    'model.intermediate_size_mlp': 128,
+    'model.attention_chunk_size': 16,
+    'data.seq_len': 64,
+    'data.builtin_max_bytes': 300_000,
+    'data.tokenizer_train_bytes': 300_000,
+    'train.batch_size': 8,
+    'train.steps': 6,
+    'train.log_every': 1,
+    'train.checkpoint_every': 2,
+    'train.eval_every': 0,
+    'train.sample_tokens': 0,
+    'eval.batch_size': 8,
+    'eval.max_batches': 2,
     'optim.warmup_steps': 2,
 }
 
@@ -39,8 +52,12 @@ def config(**overrides):
 
 
 def train_command(workdir, **overrides) -> list[str]:
-  return [sys.executable, os.path.join(REPO, 'scripts', 'train.py'), f'--workdir={workdir}',
-          *flag_list(**overrides)]
+  return [
+      sys.executable,
+      os.path.join(REPO, 'scripts', 'train.py'),
+      f'--workdir={workdir}',
+      *flag_list(**overrides),
+  ]
 
 
 # Compiled programs are reused across the many short runs of the tests.
@@ -50,10 +67,15 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 def run_script(name, *args) -> subprocess.CompletedProcess:
   """scripts/<name> with args, from the repo root."""
-  return subprocess.run([sys.executable, os.path.join(REPO, 'scripts', name), *args],
-                        capture_output=True, text=True, cwd=REPO)
+  return subprocess.run(
+      [sys.executable, os.path.join(REPO, 'scripts', name), *args],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+  )
 
 
 def run_train(workdir, env=None, **overrides) -> subprocess.CompletedProcess:
-  return subprocess.run(train_command(workdir, **overrides), cwd=REPO, capture_output=True,
-                        text=True, env=env)
+  return subprocess.run(
+      train_command(workdir, **overrides), cwd=REPO, capture_output=True, text=True, env=env
+  )

@@ -26,8 +26,10 @@ SMALL = {**small_run.SMALL, 'train.eval_every': 3}
 def sweep_file(tmp_path, body: str) -> str:
   """A config file that is tiny.py plus the sweep `body` (lines of `sweep`)."""
   path = tmp_path / 'sweep_config.py'
-  path.write_text(f'import runpy\n\nget_config = runpy.run_path({TINY!r})["get_config"]\n\n\n'
-                  'def sweep(add, arg=None):\n' + body)
+  path.write_text(
+      f'import runpy\n\nget_config = runpy.run_path({TINY!r})["get_config"]\n\n\n'
+      'def sweep(add, arg=None):\n' + body
+  )
   return str(path)
 
 
@@ -43,19 +45,25 @@ def test_tiny_sweep_expands_into_named_runs(tmp_path):
 def test_base_overrides_reach_every_run_and_the_swept_key_wins(tmp_path):
   runs = sweep.plan(TINY, str(tmp_path), {'train.steps': 7, 'optim.lr': 0.5})
   assert [(r.config.train.steps, r.config.optim.lr) for r in runs] == [
-      (7, 1e-3), (7, 3e-3), (7, 1e-2)]
+      (7, 1e-3),
+      (7, 3e-3),
+      (7, 1e-2),
+  ]
   assert '--config.train.steps=7' in runs[0].command
   assert '--config.optim.lr=0.5' not in runs[0].command
 
 
-@pytest.mark.parametrize('entry,message', [
-    ("{'optim.lrr': 1e-3}", 'config.optim.lrr: no such key; did you mean optim.lr'),
-    ("{'optimizer.lr': 1e-3}", 'config.optimizer.lr: no such key'),
-    ("{'optim.lr': 'fast'}", 'config.optim.lr: expects float'),
-    ("{'train.steps': 2.5}", 'config.train.steps: expects int'),
-    ("{'train.skip_nonfinite': 1}", 'config.train.skip_nonfinite: expects bool'),
-    ("{'model.num_kv_heads': 3}", 'num_kv_heads'),  # a type-correct value validate() refuses
-])
+@pytest.mark.parametrize(
+    'entry,message',
+    [
+        ("{'optim.lrr': 1e-3}", 'config.optim.lrr: no such key; did you mean optim.lr'),
+        ("{'optimizer.lr': 1e-3}", 'config.optimizer.lr: no such key'),
+        ("{'optim.lr': 'fast'}", 'config.optim.lr: expects float'),
+        ("{'train.steps': 2.5}", 'config.train.steps: expects int'),
+        ("{'train.skip_nonfinite': 1}", 'config.train.skip_nonfinite: expects bool'),
+        ("{'model.num_kv_heads': 3}", 'num_kv_heads'),  # a type-correct value validate() refuses
+    ],
+)
 def test_bad_entry_fails_before_any_run_naming_the_key(tmp_path, entry, message):
   config = sweep_file(tmp_path, f"  add(**{{'optim.lr': 1e-3}})\n  add(**{entry})\n")
   with pytest.raises(config_lib.ConfigError, match='sweep entry 1') as error:
@@ -69,11 +77,15 @@ def test_script_refuses_a_bad_key_in_one_line_before_any_run(tmp_path):
   config = sweep_file(tmp_path, "  add(**{'optim.lr': 1e-3})\n  add(**{'train.stepz': 5})\n")
   result = subprocess.run(
       [sys.executable, 'scripts/sweep.py', f'--config={config}', f'--workdir={tmp_path}/root'],
-      cwd=small_run.REPO, capture_output=True, text=True)
+      cwd=small_run.REPO,
+      capture_output=True,
+      text=True,
+  )
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (
       "error: sweep entry 1 ({'train.stepz': 5}): config.train.stepz: no such key; "
-      'did you mean train.steps?')
+      'did you mean train.steps?'
+  )
   assert not (tmp_path / 'root').exists()
 
 
@@ -84,10 +96,18 @@ def test_duplicate_runs_and_empty_sweeps_are_refused(tmp_path):
     sweep.plan(sweep_file(tmp_path, '  pass\n'), str(tmp_path))
 
 
-@pytest.mark.parametrize('key,value', [
-    ('optim.lr', 1e-05), ('optim.lr', 0.003), ('train.steps', 12), ('model.moe_layers', (1,)),
-    ('model.moe_layers', (0, 2)), ('train.skip_nonfinite', True), ('model.remat', 'full'),
-])
+@pytest.mark.parametrize(
+    'key,value',
+    [
+        ('optim.lr', 1e-05),
+        ('optim.lr', 0.003),
+        ('train.steps', 12),
+        ('model.moe_layers', (1,)),
+        ('model.moe_layers', (0, 2)),
+        ('train.skip_nonfinite', True),
+        ('model.remat', 'full'),
+    ],
+)
 def test_command_flags_parse_back_to_the_swept_value(key, value):
   """What train.py's flag parser reads from a run's command is the value that was swept."""
   args = ['prog', f'--config={TINY}', f'--config.{key}={sweep.flag_value(value)}']
@@ -99,8 +119,13 @@ def test_command_flags_parse_back_to_the_swept_value(key, value):
 
 def test_results_of_a_resumed_run_being_written(tmp_path):
   """A resumed run re-logs steps (the newest value counts); a line being written is skipped."""
-  lines = [{'step': 2, 'loss': 6.0}, {'step': 2, 'eval_loss': 5.5}, {'step': 4, 'eval_loss': 5.2},
-           {'step': 3, 'loss': 5.8}, {'step': 4, 'eval_loss': 5.3}]  # killed after 4, resumed at 2
+  lines = [
+      {'step': 2, 'loss': 6.0},
+      {'step': 2, 'eval_loss': 5.5},
+      {'step': 4, 'eval_loss': 5.2},
+      {'step': 3, 'loss': 5.8},
+      {'step': 4, 'eval_loss': 5.3},
+  ]  # killed after 4, resumed at 2
   with open(tmp_path / sweep.METRICS_FILE, 'w') as f:
     f.writelines(json.dumps(line) + '\n' for line in lines)
     f.write('{"step": 6, "eval_lo')
@@ -146,8 +171,11 @@ def test_small_sweep_end_to_end(tmp_path, monkeypatch):
   assert [r['status'] for r in rows] == ['done', 'partial']
   log.clear()
   sweep.run_local(runs, log=log.append, poll_s=0.1)
-  assert log == [f'{runs[0].name}: done, skipped', f'{runs[1].name}: resuming',
-                 f'{runs[1].name}: finished']
+  assert log == [
+      f'{runs[0].name}: done, skipped',
+      f'{runs[1].name}: resuming',
+      f'{runs[1].name}: finished',
+  ]
   assert 'resumed from step 4' in open(os.path.join(runs[1].workdir, sweep.LOG_FILE)).read()
   assert open(os.path.join(runs[0].workdir, sweep.LOG_FILE)).read().count('$ ') == 1
   assert sweep.emit(runs, str(root), 'slurm') == []  # nothing left to launch

@@ -53,24 +53,23 @@ def test_bos_eos_flags_and_skip_special(tok):
   assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
   assert ids[1:-1] == tok.encode('hello')
   assert tok.decode(ids, skip_special=True) == 'hello'
-  assert tok.encode_batch(['a b', 'hello']) == [tok.encode('a b'),
-                                               tok.encode('hello')]
+  assert tok.encode_batch(['a b', 'hello']) == [tok.encode('a b'), tok.encode('hello')]
 
 
 def test_format_chat_matches_template(tok):
-  messages = [{'role': 'system', 'content': 'Be brief.'},
-              {'role': 'user', 'content': 'Hi there!'}]
+  messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi there!'}]
   ids = tok.format_chat(messages)
   template = (
       '<|begin_of_text|>'
       '<|header_start|>system<|header_end|>\n\nBe brief.<|eot|>'
       '<|header_start|>user<|header_end|>\n\nHi there!<|eot|>'
-      '<|header_start|>assistant<|header_end|>\n\n')
+      '<|header_start|>assistant<|header_end|>\n\n'
+  )
   assert ids == tok.encode(template)
   assert ids.count(tok.bos_id) == 1 and ids[0] == tok.bos_id
   no_prompt = tok.format_chat(messages, add_generation_prompt=False)
   assert no_prompt[-1] == tok.eot_id
-  assert ids[:len(no_prompt)] == no_prompt
+  assert ids[: len(no_prompt)] == no_prompt
 
 
 def test_training_is_deterministic(tok):
@@ -87,18 +86,17 @@ def test_builtin_tokenizer_is_cached(tmp_path, monkeypatch):
 
   def fail(*args, **kwargs):
     raise AssertionError('should reuse the cached model')
+
   monkeypatch.setattr(tokenizer_lib, 'train_tokenizer', fail)
   second = tokenizer_lib.load_or_train_builtin_tokenizer(cache, 400, 100_000)
   assert second.encode(TEXTS[0]) == first.encode(TEXTS[0])
 
 
 def test_load_tokenizer_from_config(tmp_path):
-  config = mlc.ConfigDict(dict(tokenizer='', tokenizer_cache='',
-                               tokenizer_train_bytes=100_000))
+  config = mlc.ConfigDict(dict(tokenizer='', tokenizer_cache='', tokenizer_train_bytes=100_000))
   tok = tokenizer_lib.load_tokenizer(config, 400, workdir=str(tmp_path / 'run'))
   assert tok.vocab_size == 400
-  path = tokenizer_lib.builtin_tokenizer_path(
-      str(tmp_path / 'run' / 'tokenizer'), 400, 100_000)
+  path = tokenizer_lib.builtin_tokenizer_path(str(tmp_path / 'run' / 'tokenizer'), 400, 100_000)
   assert os.path.exists(path)
   config.tokenizer_cache = str(tmp_path / 'cache')
   tokenizer_lib.load_tokenizer(config, 400, workdir=str(tmp_path / 'run'))
@@ -112,8 +110,8 @@ def test_load_tokenizer_from_config(tmp_path):
 def test_foreign_model_is_rejected(tmp_path):
   path = str(tmp_path / 'plain.model')
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(TEXTS[:2] * 50), model_prefix=path[:-6],
-      vocab_size=39, minloglevel=2)
+      sentence_iterator=iter(TEXTS[:2] * 50), model_prefix=path[:-6], vocab_size=39, minloglevel=2
+  )
   with pytest.raises(ValueError, match='lacks special token'):
     tokenizer_lib.Tokenizer.load(path)
 
@@ -124,9 +122,17 @@ def test_train_tokenizer_script(tmp_path):
   text_file.write_text('\n'.join(TEXTS * 100))
   output = tmp_path / 'sub' / 'tok.model'
   subprocess.run(
-      [sys.executable, os.path.join(REPO_ROOT, 'scripts', 'train_tokenizer.py'),
-       f'--output={output}', '--vocab_size=400', f'--files={text_file}'],
-      check=True, capture_output=True, cwd=REPO_ROOT)
+      [
+          sys.executable,
+          os.path.join(REPO_ROOT, 'scripts', 'train_tokenizer.py'),
+          f'--output={output}',
+          '--vocab_size=400',
+          f'--files={text_file}',
+      ],
+      check=True,
+      capture_output=True,
+      cwd=REPO_ROOT,
+  )
   tok = tokenizer_lib.Tokenizer.load(str(output))
   assert tok.vocab_size == 400
   assert tok.decode(tok.encode(TEXTS[1])) == TEXTS[1]

@@ -22,8 +22,9 @@ import small_run
 @pytest.fixture(scope='module')
 def batches(tmp_path_factory):
   config = small_run.config()
-  tok = tokenizer_lib.load_tokenizer(config.data, config.model.vocab_size,
-                                     workdir=str(tmp_path_factory.mktemp('run')))
+  tok = tokenizer_lib.load_tokenizer(
+      config.data, config.model.vocab_size, workdir=str(tmp_path_factory.mktemp('run'))
+  )
   it = text_data.make_train_iterator(config.data, tok, batch_size=8, seq_len=64, seed=0)
   return [next(it) for _ in range(3)]
 
@@ -49,10 +50,16 @@ def single_device_losses(batches):
 
 # Every mesh axis, alone at full width where it shards weights (fsdp) or experts, and combined.
 @pytest.mark.slow
-@pytest.mark.parametrize('mesh_shape', [
-    dict(fsdp=8), dict(data=2, expert=4),
-    dict(data=2, fsdp=2, tensor=2), dict(fsdp=2, expert=2, tensor=2),
-], ids=lambda m: 'x'.join(f'{k}{v}' for k, v in m.items()))
+@pytest.mark.parametrize(
+    'mesh_shape',
+    [
+        dict(fsdp=8),
+        dict(data=2, expert=4),
+        dict(data=2, fsdp=2, tensor=2),
+        dict(fsdp=2, expert=2, tensor=2),
+    ],
+    ids=lambda m: 'x'.join(f'{k}{v}' for k, v in m.items()),
+)
 def test_sharded_losses_match_single_device(devices, batches, single_device_losses, mesh_shape):
   losses, state = losses_on_mesh(mesh_shape, batches)
   assert single_device_losses[-1] < single_device_losses[0]
@@ -66,8 +73,9 @@ def test_gradient_accumulation_and_expert_parallelism_keep_aux_losses_exact(devi
   """With the MoE auxiliary losses on: 4 micro-batches, or experts over 4 devices, change nothing."""
   aux = dict(train__load_balance_coef=0.1, train__router_z_coef=0.01)
   single, _ = losses_on_mesh({}, batches, devices=jax.devices()[:1], **aux)
-  accumulated, _ = losses_on_mesh({}, batches, devices=jax.devices()[:1],
-                                  train__grad_accum_steps=4, **aux)
+  accumulated, _ = losses_on_mesh(
+      {}, batches, devices=jax.devices()[:1], train__grad_accum_steps=4, **aux
+  )
   expert_parallel, _ = losses_on_mesh(dict(data=2, expert=4), batches, **aux)
   np.testing.assert_allclose(accumulated, single, rtol=2e-5)
   np.testing.assert_allclose(expert_parallel, single, rtol=2e-5)
@@ -75,8 +83,9 @@ def test_gradient_accumulation_and_expert_parallelism_keep_aux_losses_exact(devi
 
 @pytest.mark.slow
 def test_bf16_compute_with_remat_trains(devices, batches):
-  losses, state = losses_on_mesh(dict(fsdp=8), batches, model__dtype='bfloat16',
-                                 model__remat='full')
+  losses, state = losses_on_mesh(
+      dict(fsdp=8), batches, model__dtype='bfloat16', model__remat='full'
+  )
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert jax.tree.leaves(state['params'])[0].dtype == np.float32
 
@@ -88,8 +97,13 @@ def final_params(workdir):
 
 @pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step(tmp_path):
-  result = small_run.run_train(tmp_path, optim__lr=1e30, optim__warmup_steps=0,
-                               optim__clip_norm=0.0, train__checkpoint_every=1)
+  result = small_run.run_train(
+      tmp_path,
+      optim__lr=1e30,
+      optim__warmup_steps=0,
+      optim__clip_norm=0.0,
+      train__checkpoint_every=1,
+  )
   assert result.returncode == 1
   message = [line for line in result.stderr.splitlines() if line.startswith('error:')][-1]
   assert 'non-finite' in message and 'at step' in message
@@ -102,8 +116,13 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
 
 @pytest.mark.slow
 def test_skip_nonfinite_counts_skipped_steps(tmp_path):
-  result = small_run.run_train(tmp_path, optim__lr=1e30, optim__warmup_steps=0,
-                               optim__clip_norm=0.0, train__skip_nonfinite=True)
+  result = small_run.run_train(
+      tmp_path,
+      optim__lr=1e30,
+      optim__warmup_steps=0,
+      optim__clip_norm=0.0,
+      train__skip_nonfinite=True,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   logs = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl') if '"loss"' in line]
   assert logs[-1]['skipped_steps'] >= 1
@@ -116,8 +135,9 @@ def free_port() -> int:
 
 
 def logged_losses(workdir):
-  return np.array([json.loads(line)['loss'] for line in open(workdir / 'metrics.jsonl')
-                   if '"loss"' in line])
+  return np.array(
+      [json.loads(line)['loss'] for line in open(workdir / 'metrics.jsonl') if '"loss"' in line]
+  )
 
 
 @pytest.mark.slow
@@ -129,17 +149,25 @@ def test_two_processes_match_one_process(tmp_path):
 
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   port = free_port()
-  processes = [subprocess.Popen(
-      small_run.train_command(tmp_path / 'multi', **overrides) + [
-          f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
-      cwd=small_run.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  processes = [
+      subprocess.Popen(
+          small_run.train_command(tmp_path / 'multi', **overrides)
+          + [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+          cwd=small_run.REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300) for p in processes]
   for p, (_, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]
   assert '8 devices' in outputs[0][0]
-  np.testing.assert_allclose(logged_losses(tmp_path / 'multi'), logged_losses(tmp_path / 'single'),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      logged_losses(tmp_path / 'multi'), logged_losses(tmp_path / 'single'), rtol=1e-5
+  )
 
 
 @pytest.mark.slow
@@ -148,8 +176,9 @@ def test_init_from_another_run_and_keep_last_checkpoints(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   assert checkpoint.all_steps(str(tmp_path / 'first')) == [4, 6]
   # Fine-tuning with a zero learning rate keeps the initial parameters exactly.
-  second = small_run.run_train(tmp_path / 'second', train__steps=1, optim__lr=0.0,
-                               train__init_from=str(tmp_path / 'first'))
+  second = small_run.run_train(
+      tmp_path / 'second', train__steps=1, optim__lr=0.0, train__init_from=str(tmp_path / 'first')
+  )
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'initialised from' in second.stdout
   start, end = final_params(tmp_path / 'first'), final_params(tmp_path / 'second')

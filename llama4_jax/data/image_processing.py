@@ -23,8 +23,7 @@ from PIL import Image, ImageFile, ImageOps
 # and Pillow clips them to 0..255 (a 16-bit frame comes out nearly white).
 # So are 'LAB' (Pillow copies the bands, it does not convert the colours)
 # and in-memory-only modes such as premultiplied 'RGBa' / 'La'.
-RGB_CONVERTIBLE_MODES = ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'RGBX',
-                         'CMYK', 'YCbCr')
+RGB_CONVERTIBLE_MODES = ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'RGBX', 'CMYK', 'YCbCr')
 # 16-bit grey (e.g. a 16-bit greyscale PNG) spans 0..65535 by definition, so
 # we can bring it down to 8 bits ourselves instead of letting Pillow clip it.
 GREY16_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N')
@@ -41,6 +40,7 @@ class ProcessedImage(NamedTuple):
 
 class ImageTokenIds(NamedTuple):
   """Ids of the special tokens an image's prompt layout is made of."""
+
   image_start: int
   image_end: int
   image: int  # `<|image|>`: the user's placeholder, and the global-tile mark.
@@ -50,14 +50,18 @@ class ImageTokenIds(NamedTuple):
 
   @classmethod
   def from_tokenizer(cls, tokenizer) -> 'ImageTokenIds':
-    return cls(*(tokenizer.special_token_id(f'<|{name}|>')
-                 for name in cls._fields))
+    return cls(*(tokenizer.special_token_id(f'<|{name}|>') for name in cls._fields))
 
 
 # The released models' ids (docs/llama4_architecture.md §7), for checkpoints without our tokenizer.
-LLAMA4_IMAGE_TOKEN_IDS = ImageTokenIds(image_start=200080, image_end=200081, image=200090,
-                                       patch=200092, tile_x_separator=200084,
-                                       tile_y_separator=200085)
+LLAMA4_IMAGE_TOKEN_IDS = ImageTokenIds(
+    image_start=200080,
+    image_end=200081,
+    image=200090,
+    patch=200092,
+    tile_x_separator=200084,
+    tile_y_separator=200085,
+)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
@@ -76,10 +80,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
       # As HF `load_image`: phone photos are stored sideways plus a tag.
       image = ImageOps.exif_transpose(image)
   except Image.UnidentifiedImageError:
-    raise ImageError(f'{path!r} is not an image file Pillow can read.'
-                     ) from None
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError
-          ) as e:  # Pillow reports corrupt data with any of these.
+    raise ImageError(f'{path!r} is not an image file Pillow can read.') from None
+  except (
+      OSError,
+      SyntaxError,
+      ValueError,
+      Image.DecompressionBombError,
+  ) as e:  # Pillow reports corrupt data with any of these.
     raise ImageError(f'Cannot decode image file {path!r}: {e}') from e
   return to_rgb(image, name=path)
 
@@ -112,15 +119,15 @@ def to_rgb(image: Image.Image, name: str = 'image') -> Image.Image:
     raise ImageError(
         f'{name}: pixel mode {image.mode!r} has no meaningful RGB conversion; '
         f'save it as 8-bit RGB or greyscale (supported modes: '
-        f'{", ".join(RGB_CONVERTIBLE_MODES + GREY16_MODES)}).')
+        f'{", ".join(RGB_CONVERTIBLE_MODES + GREY16_MODES)}).'
+    )
   if 'A' in image.getbands() or image.info.get('transparency') is not None:
     white = Image.new('RGBA', image.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, image.convert('RGBA')).convert('RGB')
   return image.convert('RGB')
 
 
-def best_fit_tiling(height: int, width: int, tile_size: int,
-                    max_tiles: int) -> tuple[int, int]:
+def best_fit_tiling(height: int, width: int, tile_size: int, max_tiles: int) -> tuple[int, int]:
   """(tiles_high, tiles_wide) of the canvas an image is fitted into.
 
   Among all grids of at most `max_tiles` tiles, takes the one needing the
@@ -128,14 +135,16 @@ def best_fit_tiling(height: int, width: int, tile_size: int,
   the least downscaling; ties go to the fewest tiles (least padding).
   """
   if min(height, width, tile_size, max_tiles) < 1:
-    raise ValueError(f'Need positive sizes, got image {height}x{width}, '
-                     f'tile_size {tile_size}, max_tiles {max_tiles}.')
-  grids_G2 = np.array([(h, n // h) for n in range(1, max_tiles + 1)
-                       for h in range(1, n + 1) if n % h == 0])
+    raise ValueError(
+        f'Need positive sizes, got image {height}x{width}, '
+        f'tile_size {tile_size}, max_tiles {max_tiles}.'
+    )
+  grids_G2 = np.array(
+      [(h, n // h) for n in range(1, max_tiles + 1) for h in range(1, n + 1) if n % h == 0]
+  )
   # float32, as HF's torch code: equal ties and rankings in the same places.
   canvas_G2 = (grids_G2 * tile_size).astype(np.float32)
-  scales_G = np.minimum(canvas_G2[:, 0] / np.float32(height),
-                        canvas_G2[:, 1] / np.float32(width))
+  scales_G = np.minimum(canvas_G2[:, 0] / np.float32(height), canvas_G2[:, 1] / np.float32(width))
   fits = scales_G >= 1
   scale = scales_G[fits].min() if fits.any() else scales_G.max()
   candidates_G2 = grids_G2[scales_G == scale]
@@ -143,8 +152,9 @@ def best_fit_tiling(height: int, width: int, tile_size: int,
   return int(h), int(w)
 
 
-def resize_target(height: int, width: int, aspect_ratio: tuple[int, int],
-                  tile_size: int) -> tuple[int, int]:
+def resize_target(
+    height: int, width: int, aspect_ratio: tuple[int, int], tile_size: int
+) -> tuple[int, int]:
   """(height, width) the image is resized to before padding to its canvas.
 
   Upscaling is capped: a side only grows to `tile_size`, so a small image is
@@ -161,26 +171,31 @@ def resize_target(height: int, width: int, aspect_ratio: tuple[int, int],
   return max(new_h, 1), max(new_w, 1)
 
 
-def preprocess(image: Image.Image, *, tile_size: int, max_tiles: int,
-               mean: Sequence[float] = (0.5,) * 3,
-               std: Sequence[float] = (0.5,) * 3) -> ProcessedImage:
+def preprocess(
+    image: Image.Image,
+    *,
+    tile_size: int,
+    max_tiles: int,
+    mean: Sequence[float] = (0.5,) * 3,
+    std: Sequence[float] = (0.5,) * 3,
+) -> ProcessedImage:
   """Tiles and normalises one image (any mode `to_rgb` accepts)."""
   image = to_rgb(image) if image.mode != 'RGB' else image
-  tiles_high, tiles_wide = best_fit_tiling(
-      image.height, image.width, tile_size, max_tiles)
-  new_h, new_w = resize_target(
-      image.height, image.width, (tiles_high, tiles_wide), tile_size)
-  canvas_HWC = np.zeros((tiles_high * tile_size, tiles_wide * tile_size, 3),
-                        np.uint8)  # Padding is black: -1 once normalised.
+  tiles_high, tiles_wide = best_fit_tiling(image.height, image.width, tile_size, max_tiles)
+  new_h, new_w = resize_target(image.height, image.width, (tiles_high, tiles_wide), tile_size)
+  canvas_HWC = np.zeros(
+      (tiles_high * tile_size, tiles_wide * tile_size, 3), np.uint8
+  )  # Padding is black: -1 once normalised.
   canvas_HWC[:new_h, :new_w] = _resize(image, new_h, new_w)
   tiles_HWC = _normalise(canvas_HWC, mean, std).reshape(
-      tiles_high, tile_size, tiles_wide, tile_size, 3)
+      tiles_high, tile_size, tiles_wide, tile_size, 3
+  )
   tiles_NCHW = tiles_HWC.transpose(0, 2, 4, 1, 3).reshape(
-      -1, 3, tile_size, tile_size)  # Row-major: tile row outer.
+      -1, 3, tile_size, tile_size
+  )  # Row-major: tile row outer.
   if tiles_high * tiles_wide > 1:
     global_HWC = _normalise(_resize(image, tile_size, tile_size), mean, std)
-    tiles_NCHW = np.concatenate(
-        [tiles_NCHW, global_HWC.transpose(2, 0, 1)[None]])
+    tiles_NCHW = np.concatenate([tiles_NCHW, global_HWC.transpose(2, 0, 1)[None]])
   return ProcessedImage(tiles_NCHW, (tiles_high, tiles_wide))
 
 
@@ -190,18 +205,17 @@ def _resize(image: Image.Image, height: int, width: int) -> np.ndarray:
   return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
 
 
-def _normalise(pixels_HWC: np.ndarray, mean: Sequence[float],
-               std: Sequence[float]) -> np.ndarray:
+def _normalise(pixels_HWC: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   # In float32 as META; HF5 normalises in bfloat16, which can differ by one
   # bf16 ulp. Model parity tests feed both models the same pixels, so this
   # does not matter there. Dividing by 255 keeps 0 and 255 at exactly -1, 1.
   scaled_HWC = pixels_HWC.astype(np.float32) / np.float32(255)
-  return ((scaled_HWC - np.asarray(mean, np.float32))
-          / np.asarray(std, np.float32))
+  return (scaled_HWC - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def image_token_layout(aspect_ratio: tuple[int, int], tokens_per_tile: int,
-                       ids: ImageTokenIds) -> list[int]:
+def image_token_layout(
+    aspect_ratio: tuple[int, int], tokens_per_tile: int, ids: ImageTokenIds
+) -> list[int]:
   """Token ids standing for one image in the prompt (doc section 6).
 
   The `<|patch|>` runs come in the order of the tiles in `pixels_NCHW`, so
@@ -219,9 +233,9 @@ def image_token_layout(aspect_ratio: tuple[int, int], tokens_per_tile: int,
   return layout + [ids.image] + patches + [ids.image_end]  # Global/only tile.
 
 
-def expand_image_prompt(token_ids: Sequence[int],
-                        layouts: Sequence[Sequence[int]],
-                        image_id: int) -> list[int]:
+def expand_image_prompt(
+    token_ids: Sequence[int], layouts: Sequence[Sequence[int]], image_id: int
+) -> list[int]:
   """Replaces the i-th `<|image|>` placeholder with `layouts[i]`.
 
   Args:
@@ -245,8 +259,10 @@ def expand_image_prompt(token_ids: Sequence[int],
 
 def placeholder_mismatch(n_markers: int, n_images: int) -> str:
   """'2 <|image|> placeholders but 1 image was given'."""
-  return (f'{_plural(n_markers, "<|image|> placeholder")} but {_plural(n_images, "image")} '
-          f'{"was" if n_images == 1 else "were"} given')
+  return (
+      f'{_plural(n_markers, "<|image|> placeholder")} but {_plural(n_images, "image")} '
+      f'{"was" if n_images == 1 else "were"} given'
+  )
 
 
 def _plural(n: int, noun: str) -> str:

@@ -29,7 +29,7 @@ from llama4_jax.data.text import DataError
 
 
 class Record(NamedTuple):
-  image: str          # absolute path
+  image: str  # absolute path
   text: str
   question: str = ''  # optional, for answer accuracy
   answer: str = ''
@@ -55,20 +55,29 @@ def read_records(path: str) -> list[Record]:
       for key in ('image', 'text'):
         if not isinstance(obj.get(key), str):
           raise DataError(f'{where}: missing string field "{key}"')
-      records.append(Record(os.path.join(folder, obj['image']), obj['text'],
-                            str(obj.get('question', '')), str(obj.get('answer', ''))))
+      records.append(
+          Record(
+              os.path.join(folder, obj['image']),
+              obj['text'],
+              str(obj.get('question', '')),
+              str(obj.get('answer', '')),
+          )
+      )
   if not records:
     raise DataError(f'{path}: no records')
   return records
 
 
-def image_tokens(image, vision_cfg, ids: image_processing.ImageTokenIds
-                 ) -> tuple[list[int], np.ndarray]:
+def image_tokens(
+    image, vision_cfg, ids: image_processing.ImageTokenIds
+) -> tuple[list[int], np.ndarray]:
   """(prompt layout ids, tiles [N, C, I, I]) of one PIL image."""
-  processed = image_processing.preprocess(image, tile_size=vision_cfg.image_size,
-                                          max_tiles=vision_cfg.max_tiles)
-  layout = image_processing.image_token_layout(processed.aspect_ratio,
-                                               vision_cfg.tokens_per_tile, ids)
+  processed = image_processing.preprocess(
+      image, tile_size=vision_cfg.image_size, max_tiles=vision_cfg.max_tiles
+  )
+  layout = image_processing.image_token_layout(
+      processed.aspect_ratio, vision_cfg.tokens_per_tile, ids
+  )
   return layout, processed.pixels_NCHW
 
 
@@ -80,17 +89,22 @@ class RowMaker:
     self.seq_len, self.tiles_per_row = seq_len, tiles_per_row
     self.ids = image_processing.ImageTokenIds.from_tokenizer(tokenizer)
     if self.ids.patch != vision_cfg.image_token_id:
-      raise DataError(f'the tokenizer\'s <|patch|> id is {self.ids.patch}, but '
-                      f'config.model.vision.image_token_id is {vision_cfg.image_token_id}')
+      raise DataError(
+          f"the tokenizer's <|patch|> id is {self.ids.patch}, but "
+          f'config.model.vision.image_token_id is {vision_cfg.image_token_id}'
+      )
 
   def pad_tiles(self, tiles_NCHW: np.ndarray, source: str) -> np.ndarray:
     """[N, C, I, I] -> [M, C, I, I], zero tiles after the image's."""
     M = self.tiles_per_row
     if len(tiles_NCHW) > M:
-      raise DataError(f'{source}: the image needs {len(tiles_NCHW)} tiles, more than '
-                      f'data.tiles_per_row={M} (raise it, or lower model.vision.max_tiles)')
-    return np.concatenate([tiles_NCHW, np.zeros((M - len(tiles_NCHW),) + tiles_NCHW.shape[1:],
-                                                tiles_NCHW.dtype)])
+      raise DataError(
+          f'{source}: the image needs {len(tiles_NCHW)} tiles, more than '
+          f'data.tiles_per_row={M} (raise it, or lower model.vision.max_tiles)'
+      )
+    return np.concatenate(
+        [tiles_NCHW, np.zeros((M - len(tiles_NCHW),) + tiles_NCHW.shape[1:], tiles_NCHW.dtype)]
+    )
 
   def row(self, image, text: str, source: str) -> dict[str, np.ndarray]:
     layout, tiles = image_tokens(image, self.vision, self.ids)
@@ -98,17 +112,23 @@ class RowMaker:
     tokens = prefix + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
     S = self.seq_len
     if len(tokens) > S + 1:
-      raise DataError(f'{source}: {len(tokens)} tokens ({len(prefix)} of them for the image) do '
-                      f'not fit data.seq_len={S} + 1')
+      raise DataError(
+          f'{source}: {len(tokens)} tokens ({len(prefix)} of them for the image) do '
+          f'not fit data.seq_len={S} + 1'
+      )
     n = len(tokens)
     padded = np.full(S + 1, self.tokenizer.pad_id, np.int32)
     padded[:n] = tokens
     is_text_target = np.zeros(S, np.float32)
-    is_text_target[len(prefix) - 1:n - 1] = 1.0  # targets from the first text token to EOS
-    return {'inputs': padded[:-1], 'targets': padded[1:], 'weights': is_text_target,
-            'segment_ids': (np.arange(S) < n).astype(np.int32),
-            'positions': np.arange(S, dtype=np.int32),
-            'pixels': self.pad_tiles(tiles, source)}
+    is_text_target[len(prefix) - 1 : n - 1] = 1.0  # targets from the first text token to EOS
+    return {
+        'inputs': padded[:-1],
+        'targets': padded[1:],
+        'weights': is_text_target,
+        'segment_ids': (np.arange(S) < n).astype(np.int32),
+        'positions': np.arange(S, dtype=np.int32),
+        'pixels': self.pad_tiles(tiles, source),
+    }
 
 
 def is_image_text(config) -> bool:
@@ -126,8 +146,9 @@ def tiles_per_row(config, cfg) -> int:
 
 
 def row_maker(config, cfg, tokenizer) -> RowMaker:
-  return RowMaker(cfg.vision, tokenizer, seq_len=config.data.seq_len,
-                  tiles_per_row=tiles_per_row(config, cfg))
+  return RowMaker(
+      cfg.vision, tokenizer, seq_len=config.data.seq_len, tiles_per_row=tiles_per_row(config, cfg)
+  )
 
 
 def _load_row(record: Record, maker: RowMaker) -> dict[str, np.ndarray]:
@@ -144,49 +165,65 @@ def _dataset_file(config, split: str, workdir: str) -> str:
   given = config.data.train_files if split == 'train' else config.data.eval_files
   if given:
     if ',' in given:
-      raise DataError(f'text_data.{"train" if split == "train" else "eval"}_files={given!r}: image-text '
-                      f'data is one JSON Lines file')
+      raise DataError(
+          f'text_data.{"train" if split == "train" else "eval"}_files={given!r}: image-text '
+          f'data is one JSON Lines file'
+      )
     return given
   shapes = config.data.shapes
   root = shapes.dir or os.path.join(workdir, 'shapes_data')
   num = shapes.train_examples if split == 'train' else shapes.eval_examples
-  return shapes_data.write_dataset(os.path.join(root, split), num, seed=shapes.seed,
-                                   size=config.model.vision.image_size, split=split)
+  return shapes_data.write_dataset(
+      os.path.join(root, split),
+      num,
+      seed=shapes.seed,
+      size=config.model.vision.image_size,
+      split=split,
+  )
 
 
 def split_records(config, split: str, workdir: str) -> list[Record]:
   return read_records(_dataset_file(config, split, workdir))
 
 
-def make_train_iterator(config, cfg, tokenizer, *, workdir: str, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+def make_train_iterator(
+    config, cfg, tokenizer, *, workdir: str, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
   """Shuffled, repeating batches of this process's rows (checkpointable, like data/text.py's)."""
   batch_size = config.train.batch_size
   local_rows = text_data.process_rows(batch_size, process_index, process_count)
   records = split_records(config, 'train', workdir)
   maker = row_maker(config, cfg, tokenizer)
   _load_row(records[0], maker)  # fail on a bad layout now, not in the first step
-  ds = (grain.MapDataset.source(records).shuffle(config.seed % 2**32).repeat()
-        .map(functools.partial(_load_row, maker=maker))
-        .batch(batch_size, drop_remainder=True)
-        .map(functools.partial(text_data.take_rows, rows=local_rows)))
+  ds = (
+      grain.MapDataset.source(records)
+      .shuffle(config.seed % 2**32)
+      .repeat()
+      .map(functools.partial(_load_row, maker=maker))
+      .batch(batch_size, drop_remainder=True)
+      .map(functools.partial(text_data.take_rows, rows=local_rows))
+  )
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
-def make_eval_batches(config, cfg, tokenizer, *, workdir: str, process_index: int = 0,
-                      process_count: int = 1) -> list[dict[str, np.ndarray]]:
+def make_eval_batches(
+    config, cfg, tokenizer, *, workdir: str, process_index: int = 0, process_count: int = 1
+) -> list[dict[str, np.ndarray]]:
   """The validation split in order; the last batch padded with weight-0 rows."""
   batch_size = config.eval.batch_size
   local_rows = text_data.process_rows(batch_size, process_index, process_count)
   records = split_records(config, 'validation', workdir)
   if config.eval.max_batches:
-    records = records[:config.eval.max_batches * batch_size]
+    records = records[: config.eval.max_batches * batch_size]
   maker = row_maker(config, cfg, tokenizer)
   rows = [_load_row(r, maker) for r in records]
   batches = []
   for start in range(0, len(rows), batch_size):
-    batch = text_data.pad_rows(_collate(rows[start:start + batch_size]), rows=batch_size,
-                               fill={'inputs': tokenizer.pad_id})
+    batch = text_data.pad_rows(
+        _collate(rows[start : start + batch_size]),
+        rows=batch_size,
+        fill={'inputs': tokenizer.pad_id},
+    )
     batches.append(text_data.take_rows(batch, local_rows))
   return batches
 
@@ -194,8 +231,12 @@ def make_eval_batches(config, cfg, tokenizer, *, workdir: str, process_index: in
 # Prompts with images ----------------------------------------------------------------
 
 
-def place_images(prompts: Sequence[Sequence[int]], images: Sequence, vision_cfg,
-                 ids: image_processing.ImageTokenIds) -> tuple[list[list[int]], np.ndarray | None]:
+def place_images(
+    prompts: Sequence[Sequence[int]],
+    images: Sequence,
+    vision_cfg,
+    ids: image_processing.ImageTokenIds,
+) -> tuple[list[list[int]], np.ndarray | None]:
   """Expands the prompts' `<|image|>` markers, in order, into the images' layouts.
 
   A single prompt without markers gets its images right after its first token
@@ -210,7 +251,8 @@ def place_images(prompts: Sequence[Sequence[int]], images: Sequence, vision_cfg,
     markers = [len(images)]
   if sum(markers) != len(images):
     raise ValueError(
-        f'the prompts have {image_processing.placeholder_mismatch(sum(markers), len(images))}')
+        f'the prompts have {image_processing.placeholder_mismatch(sum(markers), len(images))}'
+    )
   expanded, tiles_per_prompt, it = [], [], iter(images)
   for prompt, n in zip(prompts, markers):
     layouts, tiles = [], []
@@ -219,20 +261,30 @@ def place_images(prompts: Sequence[Sequence[int]], images: Sequence, vision_cfg,
       layouts.append(layout)
       tiles.append(image_tiles)
     expanded.append(image_processing.expand_image_prompt(prompt, layouts, ids.image))
-    tiles_per_prompt.append(np.concatenate(tiles) if tiles else np.zeros(
-        (0, vision_cfg.num_channels, vision_cfg.image_size, vision_cfg.image_size), np.float32))
+    tiles_per_prompt.append(
+        np.concatenate(tiles)
+        if tiles
+        else np.zeros(
+            (0, vision_cfg.num_channels, vision_cfg.image_size, vision_cfg.image_size), np.float32
+        )
+    )
   M = max(1, max(len(t) for t in tiles_per_prompt))
   pixels = np.zeros((len(prompts), M) + tiles_per_prompt[0].shape[1:], np.float32)
   for b, tiles in enumerate(tiles_per_prompt):
-    pixels[b, :len(tiles)] = tiles
+    pixels[b, : len(tiles)] = tiles
   return expanded, pixels
 
 
 # Question answering accuracy ------------------------------------------------------
 
 
-def answer_accuracy(score_fn, maker: RowMaker, records: Sequence[Record],
-                    choices: Sequence[str], batch_size: int = 64) -> float:
+def answer_accuracy(
+    score_fn,
+    maker: RowMaker,
+    records: Sequence[Record],
+    choices: Sequence[str],
+    batch_size: int = 64,
+) -> float:
   """Accuracy of picking, per record, the choice with the highest likelihood.
 
   Every record is written out once per choice as `question + ' ' + choice`;
@@ -245,15 +297,16 @@ def answer_accuracy(score_fn, maker: RowMaker, records: Sequence[Record],
     answers.append(list(choices).index(record.answer))
   scores = []
   for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
+    chunk = rows[start : start + batch_size]
     chunk += [chunk[-1]] * (batch_size - len(chunk))  # static shapes
     scores.append(np.asarray(score_fn(_collate(chunk))))
-  scores = np.concatenate(scores)[:len(rows)].reshape(len(records), len(choices))
+  scores = np.concatenate(scores)[: len(rows)].reshape(len(records), len(choices))
   return float(np.mean(np.argmax(scores, axis=1) == np.asarray(answers)))
 
 
-def shapes_accuracy(score_fn, maker: RowMaker, train: Sequence[Record],
-                    held_out: Sequence[Record]) -> dict[str, Any]:
+def shapes_accuracy(
+    score_fn, maker: RowMaker, train: Sequence[Record], held_out: Sequence[Record]
+) -> dict[str, Any]:
   """Held-out accuracy (overall and per question type) of the shapes data, and the text-only best.
 
   The keys are those of the training run's final results (scripts/train.py prints them).
@@ -262,10 +315,14 @@ def shapes_accuracy(score_fn, maker: RowMaker, train: Sequence[Record],
   for record in held_out:
     qtype = next(t for t, q in shapes_data.QUESTIONS.items() if q == record.question)
     by_type.setdefault(qtype, []).append(record)
-  correct = {t: answer_accuracy(score_fn, maker, rs, shapes_data.answer_choices(t))
-             for t, rs in sorted(by_type.items())}
+  correct = {
+      t: answer_accuracy(score_fn, maker, rs, shapes_data.answer_choices(t))
+      for t, rs in sorted(by_type.items())
+  }
   total = sum(len(rs) for rs in by_type.values())
-  return {'qa_accuracy': sum(correct[t] * len(rs) for t, rs in by_type.items()) / total,
-          'qa_accuracy_by_question': correct,
-          'text_only_accuracy': shapes_data.text_only_baseline(train, held_out),
-          'qa_questions': total}
+  return {
+      'qa_accuracy': sum(correct[t] * len(rs) for t, rs in by_type.items()) / total,
+      'qa_accuracy_by_question': correct,
+      'text_only_accuracy': shapes_data.text_only_baseline(train, held_out),
+      'qa_questions': total,
+  }

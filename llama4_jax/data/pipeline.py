@@ -7,26 +7,53 @@ from llama4_jax.data import image_text
 from llama4_jax.data import text as text_data
 
 
-def train_and_eval_data(config: mlc.ConfigDict, cfg, tokenizer, workdir: str, *,
-                        process_index: int = 0, process_count: int = 1):
+def train_and_eval_data(
+    config: mlc.ConfigDict,
+    cfg,
+    tokenizer,
+    workdir: str,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+):
   """(training iterator, validation batches) of this process's rows."""
   where = dict(process_index=process_index, process_count=process_count)
   if image_text.is_image_text(config):
-    return (image_text.make_train_iterator(config, cfg, tokenizer, workdir=workdir, **where),
-            image_text.make_eval_batches(config, cfg, tokenizer, workdir=workdir, **where))
+    return (
+        image_text.make_train_iterator(config, cfg, tokenizer, workdir=workdir, **where),
+        image_text.make_eval_batches(config, cfg, tokenizer, workdir=workdir, **where),
+    )
   seq_len = config.data.seq_len
   train_iter = text_data.make_train_iterator(
-      config.data, tokenizer, batch_size=config.train.batch_size, seq_len=seq_len,
-      seed=config.seed, **where)
+      config.data,
+      tokenizer,
+      batch_size=config.train.batch_size,
+      seq_len=seq_len,
+      seed=config.seed,
+      **where,
+  )
   eval_batches = text_data.make_eval_batches(
-      config.data, tokenizer, batch_size=config.eval.batch_size, seq_len=seq_len,
-      max_batches=config.eval.max_batches, **where)
+      config.data,
+      tokenizer,
+      batch_size=config.eval.batch_size,
+      seq_len=seq_len,
+      max_batches=config.eval.max_batches,
+      **where,
+  )
   return train_iter, eval_batches
 
 
-def eval_batches(config: mlc.ConfigDict, cfg, tokenizer, *, files: str = '', batch_size: int,
-                 seq_len: int, max_batches: int = 0, workdir: str = ''
-                 ) -> list[dict[str, np.ndarray]]:
+def eval_batches(
+    config: mlc.ConfigDict,
+    cfg,
+    tokenizer,
+    *,
+    files: str = '',
+    batch_size: int,
+    seq_len: int,
+    max_batches: int = 0,
+    workdir: str = '',
+) -> list[dict[str, np.ndarray]]:
   """Packed batches of `files` (text, JSONL, .npy globs), or of the run's validation data.
 
   An image-text run's data (and `files`, one JSON Lines file of image records)
@@ -39,5 +66,6 @@ def eval_batches(config: mlc.ConfigDict, cfg, tokenizer, *, files: str = '', bat
     config.data.seq_len, config.eval.batch_size = seq_len, batch_size
     config.eval.max_batches = max_batches
     return image_text.make_eval_batches(config, cfg, tokenizer, workdir=workdir)
-  return text_data.make_eval_batches(config.data, tokenizer, batch_size=batch_size,
-                                     seq_len=seq_len, max_batches=max_batches)
+  return text_data.make_eval_batches(
+      config.data, tokenizer, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches
+  )

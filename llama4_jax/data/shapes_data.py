@@ -34,8 +34,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {
-    'red': (255, 0, 0), 'green': (0, 255, 0), 'blue': (0, 0, 255),
-    'yellow': (255, 255, 0), 'magenta': (255, 0, 255), 'cyan': (0, 255, 255),
+    'red': (255, 0, 0),
+    'green': (0, 255, 0),
+    'blue': (0, 0, 255),
+    'yellow': (255, 255, 0),
+    'magenta': (255, 0, 255),
+    'cyan': (0, 255, 255),
 }
 KINDS = ('circle', 'square', 'triangle')
 COUNT_WORDS = ('one', 'two', 'three', 'four')
@@ -71,8 +75,9 @@ def shape_extent(size: int) -> int:
   return size // 4
 
 
-def _draw(draw: ImageDraw.ImageDraw, kind: str, x: int, y: int, extent: int,
-          rgb: tuple[int, int, int]) -> None:
+def _draw(
+    draw: ImageDraw.ImageDraw, kind: str, x: int, y: int, extent: int, rgb: tuple[int, int, int]
+) -> None:
   x1, y1 = x + extent - 1, y + extent - 1  # PIL boxes are inclusive.
   if kind == 'circle':
     draw.ellipse((x, y, x1, y1), fill=rgb)
@@ -97,8 +102,7 @@ def make_scene(rng: np.random.Generator, size: int = 48) -> Scene:
     # Offsets in [1, cell - extent - 1] leave a 1-px black border in the
     # cell, so neighbours are >= 2 px apart.
     dx, dy = rng.integers(1, cell - extent, size=2)
-    _draw(draw, kind, col * cell + int(dx), row * cell + int(dy), extent,
-          COLOURS[colour])
+    _draw(draw, kind, col * cell + int(dx), row * cell + int(dy), extent, COLOURS[colour])
   return Scene(kind, colour, count, np.asarray(image, dtype=np.uint8))
 
 
@@ -116,8 +120,7 @@ def _answer(scene: Scene, question_type: str) -> str:
   return COUNT_WORDS[scene.count - 1]
 
 
-def make_examples(num: int, seed: int, size: int = 48,
-                  split: str = 'train') -> list[Example]:
+def make_examples(num: int, seed: int, size: int = 48, split: str = 'train') -> list[Example]:
   """`num` examples of `split`, the same for the same arguments.
 
   Scenes of the other split are drawn and dropped, which costs about 2x
@@ -132,8 +135,11 @@ def make_examples(num: int, seed: int, size: int = 48,
     question_type = list(QUESTIONS)[rng.integers(len(QUESTIONS))]
     if image_split(scene.pixels_HWC) != split:
       continue
-    examples.append(Example(scene.pixels_HWC, QUESTIONS[question_type],
-                            _answer(scene, question_type), question_type))
+    examples.append(
+        Example(
+            scene.pixels_HWC, QUESTIONS[question_type], _answer(scene, question_type), question_type
+        )
+    )
   return examples
 
 
@@ -145,8 +151,7 @@ def answer_choices(question_type: str) -> tuple[str, ...]:
   return choices[question_type]
 
 
-def text_only_baseline(train_examples: list[Example],
-                       eval_examples: list[Example]) -> float:
+def text_only_baseline(train_examples: list[Example], eval_examples: list[Example]) -> float:
   """Eval accuracy of the majority training answer per question text.
 
   That is the best any predictor that sees only the question can do (up to
@@ -159,8 +164,7 @@ def text_only_baseline(train_examples: list[Example],
     overall[ex.answer] += 1
   fallback = overall.most_common(1)[0][0] if overall else ''
   guess = {q: c.most_common(1)[0][0] for q, c in by_question.items()}
-  hits = sum(guess.get(ex.question, fallback) == ex.answer
-             for ex in eval_examples)
+  hits = sum(guess.get(ex.question, fallback) == ex.answer for ex in eval_examples)
   return hits / max(len(eval_examples), 1)
 
 
@@ -178,16 +182,23 @@ def _write_files(tmp_dir: str, examples: list[Example], meta: dict) -> None:
     for i, ex in enumerate(examples):
       rel_path = f'images/{i:06d}.png'
       Image.fromarray(ex.image_HWC).save(os.path.join(tmp_dir, rel_path))
-      f.write(json.dumps({'image': rel_path,
-                          'text': f'{ex.question} {ex.answer}',
-                          'question': ex.question, 'answer': ex.answer}) + '\n')
+      f.write(
+          json.dumps(
+              {
+                  'image': rel_path,
+                  'text': f'{ex.question} {ex.answer}',
+                  'question': ex.question,
+                  'answer': ex.answer,
+              }
+          )
+          + '\n'
+      )
   # Written last: its presence with these parameters marks a complete set.
   with open(os.path.join(tmp_dir, _META), 'w', encoding='utf-8') as f:
     json.dump(meta, f)
 
 
-def write_dataset(out_dir: str, num: int, seed: int, size: int = 48,
-                  split: str = 'train') -> str:
+def write_dataset(out_dir: str, num: int, seed: int, size: int = 48, split: str = 'train') -> str:
   """Writes PNGs and `data.jsonl` under `out_dir`; returns the jsonl path.
 
   The files are written into a temporary sibling folder that is renamed into
@@ -196,8 +207,7 @@ def write_dataset(out_dir: str, num: int, seed: int, size: int = 48,
   A folder not written here is never deleted: that is an error.
   """
   out_dir = os.path.abspath(out_dir)
-  meta = {'format': _FORMAT_VERSION, 'num': num, 'seed': seed, 'size': size,
-          'split': split}
+  meta = {'format': _FORMAT_VERSION, 'num': num, 'seed': seed, 'size': size, 'split': split}
   jsonl = os.path.join(out_dir, _JSONL)
   old_meta = _read_meta(out_dir)
   if old_meta == meta:

@@ -36,8 +36,8 @@ import numpy as np
 VALIDATION_FRACTION = 0.02
 # Vendored packages and test suites are not the stdlib's own prose and code.
 _SKIP_DIRS = frozenset(
-    {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test',
-     '__pycache__'})
+    {'site-packages', 'dist-packages', 'test', 'tests', 'idle_test', '__pycache__'}
+)
 # Its text is added per topic, as prose, rather than as one quoted dict.
 _SKIP_FILES = frozenset({'pydoc_data/topics.py'})
 
@@ -64,6 +64,7 @@ def _read_stdlib_file(path: str) -> str:
 def _builtin_loaders() -> dict[str, functools.partial]:
   """Name -> zero-argument loader of every built-in document."""
   from pydoc_data import topics  # pylint: disable=g-import-not-at-top
+
   stdlib = sysconfig.get_paths()['stdlib']
   loaders = {}
   for root, dirs, files in os.walk(stdlib):
@@ -74,8 +75,7 @@ def _builtin_loaders() -> dict[str, functools.partial]:
       if name.endswith('.py') and rel_path not in _SKIP_FILES:
         loaders[rel_path] = functools.partial(_read_stdlib_file, path)
   for topic in topics.topics:
-    loaders[f'pydoc_data/topics/{topic}'] = functools.partial(
-        topics.topics.get, topic)
+    loaders[f'pydoc_data/topics/{topic}'] = functools.partial(topics.topics.get, topic)
   return loaders
 
 
@@ -137,9 +137,7 @@ def _read_text(path: str) -> str:
   try:
     return raw.decode('utf-8')
   except UnicodeDecodeError as e:
-    raise DataError(
-        f'{path}: invalid UTF-8 at byte offset {e.start} ({e.reason}).'
-    ) from None
+    raise DataError(f'{path}: invalid UTF-8 at byte offset {e.start} ({e.reason}).') from None
 
 
 def _read_jsonl(path: str) -> list[str]:
@@ -153,16 +151,14 @@ def _read_jsonl(path: str) -> list[str]:
     except json.JSONDecodeError as e:
       raise DataError(f'{path}:{line_no}: invalid JSON ({e.msg}).') from None
     if not isinstance(record, dict) or not isinstance(record.get('text'), str):
-      raise DataError(
-          f'{path}:{line_no}: expected an object with a string "text" field.')
+      raise DataError(f'{path}:{line_no}: expected an object with a string "text" field.')
     texts.append(record['text'])
   if not texts:
     raise DataError(f'{path}: file has no JSON lines.')
   return texts
 
 
-def split_at_eos(tokens: np.ndarray, bos_id: int, eos_id: int
-                 ) -> list[np.ndarray]:
+def split_at_eos(tokens: np.ndarray, bos_id: int, eos_id: int) -> list[np.ndarray]:
   """Documents of a token stream: it is cut after every EOS.
 
   A BOS is prepended to each document that does not start with one, and an
@@ -191,15 +187,18 @@ def read_token_file(path: str, vocab_size: int) -> np.ndarray:
   except (ValueError, OSError, EOFError) as e:
     raise DataError(f'{path}: not a readable .npy array ({e}).') from None
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-    raise DataError(f'{path}: expected a 1-D integer array, got '
-                    f'{tokens.dtype} of shape {tokens.shape}.')
+    raise DataError(
+        f'{path}: expected a 1-D integer array, got ' f'{tokens.dtype} of shape {tokens.shape}.'
+    )
   if tokens.size == 0:
     raise DataError(f'{path}: token array is empty.')
   bad = (tokens < 0) | (tokens >= vocab_size)
   if bad.any():
     i = int(np.argmax(bad))
-    raise DataError(f'{path}: token id {tokens[i]} at index {i} is outside '
-                    f'the vocabulary (size {vocab_size}).')
+    raise DataError(
+        f'{path}: token id {tokens[i]} at index {i} is outside '
+        f'the vocabulary (size {vocab_size}).'
+    )
   return tokens
 
 
@@ -210,18 +209,22 @@ def token_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     raise ValueError(f'expected a 1-D array of token ids, got shape {tokens.shape}')
   n = len(tokens) // (seq_len + 1)
   if n == 0:
-    raise ValueError(f'{len(tokens)} tokens are fewer than one window of seq_len + 1 = '
-                     f'{seq_len + 1}')
-  return tokens[:n * (seq_len + 1)].reshape(n, seq_len + 1)
+    raise ValueError(
+        f'{len(tokens)} tokens are fewer than one window of seq_len + 1 = ' f'{seq_len + 1}'
+    )
+  return tokens[: n * (seq_len + 1)].reshape(n, seq_len + 1)
 
 
 def windows_to_batches(windows: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
   """Batches of inputs/targets/weights; the last batch is padded with weight-0 rows."""
   batches = []
   for start in range(0, len(windows), batch_size):
-    rows = windows[start:start + batch_size]
-    packed = {'tokens': rows, 'tokens_segment_ids': np.ones_like(rows),
-              'tokens_positions': np.broadcast_to(np.arange(rows.shape[1]), rows.shape)}
+    rows = windows[start : start + batch_size]
+    packed = {
+        'tokens': rows,
+        'tokens_segment_ids': np.ones_like(rows),
+        'tokens_positions': np.broadcast_to(np.arange(rows.shape[1]), rows.shape),
+    }
     batches.append(_to_features(pad_rows(packed, rows=batch_size)))
   return batches
 
@@ -231,8 +234,7 @@ def windows_to_batches(windows: np.ndarray, batch_size: int) -> list[dict[str, n
 
 def _encode_texts(texts: list[str], tokenizer) -> list[np.ndarray]:
   bos, eos = [tokenizer.bos_id], [tokenizer.eos_id]
-  return [np.array(bos + ids + eos, np.int32)
-          for ids in tokenizer.encode_batch(texts)]
+  return [np.array(bos + ids + eos, np.int32) for ids in tokenizer.encode_batch(texts)]
 
 
 def _file_texts(path: str) -> list[str]:
@@ -260,8 +262,9 @@ def read_texts(files: str, max_bytes: int = 0) -> list[str]:
   return texts
 
 
-def load_documents(files: str, tokenizer, *, builtin_split: str,
-                   builtin_max_bytes: int) -> list[np.ndarray]:
+def load_documents(
+    files: str, tokenizer, *, builtin_split: str, builtin_max_bytes: int
+) -> list[np.ndarray]:
   """Token arrays [BOS, ..., EOS] of all documents; empty `files` = built-in."""
   if not files:
     docs = builtin_documents(builtin_split, builtin_max_bytes)
@@ -283,13 +286,13 @@ def split_document(doc: np.ndarray, max_len: int) -> list[np.ndarray]:
   the next, so each next-token prediction of the document is made once.
   """
   stride = max_len - 1
-  return [doc[i:i + max_len] for i in range(0, max(len(doc) - 1, 1), stride)]
+  return [doc[i : i + max_len] for i in range(0, max(len(doc) - 1, 1), stride)]
 
 
-def _load_pieces(files: str, tokenizer, *, split: str, max_bytes: int,
-                 seq_len: int) -> list[np.ndarray]:
-  docs = load_documents(files, tokenizer, builtin_split=split,
-                        builtin_max_bytes=max_bytes)
+def _load_pieces(
+    files: str, tokenizer, *, split: str, max_bytes: int, seq_len: int
+) -> list[np.ndarray]:
+  docs = load_documents(files, tokenizer, builtin_split=split, builtin_max_bytes=max_bytes)
   return [piece for doc in docs for piece in split_document(doc, seq_len + 1)]
 
 
@@ -300,8 +303,9 @@ def _as_packable(tokens: np.ndarray) -> dict[str, np.ndarray]:
   return {'tokens': tokens}
 
 
-def _pack(pieces: grain.MapDataset, *, seq_len: int, pad_id: int,
-          num_bins: int, seed: int, shuffle: bool) -> grain.IterDataset:
+def _pack(
+    pieces: grain.MapDataset, *, seq_len: int, pad_id: int, num_bins: int, seed: int, shuffle: bool
+) -> grain.IterDataset:
   """Rows of S + 1 tokens with `tokens_segment_ids` and `tokens_positions`."""
   # In-memory data: reader threads would only contend for the GIL.
   read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -311,11 +315,13 @@ def _pack(pieces: grain.MapDataset, *, seq_len: int, pad_id: int,
       num_packing_bins=num_bins,
       seed=seed,
       shuffle_bins=shuffle,
-      padding_struct={'tokens': pad_id})
+      padding_struct={'tokens': pad_id},
+  )
 
 
-def pad_rows(batch: dict[str, np.ndarray], *, rows: int, fill: dict[str, int] | None = None
-             ) -> dict[str, np.ndarray]:
+def pad_rows(
+    batch: dict[str, np.ndarray], *, rows: int, fill: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
   """Pads every array of a batch to `rows` rows (a static batch shape).
 
   The new rows hold `fill[key]` (default 0): segment 0 and weight 0, so they are
@@ -335,8 +341,7 @@ def _to_features(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   tokens_BR = packed['tokens'].astype(np.int32)
   segments_BR = packed['tokens_segment_ids'].astype(np.int32)
   positions_BR = packed['tokens_positions'].astype(np.int32)
-  same_piece_BS = ((segments_BR[:, 1:] == segments_BR[:, :-1])
-                   & (segments_BR[:, 1:] > 0))
+  same_piece_BS = (segments_BR[:, 1:] == segments_BR[:, :-1]) & (segments_BR[:, 1:] > 0)
   return {
       'inputs': tokens_BR[:, :-1],
       'targets': tokens_BR[:, 1:],
@@ -349,8 +354,9 @@ def _to_features(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
   """This process's block of rows of every global batch (each process builds them all)."""
   if batch_size % process_count:
-    raise ValueError(f'batch_size {batch_size} is not divisible by '
-                     f'process_count {process_count}.')
+    raise ValueError(
+        f'batch_size {batch_size} is not divisible by ' f'process_count {process_count}.'
+    )
   local = batch_size // process_count
   return slice(process_index * local, (process_index + 1) * local)
 
@@ -364,9 +370,16 @@ def take_rows(batch: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray
   return {key: x[rows] for key, x in batch.items()}
 
 
-def make_train_iterator(data_config, tokenizer, *, batch_size: int,
-                        seq_len: int, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> grain.DatasetIterator:
+def make_train_iterator(
+    data_config,
+    tokenizer,
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
   """Infinite iterator of shuffled, packed training batches for one process.
 
   Every process builds the same global batch and keeps its own block of rows,
@@ -387,28 +400,44 @@ def make_train_iterator(data_config, tokenizer, *, batch_size: int,
     process_count: number of processes sharing the data.
   """
   rows = process_rows(batch_size, process_index, process_count)
-  pieces = _load_pieces(data_config.train_files, tokenizer, split='train',
-                        max_bytes=data_config.builtin_max_bytes,
-                        seq_len=seq_len)
+  pieces = _load_pieces(
+      data_config.train_files,
+      tokenizer,
+      split='train',
+      max_bytes=data_config.builtin_max_bytes,
+      seq_len=seq_len,
+  )
   num_tokens = sum(len(p) for p in pieces)
   needed = batch_size * (seq_len + 1)
   if num_tokens < needed:
     source = data_config.train_files or 'the built-in corpus (train split)'
     raise DataError(
         f'{source} is too small for one batch: it has {num_tokens} tokens, one '
-        f'batch of {batch_size} x {seq_len + 1} needs {needed}.')
+        f'batch of {batch_size} x {seq_len + 1} needs {needed}.'
+    )
   seed %= 2**32  # grain's shuffle takes 32-bit seeds.
-  ds = _pack(grain.MapDataset.source(pieces).shuffle(seed).repeat(),
-             seq_len=seq_len, pad_id=tokenizer.pad_id, seed=seed, shuffle=True,
-             num_bins=_num_bins(data_config, batch_size))
+  ds = _pack(
+      grain.MapDataset.source(pieces).shuffle(seed).repeat(),
+      seq_len=seq_len,
+      pad_id=tokenizer.pad_id,
+      seed=seed,
+      shuffle=True,
+      num_bins=_num_bins(data_config, batch_size),
+  )
   ds = ds.batch(batch_size, drop_remainder=True).map(_to_features)
   return iter(ds.map(functools.partial(take_rows, rows=rows)))
 
 
-def make_eval_batches(data_config, tokenizer, *, batch_size: int,
-                      seq_len: int, max_batches: int | None = None,
-                      process_index: int = 0, process_count: int = 1
-                      ) -> list[dict[str, np.ndarray]]:
+def make_eval_batches(
+    data_config,
+    tokenizer,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
   """Deterministic evaluation batches, in corpus order, for one process.
 
   Arguments are those of `make_train_iterator`, with `eval_files` (empty =
@@ -418,16 +447,27 @@ def make_eval_batches(data_config, tokenizer, *, batch_size: int,
   rows (weights 0) to keep shapes static.
   """
   rows = process_rows(batch_size, process_index, process_count)
-  pieces = _load_pieces(data_config.eval_files, tokenizer, split='validation',
-                        max_bytes=data_config.builtin_max_bytes,
-                        seq_len=seq_len)
-  ds = _pack(grain.MapDataset.source(pieces), seq_len=seq_len,
-             pad_id=tokenizer.pad_id, seed=0, shuffle=False,
-             num_bins=_num_bins(data_config, batch_size))
-  ds = ds.batch(batch_size).map(functools.partial(
-      pad_rows, rows=batch_size, fill={'tokens': tokenizer.pad_id})).map(_to_features)
-  return [take_rows(batch, rows)
-          for batch in itertools.islice(ds, max_batches or None)]
+  pieces = _load_pieces(
+      data_config.eval_files,
+      tokenizer,
+      split='validation',
+      max_bytes=data_config.builtin_max_bytes,
+      seq_len=seq_len,
+  )
+  ds = _pack(
+      grain.MapDataset.source(pieces),
+      seq_len=seq_len,
+      pad_id=tokenizer.pad_id,
+      seed=0,
+      shuffle=False,
+      num_bins=_num_bins(data_config, batch_size),
+  )
+  ds = (
+      ds.batch(batch_size)
+      .map(functools.partial(pad_rows, rows=batch_size, fill={'tokens': tokenizer.pad_id}))
+      .map(_to_features)
+  )
+  return [take_rows(batch, rows) for batch in itertools.islice(ds, max_batches or None)]
 
 
 def unigram_loss(data_config, tokenizer, *, seq_len: int) -> float:
@@ -436,10 +476,20 @@ def unigram_loss(data_config, tokenizer, *, seq_len: int) -> float:
   The baseline a language model must beat: token frequencies of the training
   pieces (add-one smoothed), scored on the validation pieces' targets.
   """
-  train = _load_pieces(data_config.train_files, tokenizer, split='train',
-                       max_bytes=data_config.builtin_max_bytes, seq_len=seq_len)
-  valid = _load_pieces(data_config.eval_files, tokenizer, split='validation',
-                       max_bytes=data_config.builtin_max_bytes, seq_len=seq_len)
+  train = _load_pieces(
+      data_config.train_files,
+      tokenizer,
+      split='train',
+      max_bytes=data_config.builtin_max_bytes,
+      seq_len=seq_len,
+  )
+  valid = _load_pieces(
+      data_config.eval_files,
+      tokenizer,
+      split='validation',
+      max_bytes=data_config.builtin_max_bytes,
+      seq_len=seq_len,
+  )
   counts = np.ones(tokenizer.vocab_size, np.float64)
   for piece in train:
     np.add.at(counts, piece[1:], 1)

@@ -25,11 +25,21 @@ BOS = '<|begin_of_text|>'
 EOS = '<|end_of_text|>'
 EOT = '<|eot|>'
 SPECIAL_TOKENS = (
-    PAD, BOS, EOS,
-    '<|header_start|>', '<|header_end|>', EOT, '<|eom|>',
-    '<|python_start|>', '<|python_end|>',
-    '<|image_start|>', '<|image_end|>', '<|image|>', '<|patch|>',
-    '<|tile_x_separator|>', '<|tile_y_separator|>',
+    PAD,
+    BOS,
+    EOS,
+    '<|header_start|>',
+    '<|header_end|>',
+    EOT,
+    '<|eom|>',
+    '<|python_start|>',
+    '<|python_end|>',
+    '<|image_start|>',
+    '<|image_end|>',
+    '<|image|>',
+    '<|patch|>',
+    '<|tile_x_separator|>',
+    '<|tile_y_separator|>',
 )
 # Sampled text for the built-in tokenizer: enough for a 4k vocab in seconds.
 DEFAULT_TRAIN_BYTES = 4_000_000
@@ -50,7 +60,8 @@ class Tokenizer:
       if name not in self._special_ids:
         raise ValueError(
             f'Tokenizer model lacks special token {name}; train one with '
-            'scripts/train_tokenizer.py.')
+            'scripts/train_tokenizer.py.'
+        )
 
   @classmethod
   def load(cls, path: str) -> 'Tokenizer':
@@ -83,8 +94,7 @@ class Tokenizer:
       raise KeyError(f'Unknown special token {name!r}.')
     return self._special_ids[name]
 
-  def encode(self, text: str, bos: bool = False, eos: bool = False
-             ) -> list[int]:
+  def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
     """Token ids of `text`; special-token strings become their single ids."""
     ids = self._sp.encode(text)
     if bos:
@@ -104,8 +114,9 @@ class Tokenizer:
       ids = [i for i in ids if i not in special]
     return self._sp.decode(ids)
 
-  def format_chat(self, messages: Sequence[dict[str, str]],
-                  add_generation_prompt: bool = True) -> list[int]:
+  def format_chat(
+      self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+  ) -> list[int]:
     """Token ids of a Llama 4 chat, starting with exactly one BOS.
 
     Each message is `<|header_start|>{role}<|header_end|>`, two newlines,
@@ -127,12 +138,17 @@ class Tokenizer:
     return ids
 
   def _header(self, role: str) -> list[int]:
-    return ([self.special_token_id('<|header_start|>')] + self.encode(role)
-            + [self.special_token_id('<|header_end|>')] + self.encode('\n\n'))
+    return (
+        [self.special_token_id('<|header_start|>')]
+        + self.encode(role)
+        + [self.special_token_id('<|header_end|>')]
+        + self.encode('\n\n')
+    )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int,
-                    output_path: str | None = None) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, output_path: str | None = None
+) -> Tokenizer:
   """Trains a BPE tokenizer on `texts`; writes it atomically if asked.
 
   SentencePiece trains on lines, so newlines are never merged; they encode
@@ -148,7 +164,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int,
       model_type='bpe',
       vocab_size=vocab_size,
       user_defined_symbols=list(SPECIAL_TOKENS),  # Matched inside text.
-      unk_id=len(SPECIAL_TOKENS), bos_id=-1, eos_id=-1, pad_id=-1,
+      unk_id=len(SPECIAL_TOKENS),
+      bos_id=-1,
+      eos_id=-1,
+      pad_id=-1,
       byte_fallback=True,
       character_coverage=0.9995,  # Rare characters go to bytes.
       normalization_rule_name='identity',
@@ -181,17 +200,15 @@ def _write_atomically(path: str, content: bytes) -> None:
     raise
 
 
-def builtin_tokenizer_path(cache_dir: str, vocab_size: int,
-                           max_bytes: int) -> str:
+def builtin_tokenizer_path(cache_dir: str, vocab_size: int, max_bytes: int) -> str:
   # The corpus is this interpreter's stdlib, so the version is in the key.
   version = f'py{sys.version_info.major}{sys.version_info.minor}'
-  return os.path.join(
-      cache_dir, f'builtin_{version}_v{vocab_size}_b{max_bytes}.model')
+  return os.path.join(cache_dir, f'builtin_{version}_v{vocab_size}_b{max_bytes}.model')
 
 
-def load_or_train_builtin_tokenizer(cache_dir: str, vocab_size: int,
-                                    max_bytes: int = DEFAULT_TRAIN_BYTES
-                                    ) -> Tokenizer:
+def load_or_train_builtin_tokenizer(
+    cache_dir: str, vocab_size: int, max_bytes: int = DEFAULT_TRAIN_BYTES
+) -> Tokenizer:
   """Trains on the built-in corpus's train split once; reuses it after."""
   path = builtin_tokenizer_path(cache_dir, vocab_size, max_bytes)
   if os.path.exists(path):
@@ -201,15 +218,19 @@ def load_or_train_builtin_tokenizer(cache_dir: str, vocab_size: int,
 
 def _cache_dir(data_config, workdir: str = '') -> str:
   """Where a run keeps its built-in tokenizer: data.tokenizer_cache, else <workdir>/tokenizer."""
-  return (data_config.get('tokenizer_cache') or (os.path.join(workdir, 'tokenizer') if workdir
-          else os.path.join(os.path.expanduser('~'), '.cache', 'llama4_jax')))
+  return data_config.get('tokenizer_cache') or (
+      os.path.join(workdir, 'tokenizer')
+      if workdir
+      else os.path.join(os.path.expanduser('~'), '.cache', 'llama4_jax')
+  )
 
 
 def _check_fits(tokenizer: Tokenizer, vocab_size: int) -> Tokenizer:
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(
         f'Tokenizer has {tokenizer.vocab_size} ids but the model only '
-        f'{vocab_size}; raise model.vocab_size.')
+        f'{vocab_size}; raise model.vocab_size.'
+    )
   return tokenizer
 
 
@@ -229,8 +250,10 @@ def load_tokenizer(data_config, vocab_size: int, workdir: str = '') -> Tokenizer
     tokenizer = Tokenizer.load(data_config.tokenizer)
   else:
     tokenizer = load_or_train_builtin_tokenizer(
-        _cache_dir(data_config, workdir), vocab_size,
-        data_config.get('tokenizer_train_bytes') or DEFAULT_TRAIN_BYTES)
+        _cache_dir(data_config, workdir),
+        vocab_size,
+        data_config.get('tokenizer_train_bytes') or DEFAULT_TRAIN_BYTES,
+    )
   return _check_fits(tokenizer, vocab_size)
 
 
@@ -247,17 +270,22 @@ def run_tokenizer(workdir: str, config, path: str = '') -> Tokenizer:
   path = path or data_config.get('tokenizer')
   if not path:
     cache_dir = _cache_dir(data_config, workdir)
-    path = builtin_tokenizer_path(cache_dir, config.model.vocab_size,
-                                  data_config.get('tokenizer_train_bytes') or DEFAULT_TRAIN_BYTES)
+    path = builtin_tokenizer_path(
+        cache_dir,
+        config.model.vocab_size,
+        data_config.get('tokenizer_train_bytes') or DEFAULT_TRAIN_BYTES,
+    )
     if not os.path.exists(path):
       raise FileNotFoundError(
           f'{workdir}: no tokenizer: config.data.tokenizer is empty and {cache_dir} holds no '
-          f'built-in tokenizer for this model; pass the tokenizer .model file (--tokenizer)')
+          f'built-in tokenizer for this model; pass the tokenizer .model file (--tokenizer)'
+      )
   return _check_fits(Tokenizer.load(path), config.model.vocab_size)
 
 
 class TokenIds(NamedTuple):
   """What reading .npy token files needs of a tokenizer, when there is none."""
+
   vocab_size: int
   bos_id: int
   eos_id: int

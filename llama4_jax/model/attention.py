@@ -36,6 +36,7 @@ class AttentionInputs:
     ring_mask_BTR: with a KV cache, the chunked layers' mask over R = W + T keys:
       their ring cache of W slots (before this call's writes), then the T new keys.
   """
+
   positions_BT: jax.Array
   cache_index_T: jax.Array
   causal_mask_BTS: jax.Array
@@ -49,8 +50,9 @@ def _segment_starts(segment_ids_BS: jax.Array) -> jax.Array:
   S = segment_ids_BS.shape[1]
   index_S = jnp.arange(S)
   is_start_BS = jnp.concatenate(
-      [jnp.ones_like(segment_ids_BS[:, :1], bool),
-       segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]], axis=1)
+      [jnp.ones_like(segment_ids_BS[:, :1], bool), segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]],
+      axis=1,
+  )
   return jax.lax.cummax(jnp.where(is_start_BS, index_S, 0), axis=1)
 
 
@@ -64,9 +66,13 @@ def ring_slot_indices(offset: jax.Array | int, ring_size: int) -> jax.Array:
   return jnp.where(index_W >= 0, index_W, -1)
 
 
-def make_attention_inputs(key_segment_ids_BS: jax.Array, query_offset: jax.Array | int,
-                          num_queries: int, chunk_size: int | None,
-                          ring_size: int | None = None) -> AttentionInputs:
+def make_attention_inputs(
+    key_segment_ids_BS: jax.Array,
+    query_offset: jax.Array | int,
+    num_queries: int,
+    chunk_size: int | None,
+    ring_size: int | None = None,
+) -> AttentionInputs:
   """Builds positions and masks for queries at [offset, offset + T) over S keys.
 
   Args:
@@ -87,7 +93,8 @@ def make_attention_inputs(key_segment_ids_BS: jax.Array, query_offset: jax.Array
 
   causal_TS = key_index_S[None, :] <= query_index_T[:, None]
   same_segment_BTS = (query_segment_BT[:, :, None] == key_segment_ids_BS[:, None, :]) & (
-      key_segment_ids_BS[:, None, :] != 0)
+      key_segment_ids_BS[:, None, :] != 0
+  )
   causal_mask_BTS = causal_TS[None] & same_segment_BTS
   chunked_mask_BTS = None
   if chunk_size:
@@ -100,12 +107,20 @@ def make_attention_inputs(key_segment_ids_BS: jax.Array, query_offset: jax.Array
     gather = jnp.maximum(key_index_R, 0)
     key_segment_BR = jnp.where(key_index_R >= 0, key_segment_ids_BS[:, gather], 0)
     key_chunk_BR = (key_index_R[None, :] - starts_BS[:, gather]) // chunk_size
-    ring_mask_BTR = ((key_index_R[None, None, :] <= query_index_T[None, :, None])
-                     & (key_segment_BR[:, None, :] == query_segment_BT[:, :, None])
-                     & (key_segment_BR[:, None, :] != 0)
-                     & (key_chunk_BR[:, None, :] == query_chunk_BT[:, :, None]))
-  return AttentionInputs(positions_BT, query_index_T, causal_mask_BTS, chunked_mask_BTS,
-                         query_segment_BT != 0, ring_mask_BTR)
+    ring_mask_BTR = (
+        (key_index_R[None, None, :] <= query_index_T[None, :, None])
+        & (key_segment_BR[:, None, :] == query_segment_BT[:, :, None])
+        & (key_segment_BR[:, None, :] != 0)
+        & (key_chunk_BR[:, None, :] == query_chunk_BT[:, :, None])
+    )
+  return AttentionInputs(
+      positions_BT,
+      query_index_T,
+      causal_mask_BTS,
+      chunked_mask_BTS,
+      query_segment_BT != 0,
+      ring_mask_BTR,
+  )
 
 
 def init_layer_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):
@@ -135,8 +150,7 @@ class Attention(nnx.Module):
     self.attn_scale = cfg.attn_scale
     self.cfg = cfg  # frozen dataclass: static, part of the graphdef
 
-  def __call__(self, x_BTD: jax.Array, inputs: AttentionInputs, cache=None,
-               cache_offset=None):
+  def __call__(self, x_BTD: jax.Array, inputs: AttentionInputs, cache=None, cache_offset=None):
     """Returns (y_BTD, cache); with a cache, writes K/V at cache_offset first."""
     T = x_BTD.shape[1]
     q_BTNH = self.q_proj(x_BTD)
@@ -158,10 +172,12 @@ class Attention(nnx.Module):
       return self._attend_with_ring(q_BTNH, k_BTKH, v_BTKH, inputs, cache, cache_offset)
     if cache is not None:
       cache = {
-          'k': jax.lax.dynamic_update_slice_in_dim(cache['k'], k_BTKH.astype(cache['k'].dtype),
-                                                   cache_offset, 1),
-          'v': jax.lax.dynamic_update_slice_in_dim(cache['v'], v_BTKH.astype(cache['v'].dtype),
-                                                   cache_offset, 1),
+          'k': jax.lax.dynamic_update_slice_in_dim(
+              cache['k'], k_BTKH.astype(cache['k'].dtype), cache_offset, 1
+          ),
+          'v': jax.lax.dynamic_update_slice_in_dim(
+              cache['v'], v_BTKH.astype(cache['v'].dtype), cache_offset, 1
+          ),
       }
       k_BSKH, v_BSKH = cache['k'].astype(q_BTNH.dtype), cache['v'].astype(q_BTNH.dtype)
     else:
@@ -176,7 +192,6 @@ class Attention(nnx.Module):
     y_BTNH = sharding.shard(y_BTNH, 'act_batch', 'act_seq', 'act_heads', None)
     return self.o_proj(y_BTNH), cache
 
-
   def _attend_with_ring(self, q_BTNH, k_BTKH, v_BTKH, inputs, cache, cache_offset):
     """Chunked layers keep a ring of W = min(C, max_len) slots: all that a chunk needs.
 
@@ -189,8 +204,10 @@ class Attention(nnx.Module):
     y_BTNH = dot_product_attention(q_BTNH, k_BRKH, v_BRKH, inputs.ring_mask_BTR)
     n = min(T, W)
     slots_n = jnp.mod(cache_offset + T - n + jnp.arange(n), W)
-    cache = {'k': cache['k'].at[:, slots_n].set(k_BTKH[:, T - n:].astype(cache['k'].dtype)),
-             'v': cache['v'].at[:, slots_n].set(v_BTKH[:, T - n:].astype(cache['v'].dtype))}
+    cache = {
+        'k': cache['k'].at[:, slots_n].set(k_BTKH[:, T - n :].astype(cache['k'].dtype)),
+        'v': cache['v'].at[:, slots_n].set(v_BTKH[:, T - n :].astype(cache['v'].dtype)),
+    }
     y_BTNH = sharding.shard(y_BTNH, 'act_batch', 'act_seq', 'act_heads', None)
     return self.o_proj(y_BTNH), cache
 
@@ -204,8 +221,9 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
   K = k_BSKH.shape[2]
   with jax.named_scope('attention_core'):
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH) * np.float32(
-        H ** -0.5).astype(q_BTNH.dtype)
+    scores_BKGTS = jnp.einsum('BTKGH,BSKH->BKGTS', q_BTKGH, k_BSKH) * np.float32(H**-0.5).astype(
+        q_BTNH.dtype
+    )
     big_negative = jnp.finfo(scores_BKGTS.dtype).min
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, big_negative)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
@@ -237,7 +255,10 @@ def banded_attention(q_BTNH, k_BTKH, v_BTKH, chunked_mask_BTS, chunk: int):
   below_BCCn = jnp.pad(below_BCCm, ((0, 0), (0, 0), (0, 0), (1, 0)))
   mask_BnCR = jnp.concatenate([below_BCCn, diagonal_BCCn], axis=2).transpose(0, 3, 1, 2)
   q_BnCNH = q_BTNH.reshape(B * n, chunk, *q_BTNH.shape[2:])
-  y = dot_product_attention(q_BnCNH, k_BnRKH.reshape(B * n, 2 * chunk, K, H),
-                            v_BnRKH.reshape(B * n, 2 * chunk, K, H),
-                            mask_BnCR.reshape(B * n, chunk, 2 * chunk))
+  y = dot_product_attention(
+      q_BnCNH,
+      k_BnRKH.reshape(B * n, 2 * chunk, K, H),
+      v_BnRKH.reshape(B * n, 2 * chunk, K, H),
+      mask_BnCR.reshape(B * n, chunk, 2 * chunk),
+  )
   return y.reshape(q_BTNH.shape)

@@ -22,25 +22,26 @@ from llama4_jax.model import vision as vision_lib
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Architecture of a Llama 4 text model (field names follow HF where they exist)."""
+
   vocab_size: int = 128
-  hidden_size: int = 64                  # D
-  num_layers: int = 4                    # L
-  num_heads: int = 4                     # N query heads
-  num_kv_heads: int = 2                  # K key/value heads
-  head_dim: int = 16                     # H
-  intermediate_size: int = 32            # F: routed experts and the shared expert
-  intermediate_size_mlp: int = 48        # dense (non-MoE) layers' MLP width
-  num_experts: int = 4                   # E
-  num_experts_per_tok: int = 1           # router top-k
-  moe_layers: tuple[int, ...] = (0, 1)   # indices of MoE layers
+  hidden_size: int = 64  # D
+  num_layers: int = 4  # L
+  num_heads: int = 4  # N query heads
+  num_kv_heads: int = 2  # K key/value heads
+  head_dim: int = 16  # H
+  intermediate_size: int = 32  # F: routed experts and the shared expert
+  intermediate_size_mlp: int = 48  # dense (non-MoE) layers' MLP width
+  num_experts: int = 4  # E
+  num_experts_per_tok: int = 1  # router top-k
+  moe_layers: tuple[int, ...] = (0, 1)  # indices of MoE layers
   no_rope_layers: tuple[int, ...] = (1, 0, 1, 0)  # HF semantics: 1 = layer USES RoPE
-  use_qk_norm: bool = True               # weightless RMS norm of q, k on RoPE layers
-  attention_chunk_size: int = 8          # chunked local attention on RoPE layers; 0 = off
-  attn_temperature_tuning: bool = True   # query temperature on NoPE layers
+  use_qk_norm: bool = True  # weightless RMS norm of q, k on RoPE layers
+  attention_chunk_size: int = 8  # chunked local attention on RoPE layers; 0 = off
+  attn_temperature_tuning: bool = True  # query temperature on NoPE layers
   floor_scale: int = 2
   attn_scale: float = 0.5
   rope_theta: float = 10000.0
-  rope_type: str = 'llama3'              # 'default' or 'llama3'
+  rope_type: str = 'llama3'  # 'default' or 'llama3'
   rope_factor: float = 8.0
   rope_low_freq_factor: float = 1.0
   rope_high_freq_factor: float = 4.0
@@ -51,14 +52,14 @@ class ModelConfig:
   bos_token_id: int = 1
   eos_token_ids: tuple[int, ...] = (2,)
   pad_token_id: int = 0
-  dtype: str = 'float32'                 # compute dtype
-  param_dtype: str = 'float32'           # parameter (and optimizer state) dtype
-  moe_dispatch: str = 'dropless'         # 'dropless', 'capacity' or 'dense' (see moe.py)
-  moe_grouped_matmul: str = 'auto'       # dropless: 'ragged' (GPU/TPU), 'blocked' (CPU), 'auto'
-  moe_block_size: int = 0                # blocked dropless: rows per block (0 = auto, moe.py)
-  moe_capacity_factor: float = 1.25      # capacity: slots per expert = cf * tokens * k / E
-  remat: str = 'none'                    # see REMAT_POLICIES
-  scan_layers: bool = True               # scan repeated blocks (False: unroll, for debugging)
+  dtype: str = 'float32'  # compute dtype
+  param_dtype: str = 'float32'  # parameter (and optimizer state) dtype
+  moe_dispatch: str = 'dropless'  # 'dropless', 'capacity' or 'dense' (see moe.py)
+  moe_grouped_matmul: str = 'auto'  # dropless: 'ragged' (GPU/TPU), 'blocked' (CPU), 'auto'
+  moe_block_size: int = 0  # blocked dropless: rows per block (0 = auto, moe.py)
+  moe_capacity_factor: float = 1.25  # capacity: slots per expert = cf * tokens * k / E
+  remat: str = 'none'  # see REMAT_POLICIES
+  scan_layers: bool = True  # scan repeated blocks (False: unroll, for debugging)
   vision: vision_lib.VisionConfig | None = None  # the vision tower; None = text only
 
   def __post_init__(self):
@@ -86,9 +87,19 @@ class ModelConfig:
   def _validate(self):
     def fail(key, msg):
       raise ValueError(f'config.model.{key}: {msg}')
-    for key in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
-                'head_dim', 'intermediate_size', 'intermediate_size_mlp', 'num_experts',
-                'num_experts_per_tok'):
+
+    for key in (
+        'vocab_size',
+        'hidden_size',
+        'num_layers',
+        'num_heads',
+        'num_kv_heads',
+        'head_dim',
+        'intermediate_size',
+        'intermediate_size_mlp',
+        'num_experts',
+        'num_experts_per_tok',
+    ):
       if getattr(self, key) <= 0:
         fail(key, f'must be positive, got {getattr(self, key)}')
     if self.num_heads % self.num_kv_heads:
@@ -98,12 +109,17 @@ class ModelConfig:
     if self.num_experts_per_tok > self.num_experts:
       fail('num_experts_per_tok', f'{self.num_experts_per_tok} > num_experts={self.num_experts}')
     if len(self.no_rope_layers) != self.num_layers:
-      fail('no_rope_layers', f'has {len(self.no_rope_layers)} entries for num_layers={self.num_layers}')
+      fail(
+          'no_rope_layers',
+          f'has {len(self.no_rope_layers)} entries for num_layers={self.num_layers}',
+      )
     if any(v not in (0, 1) for v in self.no_rope_layers):
       fail('no_rope_layers', f'entries must be 0 or 1, got {self.no_rope_layers}')
     bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
     if bad or len(set(self.moe_layers)) != len(self.moe_layers):
-      fail('moe_layers', f'must be distinct indices in [0, {self.num_layers}), got {self.moe_layers}')
+      fail(
+          'moe_layers', f'must be distinct indices in [0, {self.num_layers}), got {self.moe_layers}'
+      )
     if self.attention_chunk_size < 0:
       fail('attention_chunk_size', f'must be >= 0, got {self.attention_chunk_size}')
     if self.rope_type not in ('default', 'llama3'):
@@ -122,17 +138,27 @@ class ModelConfig:
     if self.remat not in REMAT_POLICIES:
       fail('remat', f'{self.remat!r} is not one of {sorted(REMAT_POLICIES)}')
     if self.vision is not None and not 0 <= self.vision.image_token_id < self.vocab_size:
-      fail('vision.image_token_id', f'{self.vision.image_token_id} is not a token id '
-           f'(vocab_size={self.vocab_size})')
+      fail(
+          'vision.image_token_id',
+          f'{self.vision.image_token_id} is not a token id ' f'(vocab_size={self.vocab_size})',
+      )
 
   def rope_inverse_frequencies(self) -> np.ndarray:
     return layers.rope_inverse_frequencies(
-        self.head_dim, self.rope_theta, self.rope_type, self.rope_factor,
-        self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_max_position)
+        self.head_dim,
+        self.rope_theta,
+        self.rope_type,
+        self.rope_factor,
+        self.rope_low_freq_factor,
+        self.rope_high_freq_factor,
+        self.rope_original_max_position,
+    )
 
   def layer_kinds(self) -> tuple['LayerKind', ...]:
     moe_set = set(self.moe_layers)
-    return tuple(LayerKind(bool(self.no_rope_layers[i]), i in moe_set) for i in range(self.num_layers))
+    return tuple(
+        LayerKind(bool(self.no_rope_layers[i]), i in moe_set) for i in range(self.num_layers)
+    )
 
   def stages(self) -> tuple['Stage', ...]:
     return layer_stages(self.layer_kinds(), scan=self.scan_layers)
@@ -145,6 +171,7 @@ class LayerKind(NamedTuple):
 
 class Stage(NamedTuple):
   """`repeats` consecutive copies of the layer pattern `kinds`."""
+
   kinds: tuple[LayerKind, ...]
   repeats: int
 
@@ -165,7 +192,7 @@ def layer_stages(kinds: tuple[LayerKind, ...], scan: bool = True) -> tuple[Stage
     best_p, best_n = 1, 1
     for p in range(1, (L - i) // 2 + 1):
       n = 1
-      while i + (n + 1) * p <= L and kinds[i + n * p:i + (n + 1) * p] == kinds[i:i + p]:
+      while i + (n + 1) * p <= L and kinds[i + n * p : i + (n + 1) * p] == kinds[i : i + p]:
         n += 1
       if n > 1 and n * p > best_p * best_n:
         best_p, best_n = p, n
@@ -176,7 +203,7 @@ def layer_stages(kinds: tuple[LayerKind, ...], scan: bool = True) -> tuple[Stage
     if singles:
       stages.append(Stage(tuple(singles), 1))
       singles = []
-    stages.append(Stage(tuple(kinds[i:i + best_p]), best_n))
+    stages.append(Stage(tuple(kinds[i : i + best_p]), best_n))
     i += best_p * best_n
   if singles:
     stages.append(Stage(tuple(singles), 1))
@@ -194,46 +221,104 @@ def layer_index_map(cfg: ModelConfig) -> list[tuple[int, int, int]]:
 
 
 REMAT_POLICIES = {
-    'none': None,                      # keep every activation (fastest, most memory)
-    'full': 'full',                    # recompute the whole block in the backward pass
+    'none': None,  # keep every activation (fastest, most memory)
+    'full': 'full',  # recompute the whole block in the backward pass
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 
 _PRESET_COMMON = dict(
-    vocab_size=202048, hidden_size=5120, num_layers=48, num_heads=40, num_kv_heads=8, head_dim=128,
-    intermediate_size=8192, intermediate_size_mlp=16384, num_experts_per_tok=1,
-    no_rope_layers=(1, 1, 1, 0) * 12, attention_chunk_size=8192, attn_temperature_tuning=True,
-    floor_scale=8192, attn_scale=0.1, rope_theta=500000.0, rms_norm_eps=1e-5,
-    bos_token_id=200000, eos_token_ids=(200001, 200007, 200008), pad_token_id=200018,
-    dtype='bfloat16', remat='full')
+    vocab_size=202048,
+    hidden_size=5120,
+    num_layers=48,
+    num_heads=40,
+    num_kv_heads=8,
+    head_dim=128,
+    intermediate_size=8192,
+    intermediate_size_mlp=16384,
+    num_experts_per_tok=1,
+    no_rope_layers=(1, 1, 1, 0) * 12,
+    attention_chunk_size=8192,
+    attn_temperature_tuning=True,
+    floor_scale=8192,
+    attn_scale=0.1,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    bos_token_id=200000,
+    eos_token_ids=(200001, 200007, 200008),
+    pad_token_id=200018,
+    dtype='bfloat16',
+    remat='full',
+)
 
 PRESETS: dict[str, ModelConfig] = {
     # docs/llama4_architecture.md §9: every code path in four layers (RoPE/NoPE x MoE/dense).
     'parity': ModelConfig(),
     # The CPU training model of configs/tiny.py (vocabulary from the tokenizer).
     'tiny': ModelConfig(
-        vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
-        intermediate_size=128, intermediate_size_mlp=256, num_experts=4, num_experts_per_tok=1,
-        moe_layers=(1, 3), no_rope_layers=(1, 1, 1, 0), attention_chunk_size=64,
-        floor_scale=64, attn_scale=0.1, rope_theta=10000.0, rope_type='default',
-        max_position_embeddings=4096, bos_token_id=1, eos_token_ids=(2, 5, 6), pad_token_id=0),
+        vocab_size=4096,
+        hidden_size=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=128,
+        intermediate_size_mlp=256,
+        num_experts=4,
+        num_experts_per_tok=1,
+        moe_layers=(1, 3),
+        no_rope_layers=(1, 1, 1, 0),
+        attention_chunk_size=64,
+        floor_scale=64,
+        attn_scale=0.1,
+        rope_theta=10000.0,
+        rope_type='default',
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_ids=(2, 5, 6),
+        pad_token_id=0,
+    ),
     'scout': ModelConfig(
-        **_PRESET_COMMON, num_experts=16, moe_layers=tuple(range(48)), use_qk_norm=True,
-        rope_type='llama3', rope_factor=16.0, rope_low_freq_factor=1.0, rope_high_freq_factor=1.0,
-        rope_original_max_position=8192, max_position_embeddings=10485760),
+        **_PRESET_COMMON,
+        num_experts=16,
+        moe_layers=tuple(range(48)),
+        use_qk_norm=True,
+        rope_type='llama3',
+        rope_factor=16.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=1.0,
+        rope_original_max_position=8192,
+        max_position_embeddings=10485760,
+    ),
     'maverick': ModelConfig(
-        **_PRESET_COMMON, num_experts=128, moe_layers=tuple(range(1, 48, 2)), use_qk_norm=False,
-        rope_type='default', max_position_embeddings=1048576),
+        **_PRESET_COMMON,
+        num_experts=128,
+        moe_layers=tuple(range(1, 48, 2)),
+        use_qk_norm=False,
+        rope_type='default',
+        max_position_embeddings=1048576,
+    ),
 }
 
 # The released vision tower (both models): 336-pixel tiles of 24 x 24 patches, 144 tokens per tile.
 LLAMA4_VISION = vision_lib.VisionConfig(
-    hidden_size=1408, num_layers=34, num_heads=16, intermediate_size=5632, image_size=336,
-    patch_size=14, pixel_shuffle_ratio=0.5, projector_input_dim=4096, projector_output_dim=4096,
-    vision_output_dim=4096, rope_theta=10000.0, max_tiles=16,
-    image_token_id=200092, boi_token_id=200080, eoi_token_id=200081)
+    hidden_size=1408,
+    num_layers=34,
+    num_heads=16,
+    intermediate_size=5632,
+    image_size=336,
+    patch_size=14,
+    pixel_shuffle_ratio=0.5,
+    projector_input_dim=4096,
+    projector_output_dim=4096,
+    vision_output_dim=4096,
+    rope_theta=10000.0,
+    max_tiles=16,
+    image_token_id=200092,
+    boi_token_id=200080,
+    eoi_token_id=200081,
+)
 # The released multimodal checkpoints (HF Llama4ForConditionalGeneration).
 PRESETS['scout_mm'] = PRESETS['scout'].replace(vision=LLAMA4_VISION)
 PRESETS['maverick_mm'] = PRESETS['maverick'].replace(vision=LLAMA4_VISION)

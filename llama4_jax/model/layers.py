@@ -77,7 +77,7 @@ def _as_matrices(x, w, contracted):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _project_cpu(x, w, contracted):
   x_MK, w_KO = _as_matrices(x, w, contracted)
-  return (x_MK @ w_KO).reshape(x.shape[:x.ndim - contracted] + w.shape[contracted:])
+  return (x_MK @ w_KO).reshape(x.shape[: x.ndim - contracted] + w.shape[contracted:])
 
 
 def _project_cpu_fwd(x, w, contracted):
@@ -120,16 +120,31 @@ class Einsum(nnx.Module):
   trailing axes of x with the leading axes of w, as every projection here does.
   """
 
-  def __init__(self, eqn: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
-               *, rngs: nnx.Rngs, std: float | None, dtype, param_dtype=jnp.float32,
-               use_bias: bool = False):
+  def __init__(
+      self,
+      eqn: str,
+      shape: tuple[int, ...],
+      axes: tuple[str | None, ...],
+      *,
+      rngs: nnx.Rngs,
+      std: float | None,
+      dtype,
+      param_dtype=jnp.float32,
+      use_bias: bool = False,
+  ):
     inputs, out = eqn.split('->')
     x_axes, w_axes = inputs.split(',')
     n = (len(x_axes) + len(w_axes) - len(out)) // 2  # contracted axes
     kept = len(x_axes) - n
-    if len(w_axes) != len(shape) or x_axes[kept:] != w_axes[:n] or out != x_axes[:kept] + w_axes[n:]:
-      raise ValueError(f'Einsum {eqn!r} must contract the trailing axes of x with the leading '
-                       f'axes of a weight of shape {shape}')
+    if (
+        len(w_axes) != len(shape)
+        or x_axes[kept:] != w_axes[:n]
+        or out != x_axes[:kept] + w_axes[n:]
+    ):
+      raise ValueError(
+          f'Einsum {eqn!r} must contract the trailing axes of x with the leading '
+          f'axes of a weight of shape {shape}'
+      )
     self.contracted = n
     self.eqn = eqn
     self.dtype = dtype
@@ -149,8 +164,9 @@ class Einsum(nnx.Module):
 class MLP(nnx.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); no biases."""
 
-  def __init__(self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, std: float, dtype,
-               param_dtype=jnp.float32):
+  def __init__(
+      self, d_model: int, d_ff: int, *, rngs: nnx.Rngs, std: float, dtype, param_dtype=jnp.float32
+  ):
     kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
     self.gate = Einsum('BTD,DF->BTF', (d_model, d_ff), ('embed', 'mlp'), **kw)
     self.up = Einsum('BTD,DF->BTF', (d_model, d_ff), ('embed', 'mlp'), **kw)
@@ -165,10 +181,15 @@ class MLP(nnx.Module):
 # RoPE -----------------------------------------------------------------------
 
 
-def rope_inverse_frequencies(head_dim: int, theta: float, rope_type: str = 'default',
-                             factor: float = 1.0, low_freq_factor: float = 1.0,
-                             high_freq_factor: float = 1.0,
-                             original_max_position: int = 8192) -> np.ndarray:
+def rope_inverse_frequencies(
+    head_dim: int,
+    theta: float,
+    rope_type: str = 'default',
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 1.0,
+    original_max_position: int = 8192,
+) -> np.ndarray:
   """inv_freq[j] = theta^(-2j/d) in float32, with optional llama3 scaling."""
   exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
   inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)

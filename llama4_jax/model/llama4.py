@@ -32,8 +32,14 @@ class DecoderLayer(nnx.Module):
     if kind.is_moe:
       self.ffn = moe.MoE(cfg, rngs=rngs)
     else:
-      self.ffn = layers.MLP(D, cfg.intermediate_size_mlp, rngs=rngs, std=cfg.initializer_range,
-                            dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+      self.ffn = layers.MLP(
+          D,
+          cfg.intermediate_size_mlp,
+          rngs=rngs,
+          std=cfg.initializer_range,
+          dtype=cfg.dtype,
+          param_dtype=cfg.param_dtype,
+      )
     self.is_moe = kind.is_moe
 
   def __call__(self, x_BTD, inputs, cache=None, cache_offset=None):
@@ -56,8 +62,9 @@ class Block(nnx.Module):
   def __call__(self, x_BTD, inputs, caches=None, cache_offset=None):
     new_caches, stats = [], []
     for j, layer in enumerate(self.layers):
-      x_BTD, cache, layer_stats = layer(x_BTD, inputs, None if caches is None else caches[j],
-                                        cache_offset)
+      x_BTD, cache, layer_stats = layer(
+          x_BTD, inputs, None if caches is None else caches[j], cache_offset
+      )
       new_caches.append(cache)
       if layer_stats is not None:
         stats.append(layer_stats)
@@ -73,22 +80,38 @@ class Llama4(nnx.Module):
     self.cfg = cfg
     V, D = cfg.vocab_size, cfg.hidden_size
     self.embed = sharding.param(
-        nnx.initializers.normal(cfg.initializer_range)(rngs.params(), (V, D), jnp.dtype(cfg.param_dtype)), ('vocab', 'embed'))
+        nnx.initializers.normal(cfg.initializer_range)(
+            rngs.params(), (V, D), jnp.dtype(cfg.param_dtype)
+        ),
+        ('vocab', 'embed'),
+    )
     # Each stage: `repeats` independent copies of its Block, scanned.
-    self.stages = nnx.List([
-        layers.stacked(lambda r, kinds=stage.kinds: Block(cfg, kinds, rngs=r), stage.repeats, rngs)
-        for stage in cfg.stages()])
+    self.stages = nnx.List(
+        [
+            layers.stacked(
+                lambda r, kinds=stage.kinds: Block(cfg, kinds, rngs=r), stage.repeats, rngs
+            )
+            for stage in cfg.stages()
+        ]
+    )
     self.final_norm = layers.RMSNorm(D, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
-    self.lm_head = layers.Einsum('BTD,DV->BTV', (D, V), ('embed', 'vocab'), rngs=rngs,
-                                 std=cfg.initializer_range, dtype=cfg.dtype,
-                                 param_dtype=cfg.param_dtype)
+    self.lm_head = layers.Einsum(
+        'BTD,DV->BTV',
+        (D, V),
+        ('embed', 'vocab'),
+        rngs=rngs,
+        std=cfg.initializer_range,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+    )
     if cfg.vision is not None:
       # LeCun init (std=None): with HF's 0.02 a tower trained from scratch starts with
       # nearly image-independent tokens and the language model learns to ignore them.
       kw = dict(rngs=rngs, std=None, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
       self.vision = vision_lib.VisionEncoder(cfg.vision, remat=cfg.remat != 'none', **kw)
-      self.projector = layers.Einsum('NPA,AD->NPD', (cfg.vision.vision_output_dim, D),
-                                     ('mlp', 'embed'), **kw)
+      self.projector = layers.Einsum(
+          'NPA,AD->NPD', (cfg.vision.vision_output_dim, D), ('mlp', 'embed'), **kw
+      )
 
   def embed_tokens(self, tokens_BT: jax.Array) -> jax.Array:
     x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(self.cfg.dtype)
@@ -99,8 +122,10 @@ class Llama4(nnx.Module):
     if self.cfg.vision is None:
       raise ValueError('images were given to a text-only model (config.model.vision is None)')
     if pixels_BMCHW.ndim != 5:
-      raise ValueError(f'images must be [batch, tiles, channels, height, width], '
-                       f'got shape {tuple(pixels_BMCHW.shape)}')
+      raise ValueError(
+          f'images must be [batch, tiles, channels, height, width], '
+          f'got shape {tuple(pixels_BMCHW.shape)}'
+      )
     B, M = pixels_BMCHW.shape[:2]
     tokens_NPA = self.vision(pixels_BMCHW.reshape(B * M, *pixels_BMCHW.shape[2:]))
     tokens_NPD = self.projector(tokens_NPA)
@@ -111,11 +136,16 @@ class Llama4(nnx.Module):
     x_BTD = self.embed_tokens(tokens_BT)
     if pixels_BMCHW is None:
       return x_BTD
-    return merge_image_features(x_BTD, tokens_BT, self.encode_images(pixels_BMCHW),
-                                self.cfg.vision.image_token_id)
+    return merge_image_features(
+        x_BTD, tokens_BT, self.encode_images(pixels_BMCHW), self.cfg.vision.image_token_id
+    )
 
-  def __call__(self, tokens_BT: jax.Array, segment_ids_BT: jax.Array | None = None,
-               pixels_BMCHW: jax.Array | None = None):
+  def __call__(
+      self,
+      tokens_BT: jax.Array,
+      segment_ids_BT: jax.Array | None = None,
+      pixels_BMCHW: jax.Array | None = None,
+  ):
     """Full-sequence forward pass. Returns (logits_BTV in float32, moe statistics).
 
     segment_ids_BT: 0 marks padding; tokens attend within their segment, and
@@ -126,14 +156,21 @@ class Llama4(nnx.Module):
     """
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
-    inputs = attention.make_attention_inputs(segment_ids_BT, 0, tokens_BT.shape[1],
-                                             self.cfg.attention_chunk_size)
+    inputs = attention.make_attention_inputs(
+        segment_ids_BT, 0, tokens_BT.shape[1], self.cfg.attention_chunk_size
+    )
     x_BTD = self.embed_inputs(tokens_BT, pixels_BMCHW)
     x_BTD, _, stats = self._run_stages(x_BTD, inputs, None, None)
     return self._logits(x_BTD), stats
 
-  def decode(self, tokens_BT: jax.Array, cache: dict, segment_ids_BT: jax.Array | None = None,
-             pixels_BMCHW: jax.Array | None = None, last_logits_only: bool = False):
+  def decode(
+      self,
+      tokens_BT: jax.Array,
+      cache: dict,
+      segment_ids_BT: jax.Array | None = None,
+      pixels_BMCHW: jax.Array | None = None,
+      last_logits_only: bool = False,
+  ):
     """Runs T new tokens against a KV cache (prefill, with images if any, or one decode step).
 
     Returns (logits_BTV in float32, updated cache); with last_logits_only, the
@@ -143,14 +180,22 @@ class Llama4(nnx.Module):
       segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
     offset = cache['index']
     key_segments_BS = jax.lax.dynamic_update_slice_in_dim(
-        cache['segment_ids'], segment_ids_BT.astype(jnp.int32), offset, 1)
+        cache['segment_ids'], segment_ids_BT.astype(jnp.int32), offset, 1
+    )
     inputs = attention.make_attention_inputs(
-        key_segments_BS, offset, tokens_BT.shape[1], self.cfg.attention_chunk_size,
-        ring_size=self._ring_size(key_segments_BS.shape[1]))
+        key_segments_BS,
+        offset,
+        tokens_BT.shape[1],
+        self.cfg.attention_chunk_size,
+        ring_size=self._ring_size(key_segments_BS.shape[1]),
+    )
     x_BTD = self.embed_inputs(tokens_BT, pixels_BMCHW)
     x_BTD, layer_caches, _ = self._run_stages(x_BTD, inputs, cache['layers'], offset)
-    new_cache = {'index': offset + tokens_BT.shape[1], 'segment_ids': key_segments_BS,
-                 'layers': layer_caches}
+    new_cache = {
+        'index': offset + tokens_BT.shape[1],
+        'segment_ids': key_segments_BS,
+        'layers': layer_caches,
+    }
     return self._logits(x_BTD[:, -1:] if last_logits_only else x_BTD), new_cache
 
   def _ring_size(self, max_len: int) -> int | None:
@@ -172,8 +217,11 @@ class Llama4(nnx.Module):
       return jax.tree.map(lambda a: jnp.broadcast_to(a, (repeats,) + a.shape), zeros)
 
     stacked = [[layer_cache(kind, stage.repeats) for kind in stage.kinds] for stage in cfg.stages()]
-    return {'index': jnp.zeros((), jnp.int32), 'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
-            'layers': stacked}
+    return {
+        'index': jnp.zeros((), jnp.int32),
+        'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
+        'layers': stacked,
+    }
 
   def _logits(self, x_BTD):
     logits_BTV = self.lm_head(self.final_norm(x_BTD))
@@ -192,19 +240,19 @@ class Llama4(nnx.Module):
         return x_BTD, (block_cache, stats)
 
       if policy is not None:
-        body = jax.checkpoint(body, prevent_cse=False,
-                              policy=None if policy == 'full' else policy)
+        body = jax.checkpoint(body, prevent_cse=False, policy=None if policy == 'full' else policy)
       stage_cache = None if caches is None else caches[s]
       x_BTD, (stage_cache, stats) = jax.lax.scan(body, x_BTD, (state, stage_cache))
       new_caches.append(stage_cache)
       if stats is not None:  # [repeats, moe layers in block, ...] -> [layers, ...]
         all_stats.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stats))
-    stats = (jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats) if all_stats else None)
+    stats = jax.tree.map(lambda *xs: jnp.concatenate(xs), *all_stats) if all_stats else None
     return x_BTD, new_caches, stats
 
 
-def merge_image_features(x_BTD: jax.Array, tokens_BT: jax.Array, image_BKD: jax.Array,
-                         image_token_id: int) -> jax.Array:
+def merge_image_features(
+    x_BTD: jax.Array, tokens_BT: jax.Array, image_BKD: jax.Array, image_token_id: int
+) -> jax.Array:
   """Row b's k-th `<|patch|>` token takes image_BKD[b, k]; other tokens keep x_BTD.
 
   Per row, so rows may hold different numbers of tiles (the rest of image_BKD
@@ -243,8 +291,10 @@ def unstack_layers(model: Llama4) -> Llama4:
     return model
   graphdef, state = nnx.split(abstract_model(cfg.replace(scan_layers=False)))
   stacked = nnx.to_pure_dict(nnx.state(model))
-  layers = {i: jax.tree.map(lambda a, r=r: a[r:r + 1], stacked['stages'][s]['layers'][j])
-            for i, (s, r, j) in enumerate(layer_index_map(cfg))}
+  layers = {
+      i: jax.tree.map(lambda a, r=r: a[r : r + 1], stacked['stages'][s]['layers'][j])
+      for i, (s, r, j) in enumerate(layer_index_map(cfg))
+  }
   nnx.replace_by_pure_dict(state, {**stacked, 'stages': {0: {'layers': layers}}})
   return nnx.merge(graphdef, state)
 

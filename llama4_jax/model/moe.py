@@ -58,7 +58,9 @@ def dense_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD,
   Assignments to experts outside [0, E) are ignored (used by expert parallelism).
   """
   E = wi_gate_EDF.shape[0]
-  score_NE = jnp.sum(jax.nn.one_hot(experts_NK, E, dtype=x_ND.dtype) * weights_NK[..., None], axis=1)
+  score_NE = jnp.sum(
+      jax.nn.one_hot(experts_NK, E, dtype=x_ND.dtype) * weights_NK[..., None], axis=1
+  )
   x_END = x_ND[None] * score_NE.T[..., None]
   gate_ENF = jnp.einsum('END,EDF->ENF', x_END, wi_gate_EDF)
   up_ENF = jnp.einsum('END,EDF->ENF', x_END, wi_up_EDF)
@@ -114,26 +116,38 @@ def _block_layout(x_ND, weights_NK, experts_NK, num_experts, b):
   valid_A = expert_sorted_A < E
   safe_expert_A = jnp.where(valid_A, expert_sorted_A, 0)
   # Row of each sorted assignment in the padded layout; invalid ones go to a trash row.
-  dest_A = jnp.where(valid_A, padded_end_E[safe_expert_A] - padded_E[safe_expert_A]
-                     + jnp.arange(A) - start_E[safe_expert_A], rows)
+  dest_A = jnp.where(
+      valid_A,
+      padded_end_E[safe_expert_A]
+      - padded_E[safe_expert_A]
+      + jnp.arange(A)
+      - start_E[safe_expert_A],
+      rows,
+  )
   token_R = jnp.full((rows + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[:rows]
-  weight_R = jnp.zeros((rows + 1,), x_ND.dtype).at[dest_A].set(
-      weights_NK.reshape(-1)[order_A])[:rows]
+  weight_R = (
+      jnp.zeros((rows + 1,), x_ND.dtype).at[dest_A].set(weights_NK.reshape(-1)[order_A])[:rows]
+  )
   expert_B = jnp.minimum(
-      jnp.searchsorted(padded_end_E, jnp.arange(num_blocks) * b, side='right'), E - 1)
+      jnp.searchsorted(padded_end_E, jnp.arange(num_blocks) * b, side='right'), E - 1
+  )
   x_RD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[token_R] * weight_R[:, None]
   return x_RD.reshape(num_blocks, b, D), token_R, expert_B, padded_end_E[-1] // b
 
 
 def _unblock(y_BbD, token_R, N):
   """Sums each row's output into its token (padding rows land on a dropped row N)."""
-  y_ND = jnp.zeros((N + 1, y_BbD.shape[-1]), y_BbD.dtype).at[token_R].add(
-      y_BbD.reshape(-1, y_BbD.shape[-1]))
+  y_ND = (
+      jnp.zeros((N + 1, y_BbD.shape[-1]), y_BbD.dtype)
+      .at[token_R]
+      .add(y_BbD.reshape(-1, y_BbD.shape[-1]))
+  )
   return y_ND[:N]
 
 
-def blocked_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
-                              block_size=32, **_):
+def blocked_dropless_dispatch(
+    x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *, block_size=32, **_
+):
   """Dropless on any backend: groups padded to blocks, one batched einsum over blocks.
 
   With A = N*k assignments the blocks number at most A/b + E (static), so the
@@ -141,7 +155,8 @@ def blocked_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_E
   it grows with E only through the padding of E*b rows.
   """
   x_BbD, token_R, expert_B, _ = _block_layout(
-      x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], block_size)
+      x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], block_size
+  )
   wi_gate_BDF, wi_up_BDF, wo_BFD = (w[expert_B] for w in (wi_gate_EDF, wi_up_EDF, wo_EFD))
   with jax.named_scope('expert_matmuls'):
     gate = jnp.einsum('BbD,BDF->BbF', x_BbD, wi_gate_BDF)
@@ -150,8 +165,18 @@ def blocked_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_E
   return _unblock(y_BbD, token_R, x_ND.shape[0]), jnp.zeros((), jnp.float32)
 
 
-def capacity_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *,
-                      capacity_factor=1.25, num_routed=None, **_):
+def capacity_dispatch(
+    x_ND,
+    weights_NK,
+    experts_NK,
+    wi_gate_EDF,
+    wi_up_EDF,
+    wo_EFD,
+    *,
+    capacity_factor=1.25,
+    num_routed=None,
+    **_,
+):
   """Each expert takes its first C assignments (token order); the rest are dropped.
 
   C = ceil(capacity_factor * num_routed * k / E), num_routed defaulting to N.
@@ -167,11 +192,13 @@ def capacity_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_E
   slot_A = jnp.arange(A) - start_E[safe_expert_A]
   kept_A = valid_A & (slot_A < C)
   dest_A = jnp.where(kept_A, safe_expert_A * C + slot_A, E * C)  # E*C: trash slot
-  token_S = jnp.full((E * C + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[:E * C]
-  weight_S = jnp.zeros((E * C + 1,), x_ND.dtype).at[dest_A].set(
-      weights_NK.reshape(-1)[order_A])[:E * C]
-  x_ECD = (jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[token_S]
-           * weight_S[:, None]).reshape(E, C, D)
+  token_S = jnp.full((E * C + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[: E * C]
+  weight_S = (
+      jnp.zeros((E * C + 1,), x_ND.dtype).at[dest_A].set(weights_NK.reshape(-1)[order_A])[: E * C]
+  )
+  x_ECD = (
+      jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[token_S] * weight_S[:, None]
+  ).reshape(E, C, D)
   gate = jnp.einsum('ECD,EDF->ECF', x_ECD, wi_gate_EDF)
   up = jnp.einsum('ECD,EDF->ECF', x_ECD, wi_up_EDF)
   y_ECD = jnp.einsum('ECF,EFD->ECD', jax.nn.silu(gate) * up, wo_EFD)
@@ -221,8 +248,10 @@ def switched_dispatch(x_ND, weights_NK, experts_NK, expert_weights, *, block_siz
   branches = [functools.partial(_swiglu, *weights) for weights in expert_weights]
   branches.append(jnp.zeros_like)  # expert E: padding blocks, or experts outside [0, E)
   with jax.named_scope('expert_matmuls'):
-    y_BbD = jax.lax.map(lambda block: jax.lax.switch(block[1], branches, block[0]),
-                        (x_BbD, jnp.minimum(expert_B, E)))
+    y_BbD = jax.lax.map(
+        lambda block: jax.lax.switch(block[1], branches, block[0]),
+        (x_BbD, jnp.minimum(expert_B, E)),
+    )
   return _unblock(y_BbD, token_R, N), jnp.zeros((), jnp.float32)
 
 
@@ -265,8 +294,9 @@ DISPATCHERS = {
 # Router statistics -------------------------------------------------------------
 
 
-def router_statistics(logits_BTE: jax.Array, experts_BTK: jax.Array,
-                      valid_BT: jax.Array) -> dict[str, jax.Array]:
+def router_statistics(
+    logits_BTE: jax.Array, experts_BTK: jax.Array, valid_BT: jax.Array
+) -> dict[str, jax.Array]:
   """Auxiliary losses and load statistics of one MoE layer (float32; padding excluded).
 
   load_balance_loss: for each sequence s, E * sum_e f_se * p_se, averaged over
@@ -282,7 +312,9 @@ def router_statistics(logits_BTE: jax.Array, experts_BTK: jax.Array,
   logits32 = logits_BTE.astype(jnp.float32)
   valid32 = valid_BT.astype(jnp.float32)
   tokens_B = jnp.maximum(jnp.sum(valid32, axis=1), 1.0)
-  assigned_BTE = jnp.sum(jax.nn.one_hot(experts_BTK, E, dtype=jnp.float32), axis=2) * valid32[..., None]
+  assigned_BTE = (
+      jnp.sum(jax.nn.one_hot(experts_BTK, E, dtype=jnp.float32), axis=2) * valid32[..., None]
+  )
   fraction_BE = jnp.sum(assigned_BTE, axis=1) / (tokens_B[:, None] * experts_BTK.shape[-1])
   probs_BTE = jax.nn.sigmoid(logits32)
   probs_BTE = probs_BTE / jnp.sum(probs_BTE, axis=-1, keepdims=True)
@@ -292,8 +324,11 @@ def router_statistics(logits_BTE: jax.Array, experts_BTK: jax.Array,
   load_balance = jnp.sum(per_sequence_B * has_tokens_B) / jnp.maximum(jnp.sum(has_tokens_B), 1.0)
   z_BT = jax.nn.logsumexp(logits32, axis=-1) ** 2
   z_loss = jnp.sum(z_BT * valid32) / jnp.maximum(jnp.sum(valid32), 1.0)
-  return {'load_balance_loss': load_balance, 'router_z_loss': z_loss,
-          'tokens_per_expert': jnp.sum(assigned_BTE, axis=(0, 1))}
+  return {
+      'load_balance_loss': load_balance,
+      'router_z_loss': z_loss,
+      'tokens_per_expert': jnp.sum(assigned_BTE, axis=(0, 1)),
+  }
 
 
 # The layer ----------------------------------------------------------------------
@@ -314,8 +349,9 @@ class MoE(nnx.Module):
     D, F, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     std, dtype, pdt = cfg.initializer_range, cfg.dtype, cfg.param_dtype
     init = nnx.initializers.normal(std)
-    self.router = layers.Einsum('BTD,DE->BTE', (D, E), ('embed', None), rngs=rngs, std=std,
-                                dtype=dtype, param_dtype=pdt)
+    self.router = layers.Einsum(
+        'BTD,DE->BTE', (D, E), ('embed', None), rngs=rngs, std=std, dtype=dtype, param_dtype=pdt
+    )
     self.wi_gate = sharding.param(init(rngs.params(), (E, D, F), pdt), ('expert', 'embed', 'mlp'))
     self.wi_up = sharding.param(init(rngs.params(), (E, D, F), pdt), ('expert', 'embed', 'mlp'))
     self.wo = sharding.param(init(rngs.params(), (E, F, D), pdt), ('expert', 'mlp', 'embed'))
@@ -324,8 +360,11 @@ class MoE(nnx.Module):
     self.dtype = dtype
     self.block_size = cfg.moe_block_size
     self.dispatch = functools.partial(
-        DISPATCHERS[cfg.moe_dispatch], grouped_matmul=cfg.moe_grouped_matmul,
-        block_size=cfg.moe_block_size, capacity_factor=cfg.moe_capacity_factor)
+        DISPATCHERS[cfg.moe_dispatch],
+        grouped_matmul=cfg.moe_grouped_matmul,
+        block_size=cfg.moe_block_size,
+        capacity_factor=cfg.moe_capacity_factor,
+    )
 
   @property
   def experts_split(self) -> bool:
@@ -343,8 +382,9 @@ class MoE(nnx.Module):
       return
     for name in ('wi_gate', 'wi_up', 'wo'):
       stacked = getattr(self, name)[...]
-      setattr(self, name, nnx.List(
-          [nnx.Param(stacked[..., e, :, :]) for e in range(stacked.shape[-3])]))
+      setattr(
+          self, name, nnx.List([nnx.Param(stacked[..., e, :, :]) for e in range(stacked.shape[-3])])
+      )
 
   def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
     """Returns (y_BTD, statistics); valid_BT (False = padding) only affects statistics."""
@@ -355,8 +395,9 @@ class MoE(nnx.Module):
       top_logits_BTK, experts_BTK = jax.lax.top_k(logits_BTE, self.top_k)
       weights_BTK = jax.nn.sigmoid(top_logits_BTK.astype(jnp.float32)).astype(self.dtype)
     with jax.named_scope('moe_dispatch'):  # profiling.py: everything but the expert matmuls
-      routed_ND, dropped = self._routed(x_BTD.reshape(B * T, D), weights_BTK.reshape(B * T, -1),
-                                        experts_BTK.reshape(B * T, -1))
+      routed_ND, dropped = self._routed(
+          x_BTD.reshape(B * T, D), weights_BTK.reshape(B * T, -1), experts_BTK.reshape(B * T, -1)
+      )
     y_BTD = self.shared_expert(x_BTD) + routed_ND.reshape(B, T, D)
     y_BTD = sharding.shard(y_BTD, 'act_batch', 'act_seq', 'act_embed')
     if valid_BT is None:
@@ -370,8 +411,9 @@ class MoE(nnx.Module):
     cast = lambda w: w[...].astype(self.dtype)
     if self.experts_split:
       expert_weights = [tuple(map(cast, w)) for w in zip(self.wi_gate, self.wi_up, self.wo)]
-      return switched_dispatch(x_ND, weights_NK, experts_NK, expert_weights,
-                               block_size=self.block_size)
+      return switched_dispatch(
+          x_ND, weights_NK, experts_NK, expert_weights, block_size=self.block_size
+      )
     args = (x_ND, weights_NK, experts_NK, cast(self.wi_gate), cast(self.wi_up), cast(self.wo))
     # Whenever the mesh splits the tokens, each device dispatches its own (and,
     # with an expert axis, its expert group's): a global sort would make
@@ -412,11 +454,18 @@ def _sharded_dispatch(dispatch, x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up
   if E % ep:
     raise ValueError(f'num_experts={E} is not divisible by mesh.expert={ep}')
   tokens = P(batch, None)
-  in_specs = (tokens, tokens, tokens, P('expert', None, tensor), P('expert', None, tensor),
-              P('expert', tensor, None))
+  in_specs = (
+      tokens,
+      tokens,
+      tokens,
+      P('expert', None, tensor),
+      P('expert', None, tensor),
+      P('expert', tensor, None),
+  )
 
-  @functools.partial(jax.shard_map, mesh=mesh, in_specs=in_specs, out_specs=(tokens, P()),
-                     check_vma=False)
+  @functools.partial(
+      jax.shard_map, mesh=mesh, in_specs=in_specs, out_specs=(tokens, P()), check_vma=False
+  )
   def local(x_nD, weights_nK, experts_nK, wi_gate, wi_up, wo):
     gather = lambda a: jax.lax.all_gather(a, 'expert', axis=0, tiled=True)
     x_gD, weights_gK, experts_gK = gather(x_nD), gather(weights_nK), gather(experts_nK)
@@ -424,11 +473,13 @@ def _sharded_dispatch(dispatch, x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up
     first = jax.lax.axis_index('expert') * local_E
     local_experts_gK = experts_gK - first
     # Other devices' experts fall outside [0, local_E): dispatches skip them.
-    local_experts_gK = jnp.where((local_experts_gK >= 0) & (local_experts_gK < local_E),
-                                 local_experts_gK, local_E)
+    local_experts_gK = jnp.where(
+        (local_experts_gK >= 0) & (local_experts_gK < local_E), local_experts_gK, local_E
+    )
     # Capacity per expert as for the whole group: C = cf * group tokens * k / E.
-    y_gD, dropped = dispatch(x_gD, weights_gK, local_experts_gK, wi_gate, wi_up, wo,
-                             num_routed=x_gD.shape[0] // ep)
+    y_gD, dropped = dispatch(
+        x_gD, weights_gK, local_experts_gK, wi_gate, wi_up, wo, num_routed=x_gD.shape[0] // ep
+    )
     if tensor:
       y_gD = jax.lax.psum(y_gD, tensor)
     y_nD = jax.lax.psum_scatter(y_gD, 'expert', scatter_dimension=0, tiled=True)

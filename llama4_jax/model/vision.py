@@ -27,11 +27,12 @@ from llama4_jax.model import layers
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """The vision tower (HF `Llama4VisionConfig`) and the multimodal token ids."""
-  hidden_size: int = 32                # W
+
+  hidden_size: int = 32  # W
   num_layers: int = 2
   num_heads: int = 4
-  intermediate_size: int = 128         # encoder MLP width; also the adapter's input, W / ratio^2
-  image_size: int = 56                 # tile side in pixels
+  intermediate_size: int = 128  # encoder MLP width; also the adapter's input, W / ratio^2
+  image_size: int = 56  # tile side in pixels
   patch_size: int = 7
   num_channels: int = 3
   pixel_shuffle_ratio: float = 0.5
@@ -39,36 +40,59 @@ class VisionConfig:
   projector_output_dim: int = 48
   vision_output_dim: int = 48
   rope_theta: float = 10000.0
-  norm_eps: float = 1e-5               # HF's LayerNorms use torch's default 1e-5 whatever the config says
-  max_tiles: int = 16                  # preprocessing: most tiles per image (before the global tile)
-  image_token_id: int = 5              # <|patch|>: its embeddings are replaced by image features
-  boi_token_id: int = 6                # <|image_start|> (HF config round trip)
-  eoi_token_id: int = 7                # <|image_end|>
+  norm_eps: float = 1e-5  # HF's LayerNorms use torch's default 1e-5 whatever the config says
+  max_tiles: int = 16  # preprocessing: most tiles per image (before the global tile)
+  image_token_id: int = 5  # <|patch|>: its embeddings are replaced by image features
+  boi_token_id: int = 6  # <|image_start|> (HF config round trip)
+  eoi_token_id: int = 7  # <|image_end|>
 
   def __post_init__(self):
     def fail(key, msg):
       raise ValueError(f'config.model.vision.{key}: {msg}')
-    for key in ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'image_size',
-                'patch_size', 'num_channels', 'projector_input_dim', 'projector_output_dim',
-                'vision_output_dim', 'max_tiles'):
+
+    for key in (
+        'hidden_size',
+        'num_layers',
+        'num_heads',
+        'intermediate_size',
+        'image_size',
+        'patch_size',
+        'num_channels',
+        'projector_input_dim',
+        'projector_output_dim',
+        'vision_output_dim',
+        'max_tiles',
+    ):
       if getattr(self, key) <= 0:
         fail(key, f'must be positive, got {getattr(self, key)}')
     if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
-      fail('num_heads', f'hidden_size / num_heads must be a multiple of 4 for the 2-D RoPE, got '
-           f'{self.hidden_size} / {self.num_heads}')
+      fail(
+          'num_heads',
+          f'hidden_size / num_heads must be a multiple of 4 for the 2-D RoPE, got '
+          f'{self.hidden_size} / {self.num_heads}',
+      )
     if self.image_size % self.patch_size:
       fail('image_size', f'{self.image_size} is not a multiple of patch_size={self.patch_size}')
     s = self.shuffle_block
     if abs(1 / s - self.pixel_shuffle_ratio) > 1e-9 or self.grid % s:
-      fail('pixel_shuffle_ratio', f'must be 1/k for an integer k dividing the patch grid '
-           f'{self.grid}, got {self.pixel_shuffle_ratio}')
+      fail(
+          'pixel_shuffle_ratio',
+          f'must be 1/k for an integer k dividing the patch grid '
+          f'{self.grid}, got {self.pixel_shuffle_ratio}',
+      )
     if self.intermediate_size != self.hidden_size * s * s:
-      fail('intermediate_size', f'must equal hidden_size / pixel_shuffle_ratio^2 = '
-           f'{self.hidden_size * s * s} (it is also the adapter input), got {self.intermediate_size}')
+      fail(
+          'intermediate_size',
+          f'must equal hidden_size / pixel_shuffle_ratio^2 = '
+          f'{self.hidden_size * s * s} (it is also the adapter input), got {self.intermediate_size}',
+      )
     if not self.projector_input_dim == self.projector_output_dim == self.vision_output_dim:
-      fail('projector_output_dim', 'projector_input_dim, projector_output_dim and '
-           'vision_output_dim must be equal (HF layer shapes), got '
-           f'{self.projector_input_dim}, {self.projector_output_dim}, {self.vision_output_dim}')
+      fail(
+          'projector_output_dim',
+          'projector_input_dim, projector_output_dim and '
+          'vision_output_dim must be equal (HF layer shapes), got '
+          f'{self.projector_input_dim}, {self.projector_output_dim}, {self.vision_output_dim}',
+      )
 
   @property
   def grid(self) -> int:
@@ -103,7 +127,7 @@ def rope_angles(cfg: VisionConfig) -> np.ndarray:
   """
   head_dim = cfg.hidden_size // cfg.num_heads
   freqs = 1.0 / cfg.rope_theta ** (np.arange(head_dim // 4, dtype=np.float32) * 4 / head_dim)
-  y, x = np.divmod(np.arange(cfg.grid ** 2), cfg.grid)
+  y, x = np.divmod(np.arange(cfg.grid**2), cfg.grid)
   angles = np.concatenate([(x[:, None] + 1) * freqs, (y[:, None] + 1) * freqs], axis=1)
   return np.concatenate([angles, np.zeros((1, head_dim // 2))]).astype(np.float32)
 
@@ -157,21 +181,34 @@ class EncoderLayer(nnx.Module):
 class VisionEncoder(nnx.Module):
   """Tiles [N, C, I, I] -> image tokens [N, P', projector_output_dim] (before the projector)."""
 
-  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, std: float, dtype, param_dtype,
-               remat: bool = False):
+  def __init__(
+      self,
+      cfg: VisionConfig,
+      *,
+      rngs: nnx.Rngs,
+      std: float,
+      dtype,
+      param_dtype,
+      remat: bool = False,
+  ):
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
     W, p = cfg.hidden_size, cfg.patch_size
     kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype)
-    self.patch_embed = layers.Einsum('NPQ,QW->NPW', (cfg.num_channels * p * p, W),
-                                     (None, 'embed'), **kw)
+    self.patch_embed = layers.Einsum(
+        'NPQ,QW->NPW', (cfg.num_channels * p * p, W), (None, 'embed'), **kw
+    )
     # HF initialises both at W^-1/2 scale.
-    init = nnx.initializers.normal(W ** -0.5)
+    init = nnx.initializers.normal(W**-0.5)
     self.class_embedding = sharding.param(init(rngs.params(), (W,), param_dtype), ('embed',))
-    self.positions = sharding.param(init(rngs.params(), (cfg.grid ** 2 + 1, W), param_dtype), (None, 'embed'))
+    self.positions = sharding.param(
+        init(rngs.params(), (cfg.grid**2 + 1, W), param_dtype), (None, 'embed')
+    )
     self.pre_norm = layers.LayerNorm(W, cfg.norm_eps, param_dtype=param_dtype)
     self.layers = layers.stacked(  # scanned
         lambda r: EncoderLayer(cfg, rngs=r, std=std, dtype=dtype, param_dtype=param_dtype),
-        cfg.num_layers, rngs)
+        cfg.num_layers,
+        rngs,
+    )
     self.post_norm = layers.LayerNorm(W, cfg.norm_eps, param_dtype=param_dtype)
     A, F = cfg.projector_output_dim, cfg.intermediate_size
     self.adapter_fc1 = layers.Einsum('NPF,FA->NPA', (F, A), ('mlp', 'embed'), **kw)
@@ -181,11 +218,14 @@ class VisionEncoder(nnx.Module):
     cfg = self.cfg
     expected = (cfg.num_channels, cfg.image_size, cfg.image_size)
     if pixels_NCHW.ndim != 4 or pixels_NCHW.shape[1:] != expected:
-      raise ValueError(f'vision tower: tiles must have shape [N, {", ".join(map(str, expected))}], '
-                       f'got {tuple(pixels_NCHW.shape)}')
+      raise ValueError(
+          f'vision tower: tiles must have shape [N, {", ".join(map(str, expected))}], '
+          f'got {tuple(pixels_NCHW.shape)}'
+      )
     x_NPW = self.patch_embed(unfold_patches(pixels_NCHW.astype(self.dtype), cfg.patch_size))
-    cls_NPW = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype),
-                               (x_NPW.shape[0], 1, x_NPW.shape[2]))
+    cls_NPW = jnp.broadcast_to(
+        self.class_embedding[...].astype(self.dtype), (x_NPW.shape[0], 1, x_NPW.shape[2])
+    )
     x_NPW = jnp.concatenate([x_NPW, cls_NPW], axis=1) + self.positions[...].astype(self.dtype)
     x_NPW = self.pre_norm(x_NPW)
     angles_TJ = jnp.asarray(rope_angles(cfg))
@@ -198,7 +238,7 @@ class VisionEncoder(nnx.Module):
     if self.remat:
       body = jax.checkpoint(body, prevent_cse=False)
     x_NPW, _ = jax.lax.scan(body, x_NPW, state)
-    x_NPW = self.post_norm(x_NPW)[:, :-1]                                    # drop CLS
+    x_NPW = self.post_norm(x_NPW)[:, :-1]  # drop CLS
     x_NPF = pixel_shuffle(x_NPW, cfg.shuffle_block)
     gelu = lambda x: jax.nn.gelu(x, approximate=False)
     return gelu(self.adapter_fc2(gelu(self.adapter_fc1(x_NPF))))

@@ -26,12 +26,19 @@ from llama4_jax import config_lib, flops, sharding, trainer
 from llama4_jax import model as model_lib
 from llama4_jax.data import image_text
 
-GiB = 2 ** 30
+GiB = 2**30
 
 # Memory per device in GiB (data-sheet sizes; what a program may use is a little less).
 ACCELERATORS = {
-    'tpu-v5e': 16, 'tpu-v4': 32, 'tpu-v6e': 32, 'a100-40gb': 40, 'a100-80gb': 80, 'h100': 80,
-    'tpu-v5p': 95, 'h200': 141, 'b200': 180,
+    'tpu-v5e': 16,
+    'tpu-v4': 32,
+    'tpu-v6e': 32,
+    'a100-40gb': 40,
+    'a100-80gb': 80,
+    'h100': 80,
+    'tpu-v5p': 95,
+    'h200': 141,
+    'b200': 180,
 }
 
 # Below this fraction of an accelerator's memory a config "fits"; above it but
@@ -48,8 +55,10 @@ def use_fake_cpu_devices(num_devices: int):
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', num_devices)
   if jax.device_count() != num_devices:  # backends were created earlier with another count
-    raise RuntimeError(f'asked for {num_devices} fake CPU devices but JAX already has '
-                       f'{jax.device_count()}; set them before anything uses a device')
+    raise RuntimeError(
+        f'asked for {num_devices} fake CPU devices but JAX already has '
+        f'{jax.device_count()}; set them before anything uses a device'
+    )
 
 
 def truncate_layers(config: mlc.ConfigDict, num_layers: int) -> mlc.ConfigDict:
@@ -60,8 +69,9 @@ def truncate_layers(config: mlc.ConfigDict, num_layers: int) -> mlc.ConfigDict:
   """
   model = config.model
   if not 0 < num_layers <= model.num_layers:
-    raise config_lib.ConfigError(f'config.model.num_layers: cannot cut {model.num_layers} '
-                                 f'layers to {num_layers}')
+    raise config_lib.ConfigError(
+        f'config.model.num_layers: cannot cut {model.num_layers} ' f'layers to {num_layers}'
+    )
   config = mlc.ConfigDict(config.to_dict())
   config.model.num_layers = num_layers
   config.model.no_rope_layers = tuple(model.no_rope_layers[:num_layers])
@@ -75,16 +85,23 @@ def truncate_layers(config: mlc.ConfigDict, num_layers: int) -> mlc.ConfigDict:
 def abstract_batch(config: mlc.ConfigDict, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
   """The global training batch the data pipeline feeds (`data._to_features`), as shapes."""
   shape = (config.train.batch_size, config.data.seq_len)
-  dtypes = {'inputs': jnp.int32, 'targets': jnp.int32, 'segment_ids': jnp.int32,
-            'positions': jnp.int32, 'weights': jnp.float32}
+  dtypes = {
+      'inputs': jnp.int32,
+      'targets': jnp.int32,
+      'segment_ids': jnp.int32,
+      'positions': jnp.int32,
+      'weights': jnp.float32,
+  }
   batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=batch_sharding) for k, d in dtypes.items()}
   cfg = config_lib.model_config(config)
   tiles = image_text.tiles_per_row(config, cfg)
   if tiles:  # image_text.RowMaker.row
     v = cfg.vision
     batch['pixels'] = jax.ShapeDtypeStruct(
-        (shape[0], tiles, v.num_channels, v.image_size, v.image_size), jnp.float32,
-        sharding=batch_sharding)
+        (shape[0], tiles, v.num_channels, v.image_size, v.image_size),
+        jnp.float32,
+        sharding=batch_sharding,
+    )
   return batch
 
 
@@ -93,13 +110,19 @@ def _with_shardings(abstract_tree, shardings):
   flat_abstract, treedef = jax.tree.flatten(abstract_tree)
   flat_shardings = jax.tree.leaves(shardings)  # nnx Variables flatten to their value
   assert len(flat_abstract) == len(flat_shardings), (len(flat_abstract), len(flat_shardings))
-  return jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-                                      for a, s in zip(flat_abstract, flat_shardings)])
+  return jax.tree.unflatten(
+      treedef,
+      [
+          jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+          for a, s in zip(flat_abstract, flat_shardings)
+      ],
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
   """A compiled train step and the abstract inputs it was compiled for."""
+
   setup: trainer.Setup
   state: dict
   batch: dict
@@ -133,18 +156,19 @@ def per_device_bytes(tree) -> int:
 @dataclasses.dataclass(frozen=True)
 class Report:
   """Per-device memory (bytes) and FLOPs of one compiled train step."""
+
   devices: int
   mesh: Mapping[str, int]
   num_params: int
-  params: int               # parameters
-  opt_state: int            # optimizer moments (and counters)
-  batch: int                # the input batch
-  arguments: int            # all inputs, as XLA counts them
+  params: int  # parameters
+  opt_state: int  # optimizer moments (and counters)
+  batch: int  # the input batch
+  arguments: int  # all inputs, as XLA counts them
   outputs: int
-  aliased: int              # outputs written in place of donated inputs
-  temporaries: int          # gradients, activations, collectives' buffers
-  xla_flops: float          # XLA's count for one device's program
-  model_flops: float        # flops.py: 6 x active params + attention, per device per step
+  aliased: int  # outputs written in place of donated inputs
+  temporaries: int  # gradients, activations, collectives' buffers
+  xla_flops: float  # XLA's count for one device's program
+  model_flops: float  # flops.py: 6 x active params + attention, per device per step
 
   @property
   def total(self) -> int:
@@ -158,16 +182,22 @@ def report(compiled: Compiled) -> Report:
   cost = exe.cost_analysis()
   config = setup.config
   model_flops = config.train.batch_size * flops.train_flops_per_row(
-      setup.cfg, config.data.seq_len, image_text.tiles_per_row(config, setup.cfg))
+      setup.cfg, config.data.seq_len, image_text.tiles_per_row(config, setup.cfg)
+  )
   return Report(
-      devices=setup.mesh.size, mesh=dict(setup.mesh.shape),
+      devices=setup.mesh.size,
+      mesh=dict(setup.mesh.shape),
       num_params=model_lib.count_params(compiled.state['params']),
       params=per_device_bytes(compiled.state['params']),
       opt_state=per_device_bytes(compiled.state['opt_state']),
       batch=per_device_bytes(compiled.batch),
-      arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
-      aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes,
-      xla_flops=float(cost.get('flops', 0.0)), model_flops=model_flops / setup.mesh.size)
+      arguments=memory.argument_size_in_bytes,
+      outputs=memory.output_size_in_bytes,
+      aliased=memory.alias_size_in_bytes,
+      temporaries=memory.temp_size_in_bytes,
+      xla_flops=float(cost.get('flops', 0.0)),
+      model_flops=model_flops / setup.mesh.size,
+  )
 
 
 def verdict(total_bytes: int, memory_gib: float) -> str:
@@ -199,8 +229,10 @@ def format_report(r: Report, accelerators: Sequence[str] = tuple(ACCELERATORS)) 
       'fit:',
   ]
   width = max(len(a) for a in accelerators)
-  lines += [f'  {a:<{width}} {ACCELERATORS[a]:>4} GiB  {verdict(r.total, ACCELERATORS[a])}'
-            for a in accelerators]
+  lines += [
+      f'  {a:<{width}} {ACCELERATORS[a]:>4} GiB  {verdict(r.total, ACCELERATORS[a])}'
+      for a in accelerators
+  ]
   return '\n'.join(lines)
 
 

@@ -49,22 +49,34 @@ def moe_layer_step(cfg: model_lib.ModelConfig, tokens: int, seq_len: int):
     def loss(state, x):
       y, stats = nnx.merge(graphdef, state)(x)
       return jnp.mean(y * y), stats['dropped_fraction']
+
     (_, dropped), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(state, x)
     return grads, dropped
 
   return lambda: step(state, x)
 
 
-def moe_scaling(expert_counts=(4, 16, 64), modes=('dropless', 'capacity', 'dense'),
-                tokens=16384, seq_len=1024, hidden=128, expert_width=256, repeats=5,
-                reference_repeats=2) -> list[MoERow]:
+def moe_scaling(
+    expert_counts=(4, 16, 64),
+    modes=('dropless', 'capacity', 'dense'),
+    tokens=16384,
+    seq_len=1024,
+    hidden=128,
+    expert_width=256,
+    repeats=5,
+    reference_repeats=2,
+) -> list[MoERow]:
   """Forward + backward time of a top-1 MoE layer as E grows at fixed active parameters."""
   rows = []
   for E in expert_counts:
     for mode in modes:
       cfg = model_lib.PRESETS['tiny'].replace(
-          hidden_size=hidden, intermediate_size=expert_width, num_experts=E,
-          num_experts_per_tok=1, moe_dispatch=mode)
+          hidden_size=hidden,
+          intermediate_size=expert_width,
+          num_experts=E,
+          num_experts_per_tok=1,
+          moe_dispatch=mode,
+      )
       run = moe_layer_step(cfg, tokens, seq_len)
       seconds = median_seconds(run, reference_repeats if mode == 'dense' else repeats)
       rows.append(MoERow(E, mode, seconds, float(run()[1])))
@@ -77,10 +89,20 @@ DECODE_CONFIGS = {
     # The tiny training model.
     'tiny': dict(),
     # About 95M parameters: 8 layers of width 512, MoE (8 experts) on every other layer.
-    '100m': dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
-                 head_dim=64, intermediate_size=1024, intermediate_size_mlp=4096, num_experts=8,
-                 moe_layers=(1, 3, 5, 7), no_rope_layers=(1, 1, 1, 0) * 2,
-                 attention_chunk_size=128),
+    '100m': dict(
+        vocab_size=8192,
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        intermediate_size=1024,
+        intermediate_size_mlp=4096,
+        num_experts=8,
+        moe_layers=(1, 3, 5, 7),
+        no_rope_layers=(1, 1, 1, 0) * 2,
+        attention_chunk_size=128,
+    ),
 }
 
 
@@ -100,6 +122,7 @@ def hf_and_ours(cfg: model_lib.ModelConfig, directory: str):
   import transformers
 
   from llama4_jax.tools import hf_convert
+
   torch.manual_seed(0)
   hf_config = transformers.Llama4TextConfig(**hf_convert.hf_text_config(cfg))
   hf = transformers.Llama4ForCausalLM(hf_config).eval()
@@ -107,8 +130,9 @@ def hf_and_ours(cfg: model_lib.ModelConfig, directory: str):
   return hf, hf_convert.load_hf_model(directory)
 
 
-def decode_speed(names=('tiny', '100m'), batches=(1, 8), prompt_len=128, new_tokens=128,
-                 repeats=3) -> list[DecodeRow]:
+def decode_speed(
+    names=('tiny', '100m'), batches=(1, 8), prompt_len=128, new_tokens=128, repeats=3
+) -> list[DecodeRow]:
   """Decode tokens/s of sampling.generate and of transformers' generate, same model and inputs."""
   import tempfile
 
@@ -116,6 +140,7 @@ def decode_speed(names=('tiny', '100m'), batches=(1, 8), prompt_len=128, new_tok
   import torch
 
   from llama4_jax import sampling
+
   rows = []
   for name in names:
     cfg = model_lib.PRESETS['tiny'].replace(max_position_embeddings=4096, **DECODE_CONFIGS[name])
@@ -126,15 +151,22 @@ def decode_speed(names=('tiny', '100m'), batches=(1, 8), prompt_len=128, new_tok
     params = model_lib.count_params(nnx.state(ours, nnx.Param))
     for batch in batches:
       prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt_len))
-      run_ours = lambda: sampling.generate(ours, prompts.tolist(), max_new_tokens=new_tokens,
-                                           eos_ids=[])
+      run_ours = lambda: sampling.generate(
+          ours, prompts.tolist(), max_new_tokens=new_tokens, eos_ids=[]
+      )
       ids = torch.as_tensor(prompts)
 
       def run_hf():
         with torch.no_grad():
-          return hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             eos_token_id=None, pad_token_id=0)
+          return hf.generate(
+              ids,
+              attention_mask=torch.ones_like(ids),
+              do_sample=False,
+              max_new_tokens=new_tokens,
+              min_new_tokens=new_tokens,
+              eos_token_id=None,
+              pad_token_id=0,
+          )
 
       for run in (run_ours, run_hf):  # compile and warm up
         run()
@@ -145,8 +177,9 @@ def decode_speed(names=('tiny', '100m'), batches=(1, 8), prompt_len=128, new_tok
   return rows
 
 
-def decode_step_seconds_by_position(name='100m', positions=(128, 512, 1920), cache_len=2048,
-                                    batch=1, repeats=20) -> dict[int, float]:
+def decode_step_seconds_by_position(
+    name='100m', positions=(128, 512, 1920), cache_len=2048, batch=1, repeats=20
+) -> dict[int, float]:
   """Time of one jitted decode step (decode layout) at several positions of the same cache."""
   cfg = model_lib.PRESETS['tiny'].replace(max_position_embeddings=4096, **DECODE_CONFIGS[name])
   model = model_lib.decode_layout(model_lib.Llama4(cfg, rngs=nnx.Rngs(0)))
@@ -170,10 +203,22 @@ def decode_step_seconds_by_position(name='100m', positions=(128, 512, 1920), cac
 
 # Unrolled layers: XLA on CPU runs these 8 layers 13% faster than as a scan of
 # two 4-layer blocks (10.2 s -> 8.8 s per step, measured; PERFORMANCE.md).
-_80M = dict(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
-            head_dim=64, intermediate_size=1024, intermediate_size_mlp=2048,
-            num_experts_per_tok=1, moe_layers=(1, 3, 5, 7), no_rope_layers=(1, 1, 1, 0) * 2,
-            attention_chunk_size=128, max_position_embeddings=4096, scan_layers=False)
+_80M = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=64,
+    intermediate_size=1024,
+    intermediate_size_mlp=2048,
+    num_experts_per_tok=1,
+    moe_layers=(1, 3, 5, 7),
+    no_rope_layers=(1, 1, 1, 0) * 2,
+    attention_chunk_size=128,
+    max_position_embeddings=4096,
+    scan_layers=False,
+)
 
 # name: (model overrides of the tiny preset, batch, sequence length)
 TRAIN_CONFIGS = {
@@ -240,6 +285,7 @@ def ours_train_step(name: str, dtype: str):
   import numpy as np
 
   from llama4_jax import config_lib, sharding, trainer
+
   overrides, batch, seq_len = TRAIN_CONFIGS[name]
   config = config_lib.base_config()
   config.model.update(dict(overrides, dtype=dtype))
@@ -251,9 +297,15 @@ def ours_train_step(name: str, dtype: str):
   train, _ = trainer.compile_steps(setup)
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, setup.cfg.vocab_size, (batch, seq_len + 1)).astype(np.int32)
-  data = jax.device_put({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-                         'segment_ids': np.ones((batch, seq_len), np.int32),
-                         'weights': np.ones((batch, seq_len), np.float32)}, setup.batch_sharding)
+  data = jax.device_put(
+      {
+          'inputs': tokens[:, :-1],
+          'targets': tokens[:, 1:],
+          'segment_ids': np.ones((batch, seq_len), np.int32),
+          'weights': np.ones((batch, seq_len), np.float32),
+      },
+      setup.batch_sharding,
+  )
 
   def step():
     state[0], metrics = train(state[0], data)
@@ -269,9 +321,11 @@ def transformers_train_step(cfg: model_lib.ModelConfig, tokens):
   import transformers
 
   from llama4_jax.tools import hf_convert
+
   torch.manual_seed(0)
   hf = transformers.Llama4ForCausalLM(
-      transformers.Llama4TextConfig(**hf_convert.hf_text_config(cfg))).train()
+      transformers.Llama4TextConfig(**hf_convert.hf_text_config(cfg))
+  ).train()
   optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
   ids = torch.as_tensor(tokens, dtype=torch.long)
 
@@ -296,8 +350,12 @@ def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
   return {name: statistics.median(t) for name, t in times.items()}
 
 
-def train_speed(names=('tiny', '80m-e8', '80m-e32'), repeats=3, with_transformers: bool = True,
-                profile: bool = False) -> list[TrainRow]:
+def train_speed(
+    names=('tiny', '80m-e8', '80m-e32'),
+    repeats=3,
+    with_transformers: bool = True,
+    profile: bool = False,
+) -> list[TrainRow]:
   """Step time, tokens/s, MFU and step memory of both implementations.
 
   On CPU both run in float32, and the matmul peak is measured in turns with
@@ -309,6 +367,7 @@ def train_speed(names=('tiny', '80m-e8', '80m-e32'), repeats=3, with_transformer
   """
   from llama4_jax import flops
   from llama4_jax.tools import profiling
+
   on_cpu = jax.default_backend() == 'cpu'
   rows = []
   for name in names:
@@ -330,12 +389,26 @@ def train_speed(names=('tiny', '80m-e8', '80m-e32'), repeats=3, with_transformer
     step_flops = flops.train_flops_per_token(cfg, tokens.shape[1] - 1) * tokens_per_step
     hf_s = medians.get('hf')
     total = model_lib.count_params(nnx.state(model_lib.abstract_model(cfg), nnx.Param))
-    rows.append(TrainRow(
-        name, jax.devices()[0].device_kind, total, flops.active_matmul_params(cfg),
-        tokens_per_step, medians['ours'], tokens_per_step / medians['ours'],
-        step_flops / medians['ours'] / peak, memory['ours'], hf_s,
-        tokens_per_step / hf_s if hf_s else None, step_flops / hf_s / peak if hf_s else None,
-        memory.get('hf'), hf_s / medians['ours'] if hf_s else None, peak, peak_source))
+    rows.append(
+        TrainRow(
+            name,
+            jax.devices()[0].device_kind,
+            total,
+            flops.active_matmul_params(cfg),
+            tokens_per_step,
+            medians['ours'],
+            tokens_per_step / medians['ours'],
+            step_flops / medians['ours'] / peak,
+            memory['ours'],
+            hf_s,
+            tokens_per_step / hf_s if hf_s else None,
+            step_flops / hf_s / peak if hf_s else None,
+            memory.get('hf'),
+            hf_s / medians['ours'] if hf_s else None,
+            peak,
+            peak_source,
+        )
+    )
     if profile:
       rows[-1].ours_breakdown = profiling.step_breakdown(ours, compiled_text())
   return rows

@@ -44,12 +44,15 @@ def text_config_from_hf(hf: dict[str, Any], source: str = 'config.json') -> dict
     return text
   if model_type == 'llama4_text':
     return dict(hf)
-  raise ConversionError(f'{source}: model_type is {model_type!r}; expected "llama4" or '
-                        f'"llama4_text" (a Llama 4 checkpoint)')
+  raise ConversionError(
+      f'{source}: model_type is {model_type!r}; expected "llama4" or '
+      f'"llama4_text" (a Llama 4 checkpoint)'
+  )
 
 
-def model_config_from_hf(hf: dict[str, Any], source: str = 'config.json',
-                         **overrides) -> model_lib.ModelConfig:
+def model_config_from_hf(
+    hf: dict[str, Any], source: str = 'config.json', **overrides
+) -> model_lib.ModelConfig:
   """ModelConfig from an HF config dict, applying HF's defaults and legacy keys."""
   c = text_config_from_hf(hf, source)
   get = lambda key, default: default if c.get(key) is None else c[key]
@@ -67,30 +70,40 @@ def model_config_from_hf(hf: dict[str, Any], source: str = 'config.json',
     overrides['vision'] = vision_config_from_hf(hf, source)
   try:
     return model_lib.ModelConfig(
-        vocab_size=get('vocab_size', 202048), hidden_size=D, num_layers=L, num_heads=N,
-        num_kv_heads=get('num_key_value_heads', N), head_dim=get('head_dim', D // N),
+        vocab_size=get('vocab_size', 202048),
+        hidden_size=D,
+        num_layers=L,
+        num_heads=N,
+        num_kv_heads=get('num_key_value_heads', N),
+        head_dim=get('head_dim', D // N),
         intermediate_size=get('intermediate_size', 8192),
         intermediate_size_mlp=get('intermediate_size_mlp', 16384),
-        num_experts=get('num_local_experts', 16), num_experts_per_tok=get('num_experts_per_tok', 1),
-        moe_layers=tuple(moe_layers), no_rope_layers=tuple(no_rope_layers),
+        num_experts=get('num_local_experts', 16),
+        num_experts_per_tok=get('num_experts_per_tok', 1),
+        moe_layers=tuple(moe_layers),
+        no_rope_layers=tuple(no_rope_layers),
         use_qk_norm=bool(get('use_qk_norm', True)),
         attention_chunk_size=int(get('attention_chunk_size', 0) or 0),
         # Early hub configs carry the int 4 here; it means "on".
         attn_temperature_tuning=bool(get('attn_temperature_tuning', True)),
-        floor_scale=int(get('floor_scale', 8192)), attn_scale=float(get('attn_scale', 0.1)),
+        floor_scale=int(get('floor_scale', 8192)),
+        attn_scale=float(get('attn_scale', 0.1)),
         rms_norm_eps=float(get('rms_norm_eps', 1e-5)),
         max_position_embeddings=int(get('max_position_embeddings', 131072)),
         initializer_range=float(get('initializer_range', 0.02)),
         bos_token_id=int(get('bos_token_id', 1)),
         eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),),
         pad_token_id=int(get('pad_token_id', 0)),
-        **rope, **overrides)
+        **rope,
+        **overrides,
+    )
   except (ValueError, TypeError) as e:
     raise ConversionError(f'{source}: {e}') from e
 
 
-def vision_config_from_hf(hf: dict[str, Any], source: str = 'config.json'
-                          ) -> vision_lib.VisionConfig | None:
+def vision_config_from_hf(
+    hf: dict[str, Any], source: str = 'config.json'
+) -> vision_lib.VisionConfig | None:
   """The vision tower of a `llama4` config (None for a text-only checkpoint)."""
   v = hf.get('vision_config') if hf.get('model_type') == 'llama4' else None
   if not v:
@@ -99,16 +112,22 @@ def vision_config_from_hf(hf: dict[str, Any], source: str = 'config.json'
   defaults = vision_lib.VisionConfig()
   try:
     return vision_lib.VisionConfig(
-        hidden_size=v['hidden_size'], num_layers=v['num_hidden_layers'],
-        num_heads=v['num_attention_heads'], intermediate_size=v['intermediate_size'],
-        image_size=v['image_size'], patch_size=v['patch_size'],
-        num_channels=v.get('num_channels', 3), pixel_shuffle_ratio=v['pixel_shuffle_ratio'],
+        hidden_size=v['hidden_size'],
+        num_layers=v['num_hidden_layers'],
+        num_heads=v['num_attention_heads'],
+        intermediate_size=v['intermediate_size'],
+        image_size=v['image_size'],
+        patch_size=v['patch_size'],
+        num_channels=v.get('num_channels', 3),
+        pixel_shuffle_ratio=v['pixel_shuffle_ratio'],
         projector_input_dim=v['projector_input_dim'],
-        projector_output_dim=v['projector_output_dim'], vision_output_dim=v['vision_output_dim'],
+        projector_output_dim=v['projector_output_dim'],
+        vision_output_dim=v['vision_output_dim'],
         rope_theta=float(rope.get('rope_theta', v.get('rope_theta', 10000.0))),
         image_token_id=hf.get('image_token_index', defaults.image_token_id),
         boi_token_id=hf.get('boi_token_index', defaults.boi_token_id),
-        eoi_token_id=hf.get('eoi_token_index', defaults.eoi_token_id))
+        eoi_token_id=hf.get('eoi_token_index', defaults.eoi_token_id),
+    )
   except KeyError as e:
     raise ConversionError(f'{source}: vision_config lacks {e.args[0]!r}') from e
   except (ValueError, TypeError) as e:
@@ -130,8 +149,10 @@ def _rope_parameters(c: dict[str, Any], source: str) -> dict[str, Any]:
         rope_factor=float(params['factor']),
         rope_low_freq_factor=float(params['low_freq_factor']),
         rope_high_freq_factor=float(params['high_freq_factor']),
-        rope_original_max_position=int(params.get('original_max_position_embeddings')
-                                        or c.get('max_position_embeddings', 8192)))
+        rope_original_max_position=int(
+            params.get('original_max_position_embeddings') or c.get('max_position_embeddings', 8192)
+        ),
+    )
   return out
 
 
@@ -139,27 +160,46 @@ def hf_text_config(cfg: model_lib.ModelConfig) -> dict[str, Any]:
   """An HF `llama4_text` config.json dict (for `Llama4ForCausalLM`)."""
   rope: dict[str, Any] = {'rope_type': cfg.rope_type, 'rope_theta': cfg.rope_theta}
   if cfg.rope_type == 'llama3':
-    rope.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
-                high_freq_factor=cfg.rope_high_freq_factor,
-                original_max_position_embeddings=cfg.rope_original_max_position)
+    rope.update(
+        factor=cfg.rope_factor,
+        low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_position_embeddings=cfg.rope_original_max_position,
+    )
   return {
-      'architectures': ['Llama4ForCausalLM'], 'model_type': 'llama4_text',
-      'vocab_size': cfg.vocab_size, 'hidden_size': cfg.hidden_size,
-      'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
-      'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim,
-      'intermediate_size': cfg.intermediate_size, 'intermediate_size_mlp': cfg.intermediate_size_mlp,
-      'hidden_act': 'silu', 'num_local_experts': cfg.num_experts,
-      'num_experts_per_tok': cfg.num_experts_per_tok, 'moe_layers': list(cfg.moe_layers),
-      'no_rope_layers': list(cfg.no_rope_layers), 'use_qk_norm': cfg.use_qk_norm,
+      'architectures': ['Llama4ForCausalLM'],
+      'model_type': 'llama4_text',
+      'vocab_size': cfg.vocab_size,
+      'hidden_size': cfg.hidden_size,
+      'num_hidden_layers': cfg.num_layers,
+      'num_attention_heads': cfg.num_heads,
+      'num_key_value_heads': cfg.num_kv_heads,
+      'head_dim': cfg.head_dim,
+      'intermediate_size': cfg.intermediate_size,
+      'intermediate_size_mlp': cfg.intermediate_size_mlp,
+      'hidden_act': 'silu',
+      'num_local_experts': cfg.num_experts,
+      'num_experts_per_tok': cfg.num_experts_per_tok,
+      'moe_layers': list(cfg.moe_layers),
+      'no_rope_layers': list(cfg.no_rope_layers),
+      'use_qk_norm': cfg.use_qk_norm,
       'attention_chunk_size': cfg.attention_chunk_size or None,
-      'attn_temperature_tuning': cfg.attn_temperature_tuning, 'floor_scale': cfg.floor_scale,
-      'attn_scale': cfg.attn_scale, 'rms_norm_eps': cfg.rms_norm_eps,
+      'attn_temperature_tuning': cfg.attn_temperature_tuning,
+      'floor_scale': cfg.floor_scale,
+      'attn_scale': cfg.attn_scale,
+      'rms_norm_eps': cfg.rms_norm_eps,
       'max_position_embeddings': cfg.max_position_embeddings,
-      'initializer_range': cfg.initializer_range, 'rope_parameters': rope,
-      'rope_theta': cfg.rope_theta, 'rope_scaling': rope if cfg.rope_type == 'llama3' else None,
+      'initializer_range': cfg.initializer_range,
+      'rope_parameters': rope,
+      'rope_theta': cfg.rope_theta,
+      'rope_scaling': rope if cfg.rope_type == 'llama3' else None,
       'bos_token_id': cfg.bos_token_id,
-      'eos_token_id': cfg.eos_token_ids[0] if len(cfg.eos_token_ids) == 1 else list(cfg.eos_token_ids),
-      'pad_token_id': cfg.pad_token_id, 'tie_word_embeddings': False, 'attention_bias': False,
+      'eos_token_id': cfg.eos_token_ids[0]
+      if len(cfg.eos_token_ids) == 1
+      else list(cfg.eos_token_ids),
+      'pad_token_id': cfg.pad_token_id,
+      'tie_word_embeddings': False,
+      'attention_bias': False,
   }
 
 
@@ -170,20 +210,36 @@ def hf_config(cfg: model_lib.ModelConfig) -> dict[str, Any]:
   if v is None:
     return text
   vision = {
-      'model_type': 'llama4_vision_model', 'hidden_size': v.hidden_size,
-      'num_hidden_layers': v.num_layers, 'num_attention_heads': v.num_heads,
-      'intermediate_size': v.intermediate_size, 'image_size': v.image_size,
-      'patch_size': v.patch_size, 'num_channels': v.num_channels,
-      'pixel_shuffle_ratio': v.pixel_shuffle_ratio, 'projector_input_dim': v.projector_input_dim,
-      'projector_output_dim': v.projector_output_dim, 'vision_output_dim': v.vision_output_dim,
+      'model_type': 'llama4_vision_model',
+      'hidden_size': v.hidden_size,
+      'num_hidden_layers': v.num_layers,
+      'num_attention_heads': v.num_heads,
+      'intermediate_size': v.intermediate_size,
+      'image_size': v.image_size,
+      'patch_size': v.patch_size,
+      'num_channels': v.num_channels,
+      'pixel_shuffle_ratio': v.pixel_shuffle_ratio,
+      'projector_input_dim': v.projector_input_dim,
+      'projector_output_dim': v.projector_output_dim,
+      'vision_output_dim': v.vision_output_dim,
       'rope_parameters': {'rope_type': 'default', 'rope_theta': v.rope_theta},
-      'rope_theta': v.rope_theta, 'norm_eps': v.norm_eps, 'hidden_act': 'gelu',
-      'vision_feature_select_strategy': 'default', 'multi_modal_projector_bias': False}
+      'rope_theta': v.rope_theta,
+      'norm_eps': v.norm_eps,
+      'hidden_act': 'gelu',
+      'vision_feature_select_strategy': 'default',
+      'multi_modal_projector_bias': False,
+  }
   del text['architectures']
-  return {'architectures': ['Llama4ForConditionalGeneration'], 'model_type': 'llama4',
-          'text_config': text, 'vision_config': vision, 'image_token_index': v.image_token_id,
-          'boi_token_index': v.boi_token_id, 'eoi_token_index': v.eoi_token_id,
-          'tie_word_embeddings': False}
+  return {
+      'architectures': ['Llama4ForConditionalGeneration'],
+      'model_type': 'llama4',
+      'text_config': text,
+      'vision_config': vision,
+      'image_token_index': v.image_token_id,
+      'boi_token_index': v.boi_token_id,
+      'eoi_token_index': v.eoi_token_id,
+      'tie_word_embeddings': False,
+  }
 
 
 # Tensor name mapping -----------------------------------------------------------
@@ -192,21 +248,23 @@ def hf_config(cfg: model_lib.ModelConfig) -> dict[str, Any]:
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
   """How one of our per-layer tensors comes from (and goes back to) an HF tensor."""
-  hf_suffix: str                                     # name after `model.layers.{i}.`
+
+  hf_suffix: str  # name after `model.layers.{i}.`
   to_ours: Callable[[np.ndarray], np.ndarray]
   to_hf: Callable[[np.ndarray], np.ndarray]
 
 
 def _linear(*split):
   """[out, in] <-> [in, *split] (split = the out axis as several axes)."""
-  return (lambda w: w.T.reshape(w.shape[1], *split) if split else w.T,
-          lambda w: w.reshape(w.shape[0], -1).T)
+  return (
+      lambda w: w.T.reshape(w.shape[1], *split) if split else w.T,
+      lambda w: w.reshape(w.shape[0], -1).T,
+  )
 
 
 def _linear_in_split(*split):
   """[out, in] <-> [*split, out] (split = the in axis as several axes, e.g. o_proj)."""
-  return (lambda w: w.T.reshape(*split, w.shape[0]),
-          lambda w: w.reshape(-1, w.shape[-1]).T)
+  return (lambda w: w.T.reshape(*split, w.shape[0]), lambda w: w.reshape(-1, w.shape[-1]).T)
 
 
 _IDENTITY = (lambda w: w, lambda w: w)
@@ -224,17 +282,22 @@ def layer_rules(cfg: model_lib.ModelConfig, is_moe: bool) -> dict[str, TensorRul
       'attn.o_proj.w': TensorRule('self_attn.o_proj.weight', *_linear_in_split(N, H)),
   }
   if is_moe:
-    rules.update({
-        'ffn.router.w': TensorRule('feed_forward.router.weight', *_linear()),
-        'ffn.wi_gate': TensorRule('feed_forward.experts.gate_up_proj',
-                                  lambda w: w[..., :F], None),
-        'ffn.wi_up': TensorRule('feed_forward.experts.gate_up_proj',
-                                lambda w: w[..., F:], None),
-        'ffn.wo': TensorRule('feed_forward.experts.down_proj', *_IDENTITY),
-    })
+    rules.update(
+        {
+            'ffn.router.w': TensorRule('feed_forward.router.weight', *_linear()),
+            'ffn.wi_gate': TensorRule(
+                'feed_forward.experts.gate_up_proj', lambda w: w[..., :F], None
+            ),
+            'ffn.wi_up': TensorRule(
+                'feed_forward.experts.gate_up_proj', lambda w: w[..., F:], None
+            ),
+            'ffn.wo': TensorRule('feed_forward.experts.down_proj', *_IDENTITY),
+        }
+    )
     for ours, theirs in (('gate', 'gate_proj'), ('up', 'up_proj'), ('down', 'down_proj')):
       rules[f'ffn.shared_expert.{ours}.w'] = TensorRule(
-          f'feed_forward.shared_expert.{theirs}.weight', *_linear())
+          f'feed_forward.shared_expert.{theirs}.weight', *_linear()
+      )
   else:
     for ours, theirs in (('gate', 'gate_proj'), ('up', 'up_proj'), ('down', 'down_proj')):
       rules[f'ffn.{ours}.w'] = TensorRule(f'feed_forward.{theirs}.weight', *_linear())
@@ -287,22 +350,32 @@ def vision_layer_rules(v: vision_lib.VisionConfig) -> dict[str, TensorRule]:
 def expected_vision_shapes(v: vision_lib.VisionConfig, D: int) -> dict[str, tuple[int, ...]]:
   """Every HF vision/projector tensor name with the shape the config implies."""
   W, F, A = v.hidden_size, v.intermediate_size, v.projector_output_dim
-  shapes = {'vision_model.patch_embedding.linear.weight': (W, v.num_channels * v.patch_size ** 2),
-            'vision_model.class_embedding': (W,),
-            'vision_model.positional_embedding_vlm': (v.grid ** 2 + 1, W),
-            'vision_model.vision_adapter.mlp.fc1.weight': (v.projector_input_dim, F),
-            'vision_model.vision_adapter.mlp.fc2.weight': (A, A),
-            'multi_modal_projector.linear_1.weight': (D, v.vision_output_dim)}
+  shapes = {
+      'vision_model.patch_embedding.linear.weight': (W, v.num_channels * v.patch_size**2),
+      'vision_model.class_embedding': (W,),
+      'vision_model.positional_embedding_vlm': (v.grid**2 + 1, W),
+      'vision_model.vision_adapter.mlp.fc1.weight': (v.projector_input_dim, F),
+      'vision_model.vision_adapter.mlp.fc2.weight': (A, A),
+      'multi_modal_projector.linear_1.weight': (D, v.vision_output_dim),
+  }
   for norm in ('layernorm_pre', 'layernorm_post'):
     shapes.update({f'vision_model.{norm}.weight': (W,), f'vision_model.{norm}.bias': (W,)})
   for j in range(v.num_layers):
     p = f'vision_model.model.layers.{j}.'
     for x in 'qkvo':
-      shapes.update({p + f'self_attn.{x}_proj.weight': (W, W), p + f'self_attn.{x}_proj.bias': (W,)})
+      shapes.update(
+          {p + f'self_attn.{x}_proj.weight': (W, W), p + f'self_attn.{x}_proj.bias': (W,)}
+      )
     for norm in ('input_layernorm', 'post_attention_layernorm'):
       shapes.update({p + f'{norm}.weight': (W,), p + f'{norm}.bias': (W,)})
-    shapes.update({p + 'mlp.fc1.weight': (F, W), p + 'mlp.fc1.bias': (F,),
-                   p + 'mlp.fc2.weight': (W, F), p + 'mlp.fc2.bias': (W,)})
+    shapes.update(
+        {
+            p + 'mlp.fc1.weight': (F, W),
+            p + 'mlp.fc1.bias': (F,),
+            p + 'mlp.fc2.weight': (W, F),
+            p + 'mlp.fc2.bias': (W,),
+        }
+    )
   return shapes
 
 
@@ -310,23 +383,42 @@ def expected_hf_shapes(cfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]
   """Every HF text tensor name (no prefix) with the shape the config implies."""
   V, D, N, K, H = cfg.vocab_size, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   E, F, Fm = cfg.num_experts, cfg.intermediate_size, cfg.intermediate_size_mlp
-  shapes = {'model.embed_tokens.weight': (V, D), 'model.norm.weight': (D,), 'lm_head.weight': (V, D)}
+  shapes = {
+      'model.embed_tokens.weight': (V, D),
+      'model.norm.weight': (D,),
+      'lm_head.weight': (V, D),
+  }
   for i, kind in enumerate(cfg.layer_kinds()):
     p = f'model.layers.{i}.'
-    shapes.update({p + 'input_layernorm.weight': (D,), p + 'post_attention_layernorm.weight': (D,),
-                   p + 'self_attn.q_proj.weight': (N * H, D), p + 'self_attn.k_proj.weight': (K * H, D),
-                   p + 'self_attn.v_proj.weight': (K * H, D), p + 'self_attn.o_proj.weight': (D, N * H)})
+    shapes.update(
+        {
+            p + 'input_layernorm.weight': (D,),
+            p + 'post_attention_layernorm.weight': (D,),
+            p + 'self_attn.q_proj.weight': (N * H, D),
+            p + 'self_attn.k_proj.weight': (K * H, D),
+            p + 'self_attn.v_proj.weight': (K * H, D),
+            p + 'self_attn.o_proj.weight': (D, N * H),
+        }
+    )
     if kind.is_moe:
-      shapes.update({p + 'feed_forward.router.weight': (E, D),
-                     p + 'feed_forward.experts.gate_up_proj': (E, D, 2 * F),
-                     p + 'feed_forward.experts.down_proj': (E, F, D),
-                     p + 'feed_forward.shared_expert.gate_proj.weight': (F, D),
-                     p + 'feed_forward.shared_expert.up_proj.weight': (F, D),
-                     p + 'feed_forward.shared_expert.down_proj.weight': (D, F)})
+      shapes.update(
+          {
+              p + 'feed_forward.router.weight': (E, D),
+              p + 'feed_forward.experts.gate_up_proj': (E, D, 2 * F),
+              p + 'feed_forward.experts.down_proj': (E, F, D),
+              p + 'feed_forward.shared_expert.gate_proj.weight': (F, D),
+              p + 'feed_forward.shared_expert.up_proj.weight': (F, D),
+              p + 'feed_forward.shared_expert.down_proj.weight': (D, F),
+          }
+      )
     else:
-      shapes.update({p + 'feed_forward.gate_proj.weight': (Fm, D),
-                     p + 'feed_forward.up_proj.weight': (Fm, D),
-                     p + 'feed_forward.down_proj.weight': (D, Fm)})
+      shapes.update(
+          {
+              p + 'feed_forward.gate_proj.weight': (Fm, D),
+              p + 'feed_forward.up_proj.weight': (Fm, D),
+              p + 'feed_forward.down_proj.weight': (D, Fm),
+          }
+      )
   return shapes
 
 
@@ -354,6 +446,7 @@ class HFCheckpointReader:
   def _index(self) -> dict[str, str]:
     """tensor name -> safetensors file name, from the index or the single file."""
     from safetensors import safe_open
+
     index_path = self.dir / SAFETENSORS_INDEX
     if index_path.exists():
       try:
@@ -362,7 +455,9 @@ class HFCheckpointReader:
         raise ConversionError(f'{index_path}: not a safetensors index ({e})') from e
       for file in sorted(set(weight_map.values())):
         if not (self.dir / file).exists():
-          raise ConversionError(f'{index_path} names shard {file}, which is missing from {self.dir}')
+          raise ConversionError(
+              f'{index_path} names shard {file}, which is missing from {self.dir}'
+          )
       return dict(weight_map)
     files = sorted(p.name for p in self.dir.glob('*.safetensors'))
     if not files:
@@ -378,6 +473,7 @@ class HFCheckpointReader:
   def check_names_and_shapes(self):
     """Fails on unknown or missing tensors and on shapes that disagree with config.json."""
     from safetensors import safe_open
+
     expected = {self.prefix + k: v for k, v in expected_hf_shapes(self.config).items()}
     if self.config.vision is not None:
       expected.update(expected_vision_shapes(self.config.vision, self.config.hidden_size))
@@ -386,12 +482,15 @@ class HFCheckpointReader:
       names = {n for n in names if not n.startswith(('vision_model.', 'multi_modal_projector.'))}
     unknown = sorted(names - set(expected))
     if unknown:
-      raise ConversionError(f'{self.dir}: unknown tensor {unknown[0]} in {self.file_of[unknown[0]]} '
-                            f'(not part of a Llama 4 checkpoint with this config.json)')
+      raise ConversionError(
+          f'{self.dir}: unknown tensor {unknown[0]} in {self.file_of[unknown[0]]} '
+          f'(not part of a Llama 4 checkpoint with this config.json)'
+      )
     missing = sorted(set(expected) - names)
     if missing:
-      raise ConversionError(f'{self.dir}: tensor {missing[0]} is missing '
-                            f'({len(missing)} missing in all)')
+      raise ConversionError(
+          f'{self.dir}: tensor {missing[0]} is missing ' f'({len(missing)} missing in all)'
+      )
     for file in sorted(set(self.file_of.values())):
       path = self.dir / file
       try:
@@ -402,7 +501,8 @@ class HFCheckpointReader:
               if shape != expected[name]:
                 raise ConversionError(
                     f'{path}: tensor {name} has shape {shape}, but config.json implies '
-                    f'{expected[name]}')
+                    f'{expected[name]}'
+                )
       except ConversionError:
         raise
       except Exception as e:
@@ -411,6 +511,7 @@ class HFCheckpointReader:
   def get(self, name: str, text: bool = True) -> np.ndarray:
     """A tensor by its name; text tensors without the `language_model.` prefix."""
     from safetensors import safe_open
+
     name = self.prefix + name if text else name
     path = self.dir / self.file_of[name]
     try:
@@ -420,8 +521,9 @@ class HFCheckpointReader:
       raise ConversionError(f'{path}: cannot read tensor {name} ({e})') from e
 
 
-def iter_our_params(reader: HFCheckpointReader, cfg: model_lib.ModelConfig,
-                    dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+def iter_our_params(
+    reader: HFCheckpointReader, cfg: model_lib.ModelConfig, dtype=None
+) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (our flat name, array) for every parameter, reading HF tensors lazily."""
   cast = (lambda a: a.astype(dtype)) if dtype else (lambda a: a)
   for name, rule in GLOBAL_RULES.items():
@@ -431,16 +533,26 @@ def iter_our_params(reader: HFCheckpointReader, cfg: model_lib.ModelConfig,
     for j, kind in enumerate(stage.kinds):
       layers = [i for i, (si, _, ji) in enumerate(index_map) if si == s and ji == j]
       for ours, rule in layer_rules(cfg, kind.is_moe).items():
-        yield f'stages.{s}.layers.{j}.{ours}', _stack(len(layers), (
-            cast(rule.to_ours(reader.get(f'model.layers.{i}.{rule.hf_suffix}'))) for i in layers))
+        yield f'stages.{s}.layers.{j}.{ours}', _stack(
+            len(layers),
+            (cast(rule.to_ours(reader.get(f'model.layers.{i}.{rule.hf_suffix}'))) for i in layers),
+        )
   if cfg.vision is None:
     return
   for name, rule in VISION_GLOBAL_RULES.items():
     yield name, cast(rule.to_ours(reader.get(rule.hf_suffix, text=False)))
   for ours, rule in vision_layer_rules(cfg.vision).items():
-    yield f'vision.layers.{ours}', _stack(cfg.vision.num_layers, (
-        cast(rule.to_ours(reader.get(f'vision_model.model.layers.{j}.{rule.hf_suffix}', text=False)))
-        for j in range(cfg.vision.num_layers)))
+    yield f'vision.layers.{ours}', _stack(
+        cfg.vision.num_layers,
+        (
+            cast(
+                rule.to_ours(
+                    reader.get(f'vision_model.model.layers.{j}.{rule.hf_suffix}', text=False)
+                )
+            )
+            for j in range(cfg.vision.num_layers)
+        ),
+    )
 
 
 def _stack(count: int, pieces: Iterator[np.ndarray]) -> np.ndarray:
@@ -454,8 +566,9 @@ def _stack(count: int, pieces: Iterator[np.ndarray]) -> np.ndarray:
   return stacked
 
 
-def iter_hf_tensors(get_param: Callable[[str], np.ndarray],
-                    cfg: model_lib.ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+def iter_hf_tensors(
+    get_param: Callable[[str], np.ndarray], cfg: model_lib.ModelConfig
+) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (HF name, array) from our flat params, fetched one at a time by name."""
   text = 'language_model.' if cfg.vision is not None else ''
   for name, rule in GLOBAL_RULES.items():
@@ -474,8 +587,10 @@ def iter_hf_tensors(get_param: Callable[[str], np.ndarray],
           stacked = np.concatenate([stacked, up], axis=-1)
           del up
         for i, r in layers:
-          yield (f'{text}model.layers.{i}.{rule.hf_suffix}',
-                 np.ascontiguousarray(stacked[r] if rule.to_hf is None else rule.to_hf(stacked[r])))
+          yield (
+              f'{text}model.layers.{i}.{rule.hf_suffix}',
+              np.ascontiguousarray(stacked[r] if rule.to_hf is None else rule.to_hf(stacked[r])),
+          )
         del stacked
   if cfg.vision is None:
     return
@@ -484,14 +599,18 @@ def iter_hf_tensors(get_param: Callable[[str], np.ndarray],
   for ours, rule in vision_layer_rules(cfg.vision).items():
     stacked = get_param(f'vision.layers.{ours}')
     for j in range(cfg.vision.num_layers):
-      yield (f'vision_model.model.layers.{j}.{rule.hf_suffix}',
-             np.ascontiguousarray(rule.to_hf(stacked[j])))
+      yield (
+          f'vision_model.model.layers.{j}.{rule.hf_suffix}',
+          np.ascontiguousarray(rule.to_hf(stacked[j])),
+      )
 
 
-def write_safetensors(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]],
-                      max_shard_bytes: int = 5 << 30) -> list[str]:
+def write_safetensors(
+    out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int = 5 << 30
+) -> list[str]:
   """Writes tensors into shards of at most max_shard_bytes plus an index; streams."""
   from safetensors.numpy import save_file
+
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   weight_map: dict[str, int] = {}
@@ -520,8 +639,10 @@ def write_safetensors(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]],
   names = [f'model-{k + 1:05d}-of-{n:05d}.safetensors' for k in range(n)]
   for tmp, final in zip(tmp_names, names):
     os.replace(out / tmp, out / final)
-  index = {'metadata': {'total_size': total},
-           'weight_map': {t: names[k] for t, k in sorted(weight_map.items())}}
+  index = {
+      'metadata': {'total_size': total},
+      'weight_map': {t: names[k] for t, k in sorted(weight_map.items())},
+  }
   (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
   return names
 
@@ -532,6 +653,7 @@ def model_from_flat_params(cfg: model_lib.ModelConfig, flat: dict[str, Any]) -> 
   from flax import nnx
 
   from llama4_jax import checkpoint
+
   graphdef, state = nnx.split(model_lib.abstract_model(cfg))
   state = checkpoint.unflatten_tree(state, {k: jnp.asarray(v) for k, v in flat.items()})
   return nnx.merge(graphdef, state)
@@ -552,11 +674,15 @@ def load_hf_model(hf_dir: str, **overrides) -> model_lib.Llama4:
 def hf_to_workdir(hf_dir: str, workdir: str, base_config=None):
   """Converts an HF checkpoint into `workdir` (config.json + checkpoints/0), streaming."""
   from llama4_jax import checkpoint, config_lib
+
   reader = HFCheckpointReader(hf_dir)
   reader.check_names_and_shapes()
   stored_dtype = reader.get(GLOBAL_RULES['embed'].hf_suffix).dtype
-  cfg = reader.config.replace(param_dtype=str(stored_dtype) if stored_dtype.name in (
-      'float32', 'bfloat16', 'float16') else 'float32')
+  cfg = reader.config.replace(
+      param_dtype=str(stored_dtype)
+      if stored_dtype.name in ('float32', 'bfloat16', 'float16')
+      else 'float32'
+  )
   config = base_config if base_config is not None else config_lib.base_config()
   with config.unlocked():
     config.model = dataclasses.asdict(cfg)
@@ -565,10 +691,12 @@ def hf_to_workdir(hf_dir: str, workdir: str, base_config=None):
   return cfg
 
 
-def workdir_to_hf(workdir: str, hf_dir: str, step: int | None = None,
-                  max_shard_bytes: int = 5 << 30) -> list[str]:
+def workdir_to_hf(
+    workdir: str, hf_dir: str, step: int | None = None, max_shard_bytes: int = 5 << 30
+) -> list[str]:
   """Exports a workdir's checkpoint as HF safetensors + config.json, one tensor at a time."""
   from llama4_jax import checkpoint, config_lib
+
   cfg = config_lib.model_config(config_lib.load(workdir))
   path, _ = checkpoint.resolve_checkpoint(workdir, step)
   tensors = iter_hf_tensors(lambda name: checkpoint.read_param(path, name), cfg)

@@ -37,12 +37,14 @@ from llama4_jax import checkpoint, config_lib
 from llama4_jax import metrics as metrics_lib
 from llama4_jax.tools import tables
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # llama4_jax/tools/..
+REPO = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # llama4_jax/tools/..
 TRAIN_SCRIPT = os.path.join(REPO, 'scripts', 'train.py')
 OVERRIDES_FILE = 'overrides.json'  # in each run's workdir: {dotted key: value}
-LOG_FILE = 'train.log'             # a local run's stdout and stderr
+LOG_FILE = 'train.log'  # a local run's stdout and stderr
 METRICS_FILE = metrics_lib.METRICS_FILE
-SUMMARY = 'summary'                # ROOT/summary.md, .csv, .png
+SUMMARY = 'summary'  # ROOT/summary.md, .csv, .png
 COMMANDS_FILE = 'commands.txt'
 SLURM_FILE = 'sweep.sbatch'
 
@@ -56,7 +58,7 @@ class Run:
   name: str
   overrides: dict[str, Any]  # the swept keys and values
   workdir: str
-  config: mlc.ConfigDict     # the resolved config this run trains
+  config: mlc.ConfigDict  # the resolved config this run trains
   command: tuple[str, ...]
 
 
@@ -110,8 +112,13 @@ def run_name(overrides: Mapping[str, Any], swept_keys: Sequence[str] = ()) -> st
 
 def train_command(config_spec: str, workdir: str, overrides: Mapping[str, Any]) -> tuple[str, ...]:
   path, sep, arg = config_spec.partition(':')
-  return (sys.executable, TRAIN_SCRIPT, f'--config={os.path.abspath(path)}{sep}{arg}',
-          f'--workdir={workdir}', *(f'--config.{k}={flag_value(v)}' for k, v in overrides.items()))
+  return (
+      sys.executable,
+      TRAIN_SCRIPT,
+      f'--config={os.path.abspath(path)}{sep}{arg}',
+      f'--workdir={workdir}',
+      *(f'--config.{k}={flag_value(v)}' for k, v in overrides.items()),
+  )
 
 
 def resolve(base: mlc.ConfigDict, overrides: Mapping[str, Any]) -> mlc.ConfigDict:
@@ -124,8 +131,7 @@ def resolve(base: mlc.ConfigDict, overrides: Mapping[str, Any]) -> mlc.ConfigDic
   return config
 
 
-def plan(config_spec: str, root: str, base_overrides: Mapping[str, Any] | None = None
-         ) -> list[Run]:
+def plan(config_spec: str, root: str, base_overrides: Mapping[str, Any] | None = None) -> list[Run]:
   """The runs of the config file's sweep; every entry is checked before this returns.
 
   `base_overrides` (dotted keys, e.g. from `--config.x=y` flags) apply to every
@@ -153,8 +159,15 @@ def plan(config_spec: str, root: str, base_overrides: Mapping[str, Any] | None =
       raise SweepError(f'sweep entries {seen[name]} and {index} both make run {name!r}')
     seen[name] = index
     workdir = os.path.join(os.path.abspath(root), name)
-    runs.append(Run(name, dict(entry), workdir, config,
-                    train_command(config_spec, workdir, {**base_overrides, **entry})))
+    runs.append(
+        Run(
+            name,
+            dict(entry),
+            workdir,
+            config,
+            train_command(config_spec, workdir, {**base_overrides, **entry}),
+        )
+    )
   return runs
 
 
@@ -174,8 +187,10 @@ def run_status(workdir: str, steps: int | None) -> str:
   latest = checkpoint.latest_step(workdir) if os.path.isdir(workdir) else None
   if latest is not None and steps is not None and latest >= steps:
     return 'done'
-  started = any(os.path.exists(os.path.join(workdir, f))
-                for f in (config_lib.CONFIG_FILE, METRICS_FILE, checkpoint.CHECKPOINT_DIR))
+  started = any(
+      os.path.exists(os.path.join(workdir, f))
+      for f in (config_lib.CONFIG_FILE, METRICS_FILE, checkpoint.CHECKPOINT_DIR)
+  )
   return 'partial' if started else 'new'
 
 
@@ -228,8 +243,10 @@ def run_local(runs: Sequence[Run], parallel: int = 1, log=print, poll_s: float =
     for process in running:  # only on an exception (e.g. Ctrl-C): stop what we started
       process.terminate()
   if failed:
-    raise SweepError(f'{len(failed)} of {len(runs)} runs failed: ' + ', '.join(
-        f'{r.name} (log {os.path.join(r.workdir, LOG_FILE)})' for r in failed))
+    raise SweepError(
+        f'{len(failed)} of {len(runs)} runs failed: '
+        + ', '.join(f'{r.name} (log {os.path.join(r.workdir, LOG_FILE)})' for r in failed)
+    )
 
 
 # Cluster launch --------------------------------------------------------------------
@@ -244,8 +261,9 @@ def write_commands(runs: Sequence[Run], root: str) -> str:
   return path
 
 
-def slurm_script(runs: Sequence[Run], root: str, *, parallel: int = 0,
-                 sbatch_options: Sequence[str] = ()) -> str:
+def slurm_script(
+    runs: Sequence[Run], root: str, *, parallel: int = 0, sbatch_options: Sequence[str] = ()
+) -> str:
   """A SLURM array script in which array task i trains run i under `srun`.
 
   The #SBATCH options decide a run's tasks (one per GPU, or one per host);
@@ -271,8 +289,14 @@ def slurm_script(runs: Sequence[Run], root: str, *, parallel: int = 0,
   return '\n'.join(lines) + '\n'
 
 
-def emit(runs: Sequence[Run], root: str, kind: str, *, parallel: int = 0,
-         sbatch_options: Sequence[str] = ()) -> list[str]:
+def emit(
+    runs: Sequence[Run],
+    root: str,
+    kind: str,
+    *,
+    parallel: int = 0,
+    sbatch_options: Sequence[str] = (),
+) -> list[str]:
   """Writes the launch files of the unfinished runs (`kind`: 'commands' or 'slurm').
 
   Returns the paths written; none when every run is finished.
@@ -326,16 +350,25 @@ def run_result(workdir: str) -> dict[str, Any]:
   metrics = read_metrics(workdir)
   evals = _eval_losses(metrics)
   train_losses = [row for row in metrics if 'loss' in row]
-  row = {'name': os.path.basename(workdir), 'status': run_status(workdir, _steps(workdir)),
-         'step': max((r['step'] for r in metrics), default=None),
-         'train_loss': train_losses[-1]['loss'] if train_losses else None,
-         'final_eval_loss': None, 'final_eval_step': None,
-         'best_eval_loss': None, 'best_eval_step': None}
+  row = {
+      'name': os.path.basename(workdir),
+      'status': run_status(workdir, _steps(workdir)),
+      'step': max((r['step'] for r in metrics), default=None),
+      'train_loss': train_losses[-1]['loss'] if train_losses else None,
+      'final_eval_loss': None,
+      'final_eval_step': None,
+      'best_eval_loss': None,
+      'best_eval_step': None,
+  }
   if evals:
     final_step = max(evals)
     best_step = min(evals, key=lambda s: (evals[s], s))
-    row.update(final_eval_loss=evals[final_step], final_eval_step=final_step,
-               best_eval_loss=evals[best_step], best_eval_step=best_step)
+    row.update(
+        final_eval_loss=evals[final_step],
+        final_eval_step=final_step,
+        best_eval_loss=evals[best_step],
+        best_eval_step=best_step,
+    )
   return row
 
 
@@ -365,8 +398,15 @@ def collect_results(root: str) -> tuple[list[dict], list[str]]:
   return rows, keys
 
 
-RESULT_COLUMNS = ('status', 'step', 'train_loss', 'final_eval_loss', 'final_eval_step',
-                  'best_eval_loss', 'best_eval_step')
+RESULT_COLUMNS = (
+    'status',
+    'step',
+    'train_loss',
+    'final_eval_loss',
+    'final_eval_step',
+    'best_eval_loss',
+    'best_eval_step',
+)
 
 
 def plot_panels(rows: Sequence[dict], keys: Sequence[str]) -> list[tables.Panel]:
@@ -376,10 +416,16 @@ def plot_panels(rows: Sequence[dict], keys: Sequence[str]) -> list[tables.Panel]
   for key in list(keys) or ['name']:
     values = [r.get(key) for r in scored]
     # Learning rates and the like are swept geometrically: a log axis.
-    log_x = (bool(values) and tables.is_numeric(values) and all(v > 0 for v in values)
-             and max(values) >= 10 * min(values))
-    series = [tables.Series('final', [r['final_eval_loss'] for r in scored], 'o'),
-              tables.Series('best', [r['best_eval_loss'] for r in scored], 'x')]
+    log_x = (
+        bool(values)
+        and tables.is_numeric(values)
+        and all(v > 0 for v in values)
+        and max(values) >= 10 * min(values)
+    )
+    series = [
+        tables.Series('final', [r['final_eval_loss'] for r in scored], 'o'),
+        tables.Series('best', [r['best_eval_loss'] for r in scored], 'x'),
+    ]
     panels.append(tables.Panel(values, series, key, 'validation loss (nats/token)', log_x))
   return panels
 
@@ -396,5 +442,6 @@ def format_rows(rows: Sequence[dict]) -> str:
   """A short console view of the summary."""
   return '\n'.join(
       f'{r["name"]:<32} {r["status"]:<8} step {tables.format_cell(r["step"]):>6}  '
-      f'final {tables.format_cell(r["final_eval_loss"])}  best {tables.format_cell(r["best_eval_loss"])}' for r in rows)
-
+      f'final {tables.format_cell(r["final_eval_loss"])}  best {tables.format_cell(r["best_eval_loss"])}'
+      for r in rows
+  )

@@ -39,6 +39,7 @@ class Series(NamedTuple):
 
 class Panel(NamedTuple):
   """One plot: series of y values against shared x values, numeric or categorical."""
+
   x: Sequence
   series: Sequence[Series]
   xlabel: str
@@ -53,6 +54,7 @@ def is_numeric(values) -> bool:
 def write_plot(panels: Sequence[Panel], path: str) -> str:
   """The panels side by side in one PNG; returns its path. Non-numeric x values are categories."""
   import matplotlib  # imported here: only the tools that write plots need it
+
   matplotlib.use('Agg')  # files only, no display
   from matplotlib import pyplot as plt
   from matplotlib import ticker
