@@ -5,11 +5,14 @@ key, a file, a value) prints one line naming it and exits 1; `--traceback` shows
 traceback instead.
 """
 
+import glob
+import importlib.util
 import logging as py_logging
 import os
 import sys
 from collections.abc import Callable
 
+import jax
 from absl import app, flags, logging
 
 
@@ -70,8 +73,23 @@ def _flag_error(e: Exception) -> str:
   return ' '.join(text.split())
 
 
+def _skip_absent_tpu():
+  """Leaves the TPU backend out where libtpu is installed but there is no TPU.
+
+  libtpu may be installed for the fit check's TPU compiler alone (requirements-compile.txt);
+  JAX would still try the TPU backend first and print its start-up errors. JAX_PLATFORMS,
+  when set, decides.
+  """
+  if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
+    return
+  if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'):  # a TPU VM's chips
+    return
+  jax.config.update('jax_platforms', 'cuda,cpu' if glob.glob('/dev/nvidia[0-9]*') else 'cpu')
+
+
 def run_main(main: Callable):
   """absl app.run, but errors about the user's input print one line and exit 1."""
+  _skip_absent_tpu()
 
   def wrapped(argv):
     if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):

@@ -177,3 +177,79 @@ def test_script_on_maverick_with_16_simulated_devices(checks):
   # Far over a 16 GiB TPU v5e: the script says so and exits 1.
   assert returncode == 1, stderr[-2000:]
   assert 'tpu-v5e' in stdout and 'does not fit' in stdout
+
+
+# The real TPU compiler (libtpu's topology API; no TPU needed) ------------------------------
+
+
+@pytest.mark.parametrize(
+    'name, topology, chips, megacore, wrap',
+    [
+        ('v5p-256', 'v5:4x4x8', 128, True, (True, True, True)),  # MaxText's Scout/Maverick slice
+        ('v5p-8', 'v5:2x2x1', 4, True, (False, False, False)),
+        ('v4-128', 'v4:4x4x4', 64, True, (True, True, True)),
+        ('v5e-256', 'v5e:16x16', 256, False, (True, True, False)),
+        ('v5e-128', 'v5e:8x16', 128, False, (False, True, False)),
+        ('v6e-256', 'v6e:16x16', 256, False, (True, True, False)),
+    ],
+)
+def test_tpu_slice_names(name, topology, chips, megacore, wrap):
+  target = aot.tpu_slice(name)
+  assert (target.topology, target.chips, target.wrap) == (topology, chips, wrap)
+  assert (target.chip_config == 'megacore') == megacore
+
+
+@pytest.mark.parametrize('name', ['v5p-100', 'v7x-64', 'h100', 'v5p-'])
+def test_unknown_tpu_slices_are_named(name):
+  with pytest.raises(ValueError, match=f'--topology={name}'):
+    aot.tpu_slice(name)
+
+
+def test_out_of_memory_report_has_the_compilers_figures():
+  message = (
+      'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+      'temporaries (32.00G) exceeds available HBM (15.75G).'
+  )
+  sizes = aot._OOM_SIZES.search(message)
+  error = aot.OutOfMemory(aot._gib(*sizes.group(1, 2)), aot._gib(*sizes.group(3, 4)), message)
+  assert str(error).startswith('does not fit: needs 32.00 GiB of 15.75 GiB per device')
+
+
+def run_tpu_check(tmp_path, topology, *overrides):
+  """scripts/aot_check.py --topology on 2 layers of the small test model."""
+  small = [f for f in small_run.flag_list() if not f.startswith('--config=')]
+  return subprocess.run(
+      [sys.executable, 'scripts/aot_check.py', '--config=configs/tiny.py', *small,
+       f'--topology={topology}', '--num_layers=2', f'--output={tmp_path}/report.json',
+       *overrides],
+      cwd=small_run.REPO, capture_output=True, text=True,
+  )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_small_config_compiles_for_a_tpu_slice(tmp_path):
+  result = run_tpu_check(tmp_path, 'v5p-8')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'v5p-8 (v5:2x2x1, 4 chips), the TPU compiler' in result.stdout
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report['devices'] == 4 and report['mesh']['fsdp'] == 4
+  assert report['temporaries'] > 0 and report['xla_flops'] > 0
+  assert 'tpu-v5p   95 GiB  fits' in result.stdout
+
+
+@pytest.mark.slow
+def test_a_program_too_big_for_the_chip_is_a_report_not_a_traceback(tmp_path):
+  """Float32 logits of 512 x 1024 tokens over 65,536 ids: 32 GiB for each 16 GiB chip."""
+  result = run_tpu_check(
+      tmp_path,
+      'v5e-4',
+      '--config.train.batch_size=512',
+      '--config.data.seq_len=1024',
+      '--config.model.vocab_size=65536',
+  )
+  assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  line = result.stdout.strip().splitlines()[-1]
+  assert line.startswith('v5e-4 (v5e:2x2, 4 chips), the TPU compiler: does not fit: needs ')
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report['fits'] is False and report['needed_gib'] > report['available_gib'] > 15

@@ -107,6 +107,11 @@ def test_load_tokenizer_from_config(tmp_path):
     tokenizer_lib.load_tokenizer(config, vocab_size=300)
 
 
+def test_too_small_a_vocabulary_is_named():
+  with pytest.raises(ValueError, match='vocab_size=40 is too small for this text'):
+    tokenizer_lib.train_tokenizer(TEXTS, 40)
+
+
 def test_foreign_model_is_rejected(tmp_path):
   path = str(tmp_path / 'plain.model')
   spm.SentencePieceTrainer.train(

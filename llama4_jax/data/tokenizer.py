@@ -11,6 +11,7 @@ SentencePiece's own space mark U+2581 comes back as a space.
 
 import io
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -158,6 +159,23 @@ def train_tokenizer(
   lines = (line for text in texts for line in text.splitlines() if line)
   model = io.BytesIO()
   spm.set_random_generator_seed(0)  # Same corpus -> same pieces and ids.
+  try:
+    _train_sentencepiece(lines, model, vocab_size)
+  except RuntimeError as e:  # sentencepiece's own checks, as a multi-line C++ status
+    needed = re.search(r'smaller than required_chars\. \d+ vs (\d+)', str(e))
+    if needed is None:
+      raise
+    raise ValueError(
+        f'vocab_size={vocab_size} is too small for this text: its characters and '
+        f'the special tokens need at least {needed.group(1)} ids'
+    ) from None
+  proto = model.getvalue()
+  if output_path:
+    _write_atomically(output_path, proto)
+  return Tokenizer(proto)
+
+
+def _train_sentencepiece(lines, model, vocab_size: int):
   spm.SentencePieceTrainer.train(
       sentence_iterator=lines,
       model_writer=model,
@@ -180,10 +198,6 @@ def train_tokenizer(
       num_threads=os.cpu_count() or 1,
       minloglevel=2,
   )
-  proto = model.getvalue()
-  if output_path:
-    _write_atomically(output_path, proto)
-  return Tokenizer(proto)
 
 
 def _write_atomically(path: str, content: bytes) -> None:

@@ -55,7 +55,9 @@ class ModelConfig:
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'  # parameter (and optimizer state) dtype
   moe_dispatch: str = 'dropless'  # 'dropless', 'capacity' or 'dense' (see moe.py)
-  moe_grouped_matmul: str = 'auto'  # dropless: 'ragged' (GPU/TPU), 'blocked' (CPU), 'auto'
+  moe_grouped_matmul: str = (
+      'auto'  # dropless: 'ragged', 'blocked', 'auto' (TPU ragged, else blocked)
+  )
   moe_block_size: int = 0  # blocked dropless: rows per block (0 = auto, moe.py)
   moe_capacity_factor: float = 1.25  # capacity: slots per expert = cf * tokens * k / E
   remat: str = 'none'  # see REMAT_POLICIES

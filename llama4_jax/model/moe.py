@@ -269,6 +269,15 @@ def auto_block_size(assignments: int, num_experts: int) -> int:
   return int(min(512, max(16, 2 ** round(math.log2(max(b, 1.0))))))
 
 
+def grouped_matmul_for(platform: str) -> str:
+  """What `moe_grouped_matmul='auto'` means on a platform.
+
+  `ragged_dot` is a grouped kernel on TPU only: on CPU it runs densely (cost grows with E) and
+  this jaxlib expands it densely on GPU too, so both take the blocked form.
+  """
+  return 'ragged' if platform == 'tpu' else 'blocked'
+
+
 def dropless_dispatch(*args, grouped_matmul='auto', block_size=0, **kw):
   """Picks the cheapest exact dropless form for the (static) shapes."""
   x_ND, _, experts_NK, wi_gate_EDF = args[:4]
@@ -279,7 +288,7 @@ def dropless_dispatch(*args, grouped_matmul='auto', block_size=0, **kw):
     return dense_dispatch(*args, **kw)
   kw['block_size'] = block_size
   if grouped_matmul == 'auto':
-    grouped_matmul = 'blocked' if jax.default_backend() == 'cpu' else 'ragged'
+    grouped_matmul = grouped_matmul_for(jax.default_backend())
   fn = ragged_dropless_dispatch if grouped_matmul == 'ragged' else blocked_dropless_dispatch
   return fn(*args, **kw)
 

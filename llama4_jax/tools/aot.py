@@ -1,20 +1,25 @@
-"""Ahead-of-time fit check: compile the real train step for a simulated mesh.
+"""Ahead-of-time fit check: compile the real train step for a mesh of devices it need not have.
 
 The train step of `trainer.compile_steps` (same function, shardings and
 donation) is lowered with ShapeDtypeStruct inputs that carry the run's
-shardings, so no parameter is ever allocated, and compiled for a mesh of fake
-CPU devices. `compiled.memory_analysis()` then gives per-device argument,
-output and temporary sizes, and `compiled.cost_analysis()` the FLOPs.
+shardings, so no parameter is ever allocated, and compiled for a mesh of
 
-The numbers come from XLA's CPU compiler (JAX's TPU topology API needs libtpu).
-Parameter, optimizer-state and batch bytes are exact for any backend; the
-temporaries are what the CPU compiler schedules, an estimate of a GPU/TPU
-compile, which fuses and schedules differently (and the model's `auto` MoE
-grouped matmul takes its CPU form, `blocked`). XLA's FLOP count covers a
+  * a real TPU slice (`tpu_devices('v5p-256')`): the devices of a topology
+    description from libtpu (requirements-compile.txt), compiled by the TPU
+    compiler itself, which is what decides whether a program fits: a program
+    that does not fit fails to compile, and the report says by how much; or
+  * fake CPU devices (`use_fake_cpu_devices`), on any machine: parameter,
+    optimizer-state and batch bytes are exact for any backend, but the
+    temporaries are what the CPU compiler schedules, only an estimate of a
+    TPU or GPU compile, which fuses and schedules differently.
+
+`compiled.memory_analysis()` gives per-device argument, output and temporary
+sizes, and `compiled.cost_analysis()` the FLOPs. XLA's FLOP count covers a
 scanned loop body once, so the model FLOPs of `flops.py` are reported next to it.
 """
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -45,6 +50,103 @@ ACCELERATORS = {
 # under 100% it is "tight": allocators, collectives' buffers and the difference
 # between the CPU compile and the real one need some headroom.
 FIT_FRACTION = 0.9
+
+
+# TPU slices ---------------------------------------------------------------------
+
+# Chip grids by chip count. v4 and v5p: 3-D tori of two-core chips, named by cores (v5p-256 is
+# 128 chips), the two cores of a chip one device ('megacore'); wrap-around links from 64 chips.
+# v5e and v6e: 2-D grids of one-core chips, named by chips; a side of 16 wraps around.
+_TORUS_3D = {
+    4: (2, 2, 1),
+    8: (2, 2, 2),
+    16: (2, 2, 4),
+    32: (2, 4, 4),
+    64: (4, 4, 4),
+    128: (4, 4, 8),
+    256: (4, 8, 8),
+    512: (8, 8, 8),
+    1024: (8, 8, 16),
+    2048: (8, 16, 16),
+    4096: (16, 16, 16),
+}
+_GRID_2D = {
+    1: (1, 1),
+    4: (2, 2),
+    8: (2, 4),
+    16: (4, 4),
+    32: (4, 8),
+    64: (8, 8),
+    128: (8, 16),
+    256: (16, 16),
+}
+# name prefix: (topology prefix, chips per name unit, memory key in ACCELERATORS)
+TPU_GENERATIONS = {
+    'v4': ('v4', 0.5, 'tpu-v4'),
+    'v5p': ('v5', 0.5, 'tpu-v5p'),
+    'v5e': ('v5e', 1, 'tpu-v5e'),
+    'v6e': ('v6e', 1, 'tpu-v6e'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+  """A TPU slice the TPU compiler can target without one: what `get_topology_desc` needs."""
+
+  name: str  # e.g. v5p-256
+  topology: str  # e.g. v5:4x4x8
+  chip_config: str  # megacore: a chip's two cores are one device
+  wrap: tuple[bool, bool, bool]
+  accelerator: str  # its key in ACCELERATORS (memory per chip)
+
+  @property
+  def chips(self) -> int:
+    return int(np.prod([int(d) for d in self.topology.split(':')[1].split('x')]))
+
+
+def tpu_slice(name: str) -> TpuSlice:
+  """The slice called `name` (v4-N, v5p-N, v5e-N, v6e-N, as Cloud TPU names them)."""
+  generation, _, count = name.lower().partition('-')
+  if generation not in TPU_GENERATIONS or not count.isdigit():
+    raise ValueError(
+        f'--topology={name}: not a TPU slice name like v5p-256 or v5e-64 (generations '
+        f'{sorted(TPU_GENERATIONS)})'
+    )
+  prefix, chips_per_unit, accelerator = TPU_GENERATIONS[generation]
+  chips = int(int(count) * chips_per_unit)
+  grids = _GRID_2D if chips_per_unit == 1 else _TORUS_3D
+  if chips not in grids:
+    sizes = sorted(int(c / chips_per_unit) for c in grids)
+    raise ValueError(f'--topology={name}: unknown size; {generation} sizes are {sizes}')
+  grid = grids[chips]
+  if chips_per_unit == 1:
+    wrap = (grid[0] == 16, grid[1] == 16, False)
+  else:
+    wrap = (chips >= 64,) * 3
+  topology = f'{prefix}:' + 'x'.join(str(d) for d in grid)
+  chip_config = 'default' if chips_per_unit == 1 else 'megacore'
+  return TpuSlice(name.lower(), topology, chip_config, wrap, accelerator)
+
+
+def tpu_devices(target: TpuSlice, num_slices: int = 1) -> list:
+  """The devices of `num_slices` such slices, from libtpu's topology description."""
+  try:
+    from jax.experimental import topologies
+
+    description = topologies.get_topology_desc(
+        platform='tpu',
+        topology_name=target.topology,
+        chip_config_name=target.chip_config,
+        chips_per_host_bounds=(2, 2, 1),
+        num_slices=num_slices,
+        wrap=target.wrap,
+    )
+  except Exception as e:  # no libtpu, or one that does not know the topology
+    raise RuntimeError(
+        f'cannot describe {target.name} ({target.topology}): {" ".join(str(e).split())[:300]}; '
+        f'the TPU compiler comes with libtpu: pip install -r requirements-compile.txt'
+    ) from e
+  return list(description.devices)
 
 
 # Fake devices -----------------------------------------------------------------
@@ -179,7 +281,7 @@ class Report:
 def report(compiled: Compiled) -> Report:
   setup, exe = compiled.setup, compiled.executable
   memory = exe.memory_analysis()
-  cost = exe.cost_analysis()
+  cost = exe.cost_analysis() or {}  # GPU compiles give none
   config = setup.config
   model_flops = config.train.batch_size * flops.train_flops_per_row(
       setup.cfg, config.data.seq_len, image_text.tiles_per_row(config, setup.cfg)
@@ -244,3 +346,42 @@ def check(config: mlc.ConfigDict, devices=None) -> Report:
   """Compiles the train step of `config` on a mesh of `devices` (default: all) and reports."""
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   return report(compile_train_step(config, mesh))
+
+
+class OutOfMemory(Exception):
+  """The compiler refused the program: it needs more memory per device than there is."""
+
+  def __init__(self, needed_gib: float | None, available_gib: float | None, message: str):
+    self.needed_gib, self.available_gib = needed_gib, available_gib
+    super().__init__(message)
+
+  def __str__(self):
+    if self.needed_gib is None:
+      return f'does not fit: {self.args[0]}'
+    return (
+        f'does not fit: needs {self.needed_gib:.2f} GiB of {self.available_gib:.2f} GiB '
+        f'per device (the TPU compiler: {self.args[0]})'
+    )
+
+
+# "... HLO temporaries (32.00G) exceeds available HBM (15.75G)." (libtpu's wording)
+_OOM_SIZES = re.compile(r'\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)')
+
+
+def _gib(value: str, unit: str) -> float:
+  return float(value) * 1024.0 ** ('KMGT'.index(unit) + 1) / GiB
+
+
+def check_fit(config: mlc.ConfigDict, devices) -> Report:
+  """`check`, but a compiler that runs out of memory raises OutOfMemory with its figures."""
+  try:
+    return check(config, devices)
+  except Exception as e:  # XLA raises its runtime error type for a refused compile
+    text = ' '.join(str(e).split())
+    if 'RESOURCE_EXHAUSTED' not in text:
+      raise
+    reason = text[text.index('RESOURCE_EXHAUSTED') :][:400]
+    sizes = _OOM_SIZES.search(text)
+    if sizes is None:
+      raise OutOfMemory(None, None, reason) from None
+    raise OutOfMemory(_gib(*sizes.group(1, 2)), _gib(*sizes.group(3, 4)), reason) from None
