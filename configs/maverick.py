@@ -17,6 +17,7 @@ def get_config(arg=None):
   config.mesh.expert = 8
   config.mesh.fsdp = -1
   config.data.seq_len = 8192
+  config.train.loss_chunk = 512  # [rows, 512, 202048] float32 logits at a time, not [rows, 8192, ...]
   config.train.steps = 100_000
   config.train.batch_size = 1024
   config.train.checkpoint_every = 1000

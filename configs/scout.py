@@ -17,6 +17,7 @@ def get_config(arg=None):
   config.model = config_lib.model_preset('scout_mm' if args.vision else 'scout')
   config.mesh.fsdp = -1
   config.data.seq_len = 8192
+  config.train.loss_chunk = 512  # [rows, 512, 202048] float32 logits at a time, not [rows, 8192, ...]
   config.train.steps = 100_000
   config.train.batch_size = 512
   config.train.checkpoint_every = 1000

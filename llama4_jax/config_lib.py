@@ -56,6 +56,9 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> model_li
       )
     if t.get('freeze', '') not in optim.FREEZE_OPTIONS:
       fail('train.freeze', f'{t.freeze!r} is not one of {optim.FREEZE_OPTIONS}')
+    chunk = t.get('loss_chunk', 0)
+    if chunk < 0 or ('data' in config and chunk and config.data.seq_len % chunk):
+      fail('train.loss_chunk', f'{chunk} must be 0 or divide data.seq_len={config.data.seq_len}')
     if t.get('freeze') and cfg.vision is None:
       fail('train.freeze', f'{t.freeze!r} needs a model with a vision tower (model.vision)')
   if 'data' in config:
@@ -220,6 +223,7 @@ def base_config() -> mlc.ConfigDict:
           skip_nonfinite=False,  # on a non-finite loss/grad: False = stop, True = skip the update
           sample_tokens=48,  # length of the sample printed at the end (0 = none)
           freeze='',  # '', 'vision' (the vision tower) or 'language' (all but vision + projector)
+          loss_chunk=0,  # positions whose logits the loss takes at once (0 = all; divides seq_len)
       )
   )
 

@@ -115,8 +115,10 @@ def train_step(state, batch, *, setup: Setup):
 
   def micro_loss(params, micro):
     model = nnx.merge(setup.graphdef, params)
-    logits_BTV, stats = model(micro['inputs'], micro['segment_ids'], micro.get('pixels'))
-    nll_sum, _ = losses.cross_entropy_sums(logits_BTV, micro['targets'], micro['weights'])
+    h_BTD, stats = model.hidden_states(micro['inputs'], micro['segment_ids'], micro.get('pixels'))
+    nll_sum, _ = losses.chunked_cross_entropy_sums(
+        model.logits, h_BTD, micro['targets'], micro['weights'], train.get('loss_chunk', 0)
+    )
     aux_loss, moe_metrics = _moe_terms(stats, train)
     return nll_sum / total_weight + aux_loss / accum, (nll_sum, moe_metrics)
 

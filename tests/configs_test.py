@@ -63,6 +63,7 @@ def test_wrong_type_is_an_error_naming_the_key():
         ('--config.train.grad_accum_steps=5', 'grad_accum_steps'),
         ('--config.mesh.tensor=3', 'mesh'),
         ('--config.model.rope_type=yarn', 'rope_type'),
+        ('--config.train.loss_chunk=100', 'train.loss_chunk'),
     ],
 )
 def test_validation_names_the_key(override, key):

@@ -69,6 +69,13 @@ def test_sharded_losses_match_single_device(devices, batches, single_device_loss
 
 
 @pytest.mark.slow
+def test_loss_in_chunks_trains_as_the_whole_loss(devices, batches, single_device_losses):
+  """train.loss_chunk takes the logits 16 positions at a time, on 8 devices: same losses."""
+  losses, _ = losses_on_mesh(dict(fsdp=8), batches, train__loss_chunk=16)
+  np.testing.assert_allclose(losses, single_device_losses, rtol=2e-5)
+
+
+@pytest.mark.slow
 def test_gradient_accumulation_and_expert_parallelism_keep_aux_losses_exact(devices, batches):
   """With the MoE auxiliary losses on: 4 micro-batches, or experts over 4 devices, change nothing."""
   aux = dict(train__load_balance_coef=0.1, train__router_z_coef=0.01)

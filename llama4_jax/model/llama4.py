@@ -154,6 +154,20 @@ class Llama4(nnx.Module):
     pixels_BMCHW: each row's image tiles, in the order of its `<|patch|>` runs
     (rows with fewer tiles are padded with any value; see merge_image_features).
     """
+    h_BTD, stats = self.hidden_states(tokens_BT, segment_ids_BT, pixels_BMCHW)
+    return self.logits(h_BTD), stats
+
+  def hidden_states(
+      self,
+      tokens_BT: jax.Array,
+      segment_ids_BT: jax.Array | None = None,
+      pixels_BMCHW: jax.Array | None = None,
+  ):
+    """The forward pass up to the lm_head: (final-norm outputs [B, T, D], moe statistics).
+
+    With `logits`, the same as calling the model; a loss can take the logits a few positions
+    at a time (losses.chunked_cross_entropy_sums) instead of holding all of [B, T, V].
+    """
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones(tokens_BT.shape, jnp.int32)
     inputs = attention.make_attention_inputs(
@@ -161,7 +175,7 @@ class Llama4(nnx.Module):
     )
     x_BTD = self.embed_inputs(tokens_BT, pixels_BMCHW)
     x_BTD, _, stats = self._run_stages(x_BTD, inputs, None, None)
-    return self._logits(x_BTD), stats
+    return self.final_norm(x_BTD), stats
 
   def decode(
       self,
@@ -196,7 +210,8 @@ class Llama4(nnx.Module):
         'segment_ids': key_segments_BS,
         'layers': layer_caches,
     }
-    return self._logits(x_BTD[:, -1:] if last_logits_only else x_BTD), new_cache
+    x_BTD = self.final_norm(x_BTD[:, -1:] if last_logits_only else x_BTD)
+    return self.logits(x_BTD), new_cache
 
   def _ring_size(self, max_len: int) -> int | None:
     chunk = self.cfg.attention_chunk_size
@@ -223,8 +238,9 @@ class Llama4(nnx.Module):
         'layers': stacked,
     }
 
-  def _logits(self, x_BTD):
-    logits_BTV = self.lm_head(self.final_norm(x_BTD))
+  def logits(self, h_BTD):
+    """Float32 logits [B, T, V] of final-norm outputs (`hidden_states`)."""
+    logits_BTV = self.lm_head(h_BTD)
     return sharding.shard(logits_BTV, 'act_batch', 'act_seq', 'act_vocab').astype(jnp.float32)
 
   def _run_stages(self, x_BTD, inputs, caches, cache_offset):
