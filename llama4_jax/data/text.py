@@ -1,4 +1,4 @@
-"""Input pipeline: documents -> token pieces -> packed [B, S] batches (grain).
+"""Text data: documents and token files -> token pieces -> packed [B, S] batches (grain).
 
 Documents come from the built-in corpus (this interpreter's standard-library
 sources and pydoc topics, so nothing is downloaded) or from user files:

@@ -1,4 +1,4 @@
-"""SentencePiece BPE tokenizer with Llama 4 special tokens and chat format.
+"""SentencePiece BPE tokenizer with Llama 4 special tokens and chat format; a run's tokenizer.
 
 The real Llama 4 tokenizer (tiktoken, 202,048 ids) cannot be downloaded here,
 so we train small SentencePiece BPE models with the same special-token
