@@ -57,8 +57,9 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> model_li
     if t.get('freeze', '') not in optim.FREEZE_OPTIONS:
       fail('train.freeze', f'{t.freeze!r} is not one of {optim.FREEZE_OPTIONS}')
     chunk = t.get('loss_chunk', 0)
-    if chunk < 0 or ('data' in config and chunk and config.data.seq_len % chunk):
-      fail('train.loss_chunk', f'{chunk} must be 0 or divide data.seq_len={config.data.seq_len}')
+    seq_len = config.data.seq_len if 'data' in config else chunk
+    if chunk < 0 or 0 < chunk < seq_len and seq_len % chunk:  # chunk >= seq_len: whole rows
+      fail('train.loss_chunk', f'{chunk} must be 0, divide data.seq_len={seq_len} or exceed it')
     if t.get('freeze') and cfg.vision is None:
       fail('train.freeze', f'{t.freeze!r} needs a model with a vision tower (model.vision)')
   if 'data' in config:
