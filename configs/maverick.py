@@ -4,7 +4,7 @@
   python scripts/train.py --config=configs/maverick.py:vision ...   # with the vision tower (maverick_mm)
 
 Experts sharded over the `expert` axis (8) and weights over `fsdp` (the rest);
-bf16 compute, full remat.
+bf16 compute, each layer rematerialised from its input in host memory.
 """
 
 from llama4_jax import config_lib
@@ -18,6 +18,7 @@ def get_config(arg=None):
   config.mesh.fsdp = -1
   config.data.seq_len = 8192
   config.train.loss_chunk = 512  # [rows, 512, V] float32 logits at a time, not [rows, 8192, V]
+  config.model.remat = 'offload_layer_inputs'  # each layer's input waits in host memory
   config.train.steps = 100_000
   config.train.batch_size = 1024
   config.train.checkpoint_every = 1000

@@ -3,9 +3,9 @@
   python scripts/train.py --config=configs/scout.py --workdir=$WORKDIR
   python scripts/train.py --config=configs/scout.py:vision ...   # with the vision tower (scout_mm)
 
-Sized for a TPU v5p-256 / 256 H100-class GPUs: FSDP over all devices, bf16
-compute, full remat. Fine-tune a converted checkpoint with
---config.train.init_from=$CONVERTED_WORKDIR.
+Sized for a TPU v5p-256 / 256 H100-class GPUs: FSDP over all devices, bf16 compute,
+each layer rematerialised from its input kept in host memory, attention in blocks of 512
+queries. Fine-tune a converted checkpoint with --config.train.init_from=$CONVERTED_WORKDIR.
 """
 
 from llama4_jax import config_lib
@@ -18,6 +18,7 @@ def get_config(arg=None):
   config.mesh.fsdp = -1
   config.data.seq_len = 8192
   config.train.loss_chunk = 512  # [rows, 512, V] float32 logits at a time, not [rows, 8192, V]
+  config.model.remat = 'offload_layer_inputs'  # each layer's input waits in host memory
   config.train.steps = 100_000
   config.train.batch_size = 512
   config.train.checkpoint_every = 1000

@@ -73,23 +73,41 @@ def _flag_error(e: Exception) -> str:
   return ' '.join(text.split())
 
 
-def _skip_absent_tpu():
-  """Leaves the TPU backend out where libtpu is installed but there is no TPU.
+def _skip_absent_accelerators():
+  """Leaves out the TPU and CUDA backends whose library is installed but whose devices are absent.
 
-  libtpu may be installed for the fit check's TPU compiler alone (requirements-compile.txt);
-  JAX would still try the TPU backend first and print its start-up errors. JAX_PLATFORMS,
-  when set, decides.
+  libtpu and the CUDA plugin may be installed for the fit check's compilers alone
+  (requirements-compile.txt); JAX would still try their backends first and print their start-up
+  errors (the CUDA plugin: a traceback, "Unable to load cuDNN"). JAX_PLATFORMS, when set, decides.
   """
-  if os.environ.get('JAX_PLATFORMS') or importlib.util.find_spec('libtpu') is None:
+  if os.environ.get('JAX_PLATFORMS'):
     return
-  if glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'):  # a TPU VM's chips
+  backends = {  # name: (installed, its devices present)
+      'tpu': (
+          _installed('libtpu'),
+          bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')),  # a TPU VM's chips
+      ),
+      'cuda': (
+          _installed('jax_plugins.xla_cuda12') or _installed('jax_plugins.xla_cuda13'),
+          bool(glob.glob('/dev/nvidia[0-9]*')),
+      ),
+  }
+  if all(present for installed, present in backends.values() if installed):
     return
-  jax.config.update('jax_platforms', 'cuda,cpu' if glob.glob('/dev/nvidia[0-9]*') else 'cpu')
+  usable = [name for name, (installed, present) in backends.items() if installed and present]
+  jax.config.update('jax_platforms', ','.join([*usable, 'cpu']))
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ImportError:  # its parent package is not installed
+    return False
 
 
 def run_main(main: Callable):
   """absl app.run, but errors about the user's input print one line and exit 1."""
-  _skip_absent_tpu()
+  _skip_absent_accelerators()
 
   def wrapped(argv):
     if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):
@@ -109,6 +127,7 @@ def run_main(main: Callable):
 
   if 'traceback' not in flags.FLAGS:  # read from sys.argv above; defined so that absl accepts it
     flags.DEFINE_bool('traceback', False, 'On an error, raise it with its traceback, not one line.')
+  app.define_help_flags()  # --help, --helpfull: defined by app.run, needed by the parse below
   try:  # parse once up front: a bad --config.key=value is one line, not a traceback
     argv = flags.FLAGS(sys.argv)
     if 'config' in flags.FLAGS:

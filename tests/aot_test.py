@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from llama4_jax import config_lib, flops, sharding
+from llama4_jax import cli, config_lib, flops, sharding
 from llama4_jax.tools import aot
 
 import small_run
@@ -215,8 +216,8 @@ def test_out_of_memory_report_has_the_compilers_figures():
   assert str(error).startswith('does not fit: needs 32.00 GiB of 15.75 GiB per device')
 
 
-def run_tpu_check(tmp_path, topology, *overrides):
-  """scripts/aot_check.py --topology on 2 layers of the small test model."""
+def run_topology_check(tmp_path, topology, *overrides):
+  """scripts/aot_check.py --topology (TPUs or GPUs) on 2 layers of the small test model."""
   small = [f for f in small_run.flag_list() if not f.startswith('--config=')]
   return subprocess.run(
       [sys.executable, 'scripts/aot_check.py', '--config=configs/tiny.py', *small,
@@ -226,9 +227,16 @@ def run_tpu_check(tmp_path, topology, *overrides):
   )  # fmt: skip
 
 
+def test_the_tpu_compiler_plans_for_the_budget_less_the_arguments():
+  budget = aot.tpu_memory_budget(aot.tpu_slice('v5p-8'))
+  assert budget == int(0.9 * 95 * aot.GiB)
+  options = aot.tpu_compiler_options(budget, 10 * aot.GiB)
+  assert options == {'xla_tpu_max_hbm_size_mib': (budget - 10 * aot.GiB) // 2**20}
+
+
 @pytest.mark.slow
 def test_small_config_compiles_for_a_tpu_slice(tmp_path):
-  result = run_tpu_check(tmp_path, 'v5p-8')
+  result = run_topology_check(tmp_path, 'v5p-8')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'v5p-8 (v5:2x2x1, 4 chips), the TPU compiler' in result.stdout
   report = json.loads((tmp_path / 'report.json').read_text())
@@ -240,7 +248,7 @@ def test_small_config_compiles_for_a_tpu_slice(tmp_path):
 @pytest.mark.slow
 def test_a_program_too_big_for_the_chip_is_a_report_not_a_traceback(tmp_path):
   """Float32 logits of 512 x 1024 tokens over 65,536 ids: 32 GiB for each 16 GiB chip."""
-  result = run_tpu_check(
+  result = run_topology_check(
       tmp_path,
       'v5e-4',
       '--config.train.batch_size=512',
@@ -250,6 +258,146 @@ def test_a_program_too_big_for_the_chip_is_a_report_not_a_traceback(tmp_path):
   assert result.returncode == 1, result.stdout + result.stderr[-3000:]
   assert 'Traceback' not in result.stderr
   line = result.stdout.strip().splitlines()[-1]
-  assert line.startswith('v5e-4 (v5e:2x2, 4 chips), the TPU compiler: does not fit: needs ')
+  assert line.startswith(
+      'v5e-4 (v5e:2x2, 4 chips), the TPU compiler planning for 90% of 16 GiB: does not fit: needs '
+  )
   report = json.loads((tmp_path / 'report.json').read_text())
-  assert report['fits'] is False and report['needed_gib'] > report['available_gib'] > 15
+  assert report['fits'] is False and report['needed_gib'] > report['available_gib']
+  assert abs(report['available_gib'] - 0.9 * 16) < 0.01  # the compiler planned for 90%
+
+
+# The real CUDA compiler (the CUDA plugin's topology API and ptxas; no GPU needed) -----------
+
+
+@pytest.mark.parametrize(
+    'name, hosts, gpus_per_host, topology, accelerator',
+    [
+        ('h100-32x8', 32, 8, '1x32x8', 'h100'),  # 256 H100s
+        ('h100-8', 1, 8, '1x1x8', 'h100'),  # one host
+        ('H200-2x4', 2, 4, '1x2x4', 'h200'),
+    ],
+)
+def test_gpu_cluster_names(name, hosts, gpus_per_host, topology, accelerator):
+  target = aot.topology(name)
+  assert isinstance(target, aot.GpuCluster)
+  assert (target.hosts, target.gpus_per_host, target.topology) == (hosts, gpus_per_host, topology)
+  assert (target.gpus, target.accelerator) == (hosts * gpus_per_host, accelerator)
+
+
+@pytest.mark.parametrize('name', ['h100-16', 'h100-2x16', 'h100-0x8', 'h100-x8', 'h100-', 'a100-8'])
+def test_unknown_gpu_clusters_are_named(name):
+  with pytest.raises(ValueError, match=f'--topology={name}'):
+    aot.topology(name)
+
+
+def test_gpu_devices_are_the_described_gpus():
+  """XLA reads the GPU specs of gpu_specs/; the memory is the compiler's own figure."""
+  h100, h200 = aot.gpu_cluster('h100-2x8'), aot.gpu_cluster('h200-8')
+  assert (h100.memory_bytes, h200.memory_bytes) == (84942979072, 141 * aot.GiB)
+  devices = aot.gpu_devices(h100)
+  assert len(devices) == 16 and {d.process_index for d in devices} == {0, 1}
+  assert {d.device_kind for d in devices} == {'NVIDIA H100 80GB HBM3'}
+  assert aot.gpu_devices(h200)[0].device_kind == 'NVIDIA H200 141GB HBM3e'
+
+
+def test_a_long_sort_compiles_for_a_gpu_without_one():
+  """XLA would ask CUB, through the CUDA runtime and a GPU, for a long sort's scratch size (the
+  MoE's dispatch at 8 sequences per GPU); `cuda_compiler_options` sorts with XLA's own kernel."""
+  options = aot.cuda_compiler_options()
+  assert os.path.isfile(os.path.join(options['xla_gpu_cuda_data_dir'], 'bin', 'ptxas'))
+  (gpu,) = aot.gpu_devices(aot.gpu_cluster('h100-1'))
+  keys = jax.ShapeDtypeStruct((65536,), jnp.int32, sharding=jax.sharding.SingleDeviceSharding(gpu))
+  lowered = jax.jit(jnp.argsort).lower(keys)
+  with pytest.raises(Exception, match='CUDA Runtime error'):
+    lowered.compile({'xla_gpu_cuda_data_dir': options['xla_gpu_cuda_data_dir']})
+  compiled = lowered.compile(options)
+  assert compiled.memory_analysis().output_size_in_bytes == 4 * 65536
+  assert compiled.cost_analysis() is None  # hence Report.xla_flops None
+
+
+def test_a_report_without_xla_flops_says_so():
+  report = aot.Report(
+      devices=8, mesh={'fsdp': 8}, num_params=10, params=40, opt_state=80, batch=8, arguments=128,
+      outputs=120, aliased=120, temporaries=1000, xla_flops=None, model_flops=1e9,
+  )  # fmt: skip
+  assert 'XLA counts n/a' in aot.format_report(report, ['h100'])
+  assert aot.to_dict(report)['xla_flops'] is None
+
+
+def test_a_gpu_program_too_big_is_out_of_memory(monkeypatch):
+  """The CUDA compiler compiles a program too big for the GPU: check_fit compares its footprint."""
+  gib = aot.GiB
+  report = aot.Report(
+      devices=8, mesh={'fsdp': 8}, num_params=10, params=gib, opt_state=2 * gib, batch=0,
+      arguments=3 * gib, outputs=3 * gib, aliased=3 * gib, temporaries=90 * gib, xla_flops=None,
+      model_flops=1e9,
+  )  # fmt: skip
+  monkeypatch.setattr(aot, 'check', lambda config, devices, compiler_options, budget: report)
+  memory = aot.gpu_cluster('h100-8').memory_bytes
+  with pytest.raises(aot.OutOfMemory) as error:
+    aot.check_fit(None, None, memory_bytes=memory)
+  assert error.value.report is report
+  assert str(error.value).startswith(
+      'does not fit: needs 93.00 GiB of 79.11 GiB per device (the CUDA compiler: memory '
+      'analysis: arguments 3.00 + outputs 3.00 - donated 3.00 + temporaries 90.00 GiB)'
+  )
+  assert aot.check_fit(None, None, memory_bytes=94 * gib) is report
+
+
+@pytest.mark.parametrize(
+    'installed, devices, platforms',
+    [
+        ({'libtpu', 'cuda'}, set(), 'cpu'),  # the fit check's compilers on a CPU machine
+        ({'libtpu', 'cuda'}, {'/dev/nvidia0'}, 'cuda,cpu'),
+        ({'libtpu', 'cuda'}, {'/dev/accel0'}, 'tpu,cpu'),
+        ({'cuda'}, set(), 'cpu'),
+        ({'cuda'}, {'/dev/nvidia0'}, None),  # JAX's own choice
+        (set(), set(), None),
+    ],
+)
+def test_scripts_leave_out_backends_without_devices(monkeypatch, installed, devices, platforms):
+  """An installed compiler whose devices are absent would print its backend's start-up errors."""
+  chosen = []
+  monkeypatch.delenv('JAX_PLATFORMS', raising=False)
+  monkeypatch.setattr(
+      cli, '_installed', lambda module: ('cuda' if 'cuda' in module else module) in installed
+  )
+  monkeypatch.setattr(
+      cli.glob, 'glob', lambda pattern: [d for d in devices if d.startswith(pattern[:9])]
+  )
+  monkeypatch.setattr(cli.jax.config, 'update', lambda name, value: chosen.append((name, value)))
+  cli._skip_absent_accelerators()
+  assert chosen == ([('jax_platforms', platforms)] if platforms else [])
+
+
+@pytest.mark.slow
+def test_small_config_compiles_for_gpus(tmp_path):
+  result = run_topology_check(tmp_path, 'h100-2x4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'h100-2x4 (2 hosts of 4 GPUs), the CUDA compiler' in result.stdout
+  assert 'XLA counts n/a' in result.stdout and 'h100   80 GiB  fits' in result.stdout
+  assert not any(w in result.stderr.lower() for w in ('cuda', 'cudnn', 'traceback'))  # no GPU
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report['devices'] == 8 and report['mesh']['fsdp'] == 8
+  assert report['temporaries'] > 0 and report['xla_flops'] is None
+
+
+@pytest.mark.slow
+def test_a_program_too_big_for_the_gpu_is_a_report_not_a_traceback(tmp_path):
+  """As on the v5e-4, on one H100: 259 GiB of temporaries, which the CUDA compiler compiles."""
+  result = run_topology_check(
+      tmp_path,
+      'h100-1',
+      '--config.train.batch_size=512',
+      '--config.data.seq_len=1024',
+      '--config.model.vocab_size=65536',
+  )
+  assert result.returncode == 1, result.stdout + result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  line = result.stdout.strip().splitlines()[-1]
+  assert line.startswith('h100-1 (1 host of 1 GPU), the CUDA compiler: does not fit: needs ')
+  assert line.split('needs ')[1].split(' of ')[1].startswith('79.11 GiB per device')
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report['fits'] is False and report['needed_gib'] > 100
+  assert report['available_gib'] == pytest.approx(84942979072 / aot.GiB)
+  assert report['report']['total'] == pytest.approx(report['needed_gib'] * aot.GiB)

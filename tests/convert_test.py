@@ -83,6 +83,7 @@ def test_config_fields_survive_hf_round_trip():
         'dtype',
         'param_dtype',
         'remat',
+        'attention_query_block',
         'moe_dispatch',
         'moe_grouped_matmul',
         'moe_block_size',
@@ -208,3 +209,40 @@ def test_refuses_to_overwrite_existing_conversion(tmp_path, hf_checkpoint):
       == 0
   )
   assert 'exists' in convert_error(hf_checkpoint[0], tmp_path)
+
+
+@pytest.mark.reference
+def test_missing_config_keys_take_the_defaults_of_transformers():
+  """transformers drops values equal to its class defaults when it saves a config: a minimal
+  config must mean what it means to transformers (chunking at 8192, 8 kv heads, the vision
+  tower's defaults), not ours."""
+  import transformers
+
+  text = transformers.Llama4TextConfig().to_dict()
+  assert hf_convert.model_config_from_hf({'model_type': 'llama4_text'}) == (
+      hf_convert.model_config_from_hf(text)
+  )
+  minimal = hf_convert.model_config_from_hf({'model_type': 'llama4_text'})
+  assert minimal.attention_chunk_size == 8192 and minimal.num_kv_heads == 8
+  off = hf_convert.model_config_from_hf({'model_type': 'llama4_text', 'attention_chunk_size': None})
+  assert off.attention_chunk_size == 0  # an explicit null is HF's "no chunking"
+  # The released vision tower, as transformers saves it: without the values equal to its defaults.
+  released = dict(
+      hidden_size=1408,
+      num_hidden_layers=34,
+      num_attention_heads=16,
+      intermediate_size=5632,
+      image_size=336,
+      patch_size=14,
+      pixel_shuffle_ratio=0.5,
+      projector_input_dim=4096,
+      projector_output_dim=4096,
+      vision_output_dim=4096,
+  )
+  defaults = transformers.Llama4VisionConfig().to_dict()
+  saved = {k: v for k, v in released.items() if defaults[k] != v}
+  assert sorted(saved) == ['hidden_size', 'image_size', 'vision_output_dim']
+  config = lambda vision: {'model_type': 'llama4', 'text_config': {}, 'vision_config': vision}
+  assert hf_convert.vision_config_from_hf(config(saved)) == (
+      hf_convert.vision_config_from_hf(config(released))
+  )

@@ -124,6 +124,100 @@ def test_banded_attention_equals_masked_attention_with_packing():
   np.testing.assert_allclose(np.asarray(banded)[valid], np.asarray(full)[valid], atol=1e-6)
 
 
+@pytest.mark.parametrize('kernel', ['blocked', 'flash'])
+@pytest.mark.parametrize('chunked', [False, True])
+@pytest.mark.parametrize('offset', [0, 7])  # queries after 7 cached keys (prefill into a cache)
+def test_blocked_attention_equals_dot_product_attention(kernel, chunked, offset):
+  """Values and gradients, with left padding, packed documents, chunks, and a block
+  size (16) that divides neither the 50 queries nor the chunk size (12)."""
+  B, T, N, K, H, C = 2, 50, 4, 2, 8, 12
+  S = offset + T
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((B, S, K, H)), jnp.float32) for _ in range(2))
+  segments = np.ones((B, S), np.int32)
+  segments[0, :5] = 0  # left padding
+  segments[1, 20:], segments[1, 41:] = 2, 3  # packed documents
+  inputs_ = attention.make_attention_inputs(jnp.asarray(segments), offset, T, C)
+  mask = inputs_.chunked_mask_BTS if chunked else inputs_.causal_mask_BTS
+  valid = np.asarray(inputs_.valid_BT)  # padding queries attend to nothing; unused outputs
+  weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * valid[:, :, None, None]
+
+  def loss(attend, q, k, v):
+    return jnp.sum(attend(q, k, v) * weights)
+
+  dense = lambda q, k, v: attention.dot_product_attention(q, k, v, mask)
+  if kernel == 'blocked':
+    blocked = lambda q, k, v: attention.blocked_attention(q, k, v, inputs_, chunked, 16)
+  else:  # key blocks of 8: some blocks of the chunked mask are empty and skipped
+    blocked = lambda q, k, v: attention.flash_attention(q, k, v, inputs_, chunked, 16, 8)
+  np.testing.assert_allclose(
+      np.asarray(blocked(q, k, v))[valid], np.asarray(dense(q, k, v))[valid], atol=1e-6
+  )
+  grads_dense = jax.grad(loss, argnums=(1, 2, 3))(dense, q, k, v)
+  grads_blocked = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)(blocked, q, k, v)
+  for got, want in zip(grads_blocked, grads_dense):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize('key_block', [0, 8])  # 0: blocked, 8: flash
+def test_blocked_attention_matches_transformers(tmp_path, key_block):
+  """The whole model with attention_query_block: chunked (60 tokens are no whole number of
+  chunks) and global layers take the blocked (or flash) path."""
+  hf = hf_reference.text_model()
+  converted_model = converted(tmp_path, hf)
+  cfg = converted_model.cfg.replace(attention_query_block=16, attention_key_block=key_block)
+  model = model_lib.Llama4(cfg, rngs=nnx.Rngs(0))
+  nnx.update(model, nnx.state(converted_model))
+  tokens, mask = inputs()
+  ours, _ = model(jnp.asarray(tokens), jnp.asarray(mask))
+  assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens, mask), mask)
+
+
+def test_a_packed_document_gets_the_same_logits_wherever_it_is_packed():
+  """RoPE positions, chunks and the NoPE layers' temperature all restart at the document:
+  the same 20 tokens alone in a row or packed after 13 others give the same logits."""
+  cfg = model_lib.PRESETS['parity']
+  assert cfg.attn_temperature_tuning and cfg.floor_scale == 2  # the temperature grows fast
+  model = model_lib.Llama4(cfg, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  document, other = rng.integers(3, 128, 20), rng.integers(3, 128, 13)
+  tokens = np.zeros((2, 40), np.int32)
+  segments = np.zeros((2, 40), np.int32)
+  tokens[0, :20], segments[0, :20] = document, 1
+  tokens[1, :13], segments[1, :13] = other, 1
+  tokens[1, 13:33], segments[1, 13:33] = document, 2
+  logits, _ = model(jnp.asarray(tokens), jnp.asarray(segments))
+  alone, packed = np.asarray(logits[0, :20]), np.asarray(logits[1, 13:33])
+  np.testing.assert_allclose(packed, alone, atol=1e-5 * np.abs(alone).max())
+
+
+@pytest.mark.parametrize('remat', ['full', 'layer', 'offload_layer_inputs'])
+def test_remat_policies_keep_loss_and_gradients(remat):
+  """Each policy recomputes (or offloads) differently; the numbers stay those of no remat."""
+  cfg = model_lib.PRESETS['parity'].replace(attention_query_block=16, attention_key_block=8)
+  tokens, mask = inputs(length=40)
+
+  def loss_and_grads(cfg):
+    model = model_lib.Llama4(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+      logits, _ = nnx.merge(graphdef, state)(jnp.asarray(tokens), jnp.asarray(mask))
+      return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+    if cfg.remat == 'offload_layer_inputs':  # the layer inputs [B, T, D] go to host memory
+      assert 'f32<host>[2,40,64]' in str(jax.make_jaxpr(jax.grad(loss))(state))
+    return jax.jit(jax.value_and_grad(loss))(state)
+
+  want_loss, want_grads = loss_and_grads(cfg)
+  got_loss, got_grads = loss_and_grads(cfg.replace(remat=remat))
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, atol=1e-6 * float(np.abs(want).max()) + 1e-9)
+
+
 @pytest.mark.parametrize(
     'x_shape, w_shape, contracted',
     [

@@ -4,15 +4,24 @@ RoPE layers: interleaved-pair RoPE, then QK-norm (a weightless RMS norm per
 head), and chunked local attention (block-local, aligned to each segment's
 first token). NoPE layers: no rotation, global causal attention, and the query
 scaled by the temperature 1 + attn_scale * log1p(floor((i + 1) / floor_scale))
-of its absolute cache index i.
+of its index i: the cache index (HF's, left padding included) for a row's first
+document, the position in the document for the packed documents after it.
 
 Sequences are described by `segment_ids` (0 = padding), which covers left
 padding (one segment per row) and packed documents alike: a token attends to
 earlier tokens of its own segment, and chunk boundaries start at the segment's
 first token (HF: `(k - lp) // C == (q - lp) // C`).
+
+The attention core holds [B, N, T, S] scores at once; with `attention_query_block`
+set it runs over blocks of queries instead (`blocked_attention`), holding
+[B, N, block, S] at a time in both passes: exact, the same FLOPs, and the memory a
+long sequence needs (8192 tokens: 40 heads x 8192^2 scores per sequence otherwise).
+With `attention_key_block` too, an online softmax over key blocks (`flash_attention`)
+holds [B, N, block, key block] and skips the blocks the mask leaves empty.
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,22 +36,94 @@ from llama4_jax.model import layers
 class AttentionInputs:
   """What every layer needs to know about the sequence, computed once per call.
 
+  The masks are built under jit, where the ones a layer does not use cost nothing;
+  the blocked and flash attentions build each block of the mask from `mask_parts`
+  instead of holding a [B, T, S] mask.
+
   Attributes:
     positions_BT: RoPE positions of the query tokens (offset within segment).
-    cache_index_T: absolute index of each query in the key axis (temperature).
+    cache_index_T: absolute index of each query in the key axis.
+    temperature_index_BT: the index i of the NoPE layers' temperature: the position in
+      the document for packed documents, the cache index (padding included, as in HF)
+      for a row's first document.
     causal_mask_BTS: causal, same-segment mask over the S keys.
     chunked_mask_BTS: causal_mask_BTS restricted to the query's chunk (or None).
     valid_BT: False for padding queries (segment 0).
     ring_mask_BTR: with a KV cache, the chunked layers' mask over R = W + T keys:
       their ring cache of W slots (before this call's writes), then the T new keys.
+    query_segment_BT, key_segment_BS: segment ids of the queries and the S keys.
+    query_chunk_BT, key_chunk_BS: chunk number of each token within its segment
+      (None without chunked attention).
   """
 
   positions_BT: jax.Array
   cache_index_T: jax.Array
+  temperature_index_BT: jax.Array
   causal_mask_BTS: jax.Array
   chunked_mask_BTS: jax.Array | None
   valid_BT: jax.Array
   ring_mask_BTR: jax.Array | None = None
+  query_segment_BT: jax.Array | None = None
+  key_segment_BS: jax.Array | None = None
+  query_chunk_BT: jax.Array | None = None
+  key_chunk_BS: jax.Array | None = None
+
+  def mask_parts(self, chunked: bool) -> 'MaskParts':
+    """What `mask_block` needs: [T] and [B, T] / [B, S] integer arrays, no [B, T, S] mask."""
+    return MaskParts(
+        self.cache_index_T,
+        self.query_segment_BT,
+        self.key_segment_BS,
+        self.query_chunk_BT if chunked else None,
+        self.key_chunk_BS if chunked else None,
+    )
+
+
+class MaskParts(NamedTuple):
+  """The integer arrays a block of the attention mask is built from (chunks None: causal)."""
+
+  query_index_T: jax.Array
+  query_segment_BT: jax.Array
+  key_segment_BS: jax.Array
+  query_chunk_BT: jax.Array | None
+  key_chunk_BS: jax.Array | None
+
+
+def mask_block(parts: MaskParts, query_start, rows: int, key_start, cols: int) -> jax.Array:
+  """The mask's block of query rows [query_start, +rows) and key columns [key_start, +cols):
+  [B, rows, cols]. Rows and columns past the last query or key are all False."""
+  T = parts.query_segment_BT.shape[1]
+
+  def take(x, start, size, axis=1):  # zero-padded, so that the block never leaves the array
+    x = jnp.pad(x, [(0, size if a == axis else 0) for a in range(x.ndim)])
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+  chunked = parts.query_chunk_BT is not None
+  mask_BQK = attention_mask(
+      take(parts.query_index_T, query_start, rows, 0),
+      take(parts.query_segment_BT, query_start, rows),  # padded rows: segment 0, no key
+      take(parts.query_chunk_BT, query_start, rows) if chunked else None,
+      key_start + jnp.arange(cols),
+      take(parts.key_segment_BS, key_start, cols),  # padded columns too
+      take(parts.key_chunk_BS, key_start, cols) if chunked else None,
+  )
+  return mask_BQK & (query_start + jnp.arange(rows) < T)[None, :, None]
+
+
+def attention_mask(
+    query_index_T, query_segment_BT, query_chunk_BT, key_index_S, key_segment_BS, key_chunk_BS
+) -> jax.Array:
+  """[B, T, S]: key s is earlier than (or is) query t, in its segment (not padding), and,
+  with chunks given (key_index_S may be [B, S] or [S]), in its chunk."""
+  key_index_BS = jnp.broadcast_to(key_index_S, key_segment_BS.shape)
+  mask_BTS = (
+      (key_index_BS[:, None, :] <= query_index_T[None, :, None])
+      & (key_segment_BS[:, None, :] == query_segment_BT[:, :, None])
+      & (key_segment_BS[:, None, :] != 0)
+  )
+  if query_chunk_BT is not None:
+    mask_BTS &= key_chunk_BS[:, None, :] == query_chunk_BT[:, :, None]
+  return mask_BTS
 
 
 def _segment_starts(segment_ids_BS: jax.Array) -> jax.Array:
@@ -83,43 +164,56 @@ def make_attention_inputs(
     chunk_size: attention_chunk_size C of the RoPE layers, or None.
     ring_size: W, the slots of the chunked layers' ring caches (decoding only).
   """
-  B, S = key_segment_ids_BS.shape
-  key_index_S = jnp.arange(S)
+  key_index_S = jnp.arange(key_segment_ids_BS.shape[1])
   query_index_T = query_offset + jnp.arange(num_queries)
   starts_BS = _segment_starts(key_segment_ids_BS)
   query_segment_BT = jax.lax.dynamic_slice_in_dim(key_segment_ids_BS, query_offset, num_queries, 1)
   query_start_BT = jax.lax.dynamic_slice_in_dim(starts_BS, query_offset, num_queries, 1)
   positions_BT = query_index_T[None, :] - query_start_BT
-
-  causal_TS = key_index_S[None, :] <= query_index_T[:, None]
-  same_segment_BTS = (query_segment_BT[:, :, None] == key_segment_ids_BS[:, None, :]) & (
-      key_segment_ids_BS[:, None, :] != 0
+  # A document that follows another in its row (packing) counts its temperature from its
+  # own first token; a row's first document (after any left padding) from the row's start.
+  before_start_BT = jnp.take_along_axis(
+      key_segment_ids_BS, jnp.maximum(query_start_BT - 1, 0), axis=1
   )
-  causal_mask_BTS = causal_TS[None] & same_segment_BTS
-  chunked_mask_BTS = None
+  follows_a_document_BT = (query_start_BT > 0) & (before_start_BT != 0)
+  temperature_index_BT = jnp.where(follows_a_document_BT, positions_BT, query_index_T[None, :])
+
+  causal_mask_BTS = attention_mask(
+      query_index_T, query_segment_BT, None, key_index_S, key_segment_ids_BS, None
+  )
+  chunked_mask_BTS = query_chunk_BT = key_chunk_BS = None
   if chunk_size:
     query_chunk_BT = positions_BT // chunk_size
     key_chunk_BS = (key_index_S[None, :] - starts_BS) // chunk_size
-    chunked_mask_BTS = causal_mask_BTS & (query_chunk_BT[:, :, None] == key_chunk_BS[:, None, :])
+    chunked_mask_BTS = attention_mask(
+        query_index_T,
+        query_segment_BT,
+        query_chunk_BT,
+        key_index_S,
+        key_segment_ids_BS,
+        key_chunk_BS,
+    )
   ring_mask_BTR = None
   if chunk_size and ring_size:
     key_index_R = jnp.concatenate([ring_slot_indices(query_offset, ring_size), query_index_T])
     gather = jnp.maximum(key_index_R, 0)
     key_segment_BR = jnp.where(key_index_R >= 0, key_segment_ids_BS[:, gather], 0)
     key_chunk_BR = (key_index_R[None, :] - starts_BS[:, gather]) // chunk_size
-    ring_mask_BTR = (
-        (key_index_R[None, None, :] <= query_index_T[None, :, None])
-        & (key_segment_BR[:, None, :] == query_segment_BT[:, :, None])
-        & (key_segment_BR[:, None, :] != 0)
-        & (key_chunk_BR[:, None, :] == query_chunk_BT[:, :, None])
+    ring_mask_BTR = attention_mask(
+        query_index_T, query_segment_BT, query_chunk_BT, key_index_R, key_segment_BR, key_chunk_BR
     )
   return AttentionInputs(
       positions_BT,
       query_index_T,
+      temperature_index_BT,
       causal_mask_BTS,
       chunked_mask_BTS,
       query_segment_BT != 0,
       ring_mask_BTR,
+      query_segment_BT,
+      key_segment_ids_BS,
+      query_chunk_BT,
+      key_chunk_BS,
   )
 
 
@@ -164,9 +258,9 @@ class Attention(nnx.Module):
       q_BTNH = layers.rms_normalize(q_BTNH, self.eps)
       k_BTKH = layers.rms_normalize(k_BTKH, self.eps)
     if self.use_temperature:
-      index_T = inputs.cache_index_T.astype(jnp.float32)
-      scale_T = 1.0 + self.attn_scale * jnp.log1p(jnp.floor((index_T + 1.0) / self.floor_scale))
-      q_BTNH = (q_BTNH.astype(jnp.float32) * scale_T[None, :, None, None]).astype(q_BTNH.dtype)
+      index_BT = inputs.temperature_index_BT.astype(jnp.float32)
+      scale_BT = 1.0 + self.attn_scale * jnp.log1p(jnp.floor((index_BT + 1.0) / self.floor_scale))
+      q_BTNH = (q_BTNH.astype(jnp.float32) * scale_BT[:, :, None, None]).astype(q_BTNH.dtype)
 
     if cache is not None and self.use_chunked:
       return self._attend_with_ring(q_BTNH, k_BTKH, v_BTKH, inputs, cache, cache_offset)
@@ -184,8 +278,15 @@ class Attention(nnx.Module):
       k_BSKH, v_BSKH = k_BTKH, v_BTKH
 
     chunk = self.cfg.attention_chunk_size
+    block = self.cfg.attention_query_block
     if self.use_chunked and cache is None and T > chunk and T % chunk == 0:
       y_BTNH = banded_attention(q_BTNH, k_BSKH, v_BSKH, inputs.chunked_mask_BTS, chunk)
+    elif block and T > block and self.cfg.attention_key_block:
+      y_BTNH = flash_attention(
+          q_BTNH, k_BSKH, v_BSKH, inputs, self.use_chunked, block, self.cfg.attention_key_block
+      )
+    elif block and T > block:
+      y_BTNH = blocked_attention(q_BTNH, k_BSKH, v_BSKH, inputs, self.use_chunked, block)
     else:
       mask_BTS = inputs.chunked_mask_BTS if self.use_chunked else inputs.causal_mask_BTS
       y_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
@@ -229,6 +330,184 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
     y_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
   return y_BTKGH.reshape(B, T, N, H)
+
+
+def blocked_attention(
+    q_BTNH, k_BSKH, v_BSKH, inputs: AttentionInputs, chunked: bool, block: int
+) -> jax.Array:
+  """dot_product_attention over blocks of `block` queries, one block at a time.
+
+  Each block's mask rows come from `inputs` (no [B, T, S] mask) and the block is
+  rematerialised in the backward pass, so both passes hold one block's
+  [B, N, block, S] scores rather than all T rows. Each row is computed exactly
+  as dot_product_attention computes it. T is padded up to a multiple of `block`.
+  """
+  B, T, N, H = q_BTNH.shape
+  num_blocks = -(-T // block)
+  q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, num_blocks * block - T), (0, 0), (0, 0)))
+  q_nBQNH = q_BTNH.reshape(B, num_blocks, block, N, H).swapaxes(0, 1)
+
+  # Through the barrier, as in _block_mask: no hoisting of every block's mask out of a layer scan.
+  parts, _ = jax.lax.optimization_barrier((inputs.mask_parts(chunked), q_nBQNH))
+
+  @jax.checkpoint
+  def attend_block(q_BQNH, start):
+    mask_BQS = mask_block(parts, start, block, 0, k_BSKH.shape[1])
+    return dot_product_attention(q_BQNH, k_BSKH, v_BSKH, mask_BQS)
+
+  def step(_, xs):
+    return None, attend_block(*xs)
+
+  _, y_nBQNH = jax.lax.scan(step, None, (q_nBQNH, jnp.arange(num_blocks) * block))
+  return y_nBQNH.swapaxes(0, 1).reshape(B, num_blocks * block, N, H)[:, :T]
+
+
+def flash_attention(
+    q_BTNH, k_BSKH, v_BSKH, inputs: AttentionInputs, chunked: bool, q_block: int, k_block: int
+) -> jax.Array:
+  """dot_product_attention with an online softmax over key blocks (FlashAttention, in JAX).
+
+  Query blocks of `q_block` rows visit key blocks of `k_block` columns, keeping a running
+  max, sum and output in float32; key blocks the mask leaves empty are skipped. The backward
+  pass (a custom VJP) recomputes each block's probabilities from the saved log-sum-exp, so
+  both passes hold [B, N, q_block, k_block] scores at a time: memory linear in T, not
+  quadratic. Equal to dot_product_attention up to rounding (its softmax runs in the input
+  dtype, this one in float32). T and S are padded up to whole blocks.
+  """
+  B, T, N, H = q_BTNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  nq, nk = -(-T // q_block), -(-S // k_block)
+  pad = lambda x, n, size: jnp.pad(x, [(0, 0), (0, n * size - x.shape[1]), (0, 0), (0, 0)])
+  # [n, B, block, K, (G,) H]: blocks first, for scans.
+  q_nBQKGH = pad(q_BTNH, nq, q_block).reshape(B, nq, q_block, K, N // K, H).swapaxes(0, 1)
+  k_nBCKH = pad(k_BSKH, nk, k_block).reshape(B, nk, k_block, K, H).swapaxes(0, 1)
+  v_nBCKH = pad(v_BSKH, nk, k_block).reshape(B, nk, k_block, K, H).swapaxes(0, 1)
+  y_nBQKGH = _flash(q_nBQKGH, k_nBCKH, v_nBCKH, inputs.mask_parts(chunked))
+  return y_nBQKGH.swapaxes(0, 1).reshape(B, nq * q_block, N, H)[:, :T]
+
+
+def _block_scores(q_BQKGH, k_BCKH, mask_BQC):
+  """Scaled, masked scores of one block in float32: [B, K, G, Q, C]."""
+  scale = np.float32(q_BQKGH.shape[-1] ** -0.5)
+  s_BKGQC = jnp.einsum('BQKGH,BCKH->BKGQC', q_BQKGH, k_BCKH, preferred_element_type=jnp.float32)
+  return jnp.where(mask_BQC[:, None, None], s_BKGQC * scale, _MASKED)
+
+
+_MASKED = np.float32(np.finfo(np.float32).min)
+
+
+def _block_mask(parts: MaskParts, q_nBQKGH, k_block: int):
+  """mask(i, j): query block i's mask over key block j.
+
+  The mask depends on the queries only through the optimization barrier: inside a scan over
+  layers, JAX would otherwise hoist everything loop-invariant out of the loop (the masks are
+  the same for every layer) and precompute every block's mask and masked scores at once,
+  [n, n, B, K, G, Q, C]: the quadratic memory this function exists to avoid.
+  """
+  parts, _ = jax.lax.optimization_barrier((parts, q_nBQKGH))
+  q_block = q_nBQKGH.shape[2]
+  return lambda i, j: mask_block(parts, i * q_block, q_block, j * k_block, k_block)
+
+
+def _flash_forward(q_nBQKGH, k_nBCKH, v_nBCKH, parts):
+  """Outputs [n, B, Q, K, G, H] and the rows' log-sum-exp [n, B, K, G, Q] (float32)."""
+  mask = _block_mask(parts, q_nBQKGH, k_nBCKH.shape[2])
+
+  def query_block(i, q_BQKGH):
+    B, Q, K, G, H = q_BQKGH.shape
+
+    def key_block(carry, j):
+      m_BKGQ, l_BKGQ, acc_BKGQH = carry
+      mask_BQC = mask(i, j)
+
+      def visit(carry):
+        m_BKGQ, l_BKGQ, acc_BKGQH = carry
+        s_BKGQC = _block_scores(q_BQKGH, k_nBCKH[j], mask_BQC)
+        m_new = jnp.maximum(m_BKGQ, s_BKGQC.max(-1))
+        p_BKGQC = jnp.exp(s_BKGQC - m_new[..., None])
+        rescale = jnp.exp(m_BKGQ - m_new)
+        pv_BKGQH = jnp.einsum(
+            'BKGQC,BCKH->BKGQH',
+            p_BKGQC.astype(v_nBCKH.dtype),
+            v_nBCKH[j],
+            preferred_element_type=jnp.float32,
+        )
+        return m_new, l_BKGQ * rescale + p_BKGQC.sum(-1), acc_BKGQH * rescale[..., None] + pv_BKGQH
+
+      return jax.lax.cond(jnp.any(mask_BQC), visit, lambda c: c, carry), None
+
+    init = (
+        jnp.full((B, K, G, Q), _MASKED),
+        jnp.zeros((B, K, G, Q), jnp.float32),
+        jnp.zeros((B, K, G, Q, H), jnp.float32),
+    )
+    (m_BKGQ, l_BKGQ, acc_BKGQH), _ = jax.lax.scan(key_block, init, jnp.arange(k_nBCKH.shape[0]))
+    l_BKGQ = jnp.maximum(l_BKGQ, np.float32(1e-30))  # rows no block reached: 0, not NaN
+    y_BQKGH = (acc_BKGQH / l_BKGQ[..., None]).transpose(0, 3, 1, 2, 4)
+    return y_BQKGH.astype(q_BQKGH.dtype), m_BKGQ + jnp.log(l_BKGQ)
+
+  return jax.lax.map(lambda xs: query_block(*xs), (jnp.arange(q_nBQKGH.shape[0]), q_nBQKGH))
+
+
+@jax.custom_vjp
+def _flash(q_nBQKGH, k_nBCKH, v_nBCKH, parts):
+  return _flash_forward(q_nBQKGH, k_nBCKH, v_nBCKH, parts)[0]
+
+
+def _flash_fwd(q_nBQKGH, k_nBCKH, v_nBCKH, parts):
+  y_nBQKGH, lse_nBKGQ = _flash_forward(q_nBQKGH, k_nBCKH, v_nBCKH, parts)
+  return y_nBQKGH, (q_nBQKGH, k_nBCKH, v_nBCKH, parts, y_nBQKGH, lse_nBKGQ)
+
+
+def _flash_bwd(residuals, dy_nBQKGH):
+  """Per key block j (outer) and query block i (inner): P = exp(S - lse) recomputed,
+  dV_j += P^T dY_i, dS = P (dY_i V_j^T - rowsum(dY_i Y_i)), dQ_i += dS K_j, dK_j += dS^T Q_i."""
+  q_nBQKGH, k_nBCKH, v_nBCKH, parts, y_nBQKGH, lse_nBKGQ = residuals
+  mask = _block_mask(parts, q_nBQKGH, k_nBCKH.shape[2])
+  scale = np.float32(q_nBQKGH.shape[-1] ** -0.5)
+  f32 = lambda x: x.astype(jnp.float32)
+  # rowsum(dY * Y) per query row: [n, B, K, G, Q]
+  delta_nBKGQ = jnp.einsum('nBQKGH,nBQKGH->nBKGQ', f32(dy_nBQKGH), f32(y_nBQKGH))
+
+  def key_block(dq_nBQKGH, j):
+    k_BCKH, v_BCKH = k_nBCKH[j], v_nBCKH[j]
+
+    def query_block(carry, i):
+      dk_BCKH, dv_BCKH, dq_nBQKGH = carry
+      mask_BQC = mask(i, j)
+
+      def visit(carry):
+        dk_BCKH, dv_BCKH, dq_nBQKGH = carry
+        q_BQKGH, dy_BQKGH = q_nBQKGH[i], dy_nBQKGH[i]
+        s_BKGQC = _block_scores(q_BQKGH, k_BCKH, mask_BQC)
+        p_BKGQC = jnp.exp(s_BKGQC - lse_nBKGQ[i][..., None])
+        dv_BCKH = dv_BCKH + jnp.einsum('BKGQC,BQKGH->BCKH', p_BKGQC, f32(dy_BQKGH))
+        dp_BKGQC = jnp.einsum('BQKGH,BCKH->BKGQC', f32(dy_BQKGH), f32(v_BCKH))
+        ds_BKGQC = p_BKGQC * (dp_BKGQC - delta_nBKGQ[i][..., None]) * scale
+        dk_BCKH = dk_BCKH + jnp.einsum('BKGQC,BQKGH->BCKH', ds_BKGQC, f32(q_BQKGH))
+        dq_BQKGH = jnp.einsum('BKGQC,BCKH->BQKGH', ds_BKGQC, f32(k_BCKH))
+        return dk_BCKH, dv_BCKH, dq_nBQKGH.at[i].add(dq_BQKGH)
+
+      return jax.lax.cond(jnp.any(mask_BQC), visit, lambda c: c, carry), None
+
+    zeros = jnp.zeros(k_BCKH.shape, jnp.float32)
+    (dk_BCKH, dv_BCKH, dq_nBQKGH), _ = jax.lax.scan(
+        query_block, (zeros, zeros, dq_nBQKGH), jnp.arange(q_nBQKGH.shape[0])
+    )
+    return dq_nBQKGH, (dk_BCKH, dv_BCKH)
+
+  dq_nBQKGH, (dk_nBCKH, dv_nBCKH) = jax.lax.scan(
+      key_block, jnp.zeros(q_nBQKGH.shape, jnp.float32), jnp.arange(k_nBCKH.shape[0])
+  )
+  return (
+      dq_nBQKGH.astype(q_nBQKGH.dtype),
+      dk_nBCKH.astype(k_nBCKH.dtype),
+      dv_nBCKH.astype(v_nBCKH.dtype),
+      None,  # the mask's integer arrays
+  )
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def banded_attention(q_BTNH, k_BTKH, v_BTKH, chunked_mask_BTS, chunk: int):

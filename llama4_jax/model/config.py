@@ -37,6 +37,8 @@ class ModelConfig:
   no_rope_layers: tuple[int, ...] = (1, 0, 1, 0)  # HF semantics: 1 = layer USES RoPE
   use_qk_norm: bool = True  # weightless RMS norm of q, k on RoPE layers
   attention_chunk_size: int = 8  # chunked local attention on RoPE layers; 0 = off
+  attention_query_block: int = 0  # > 0: attention over query blocks of this size (memory)
+  attention_key_block: int = 0  # > 0 (with query blocks): online softmax over key blocks
   attn_temperature_tuning: bool = True  # query temperature on NoPE layers
   floor_scale: int = 2
   attn_scale: float = 0.5
@@ -122,6 +124,9 @@ class ModelConfig:
       fail(
           'moe_layers', f'must be distinct indices in [0, {self.num_layers}), got {self.moe_layers}'
       )
+    for key in ('attention_query_block', 'attention_key_block'):
+      if getattr(self, key) < 0:
+        fail(key, f'must be >= 0, got {getattr(self, key)}')
     if self.attention_chunk_size < 0:
       fail('attention_chunk_size', f'must be >= 0, got {self.attention_chunk_size}')
     if self.rope_type not in ('default', 'llama3'):
@@ -222,11 +227,37 @@ def layer_index_map(cfg: ModelConfig) -> list[tuple[int, int, int]]:
   return out
 
 
-REMAT_POLICIES = {
+class Remat(NamedTuple):
+  """What the backward pass recomputes: `jax.checkpoint` with `policy` around each scanned
+  block of layers (scope 'block') or around each layer (scope 'layer')."""
+
+  scope: str  # 'block' or 'layer'
+  policy: Any = None  # a jax.checkpoint_policies policy; None recomputes everything
+
+
+# Names the decoder layer gives its values for these policies (jax.ad_checkpoint.checkpoint_name).
+LAYER_INPUT = 'layer_input'
+
+REMAT_POLICIES: dict[str, Remat | None] = {
     'none': None,  # keep every activation (fastest, most memory)
-    'full': 'full',  # recompute the whole block in the backward pass
-    'dots': jax.checkpoint_policies.checkpoint_dots,
-    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Save each block's input (one per scanned block of layers); the backward pass recomputes
+    # the whole block at once.
+    'full': Remat('block'),
+    'dots': Remat('block', jax.checkpoint_policies.checkpoint_dots),
+    'dots_no_batch': Remat('block', jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims),
+    # Save each layer's input; the backward pass holds one layer's activations at a time.
+    'layer': Remat('layer'),
+    # As 'layer', with the layer inputs in host memory (MaxText's offloaded decoder-layer
+    # inputs): device memory keeps no saved activations.
+    'offload_layer_inputs': Remat(
+        'layer',
+        jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=[LAYER_INPUT],
+            offload_src='device',
+            offload_dst='pinned_host',
+        ),
+    ),
 }
 
 
@@ -252,6 +283,7 @@ _PRESET_COMMON = dict(
     pad_token_id=200018,
     dtype='bfloat16',
     remat='full',
+    attention_query_block=512,  # 40 x 512 x 8192 scores per sequence at a time, not 40 x 8192^2
 )
 
 PRESETS: dict[str, ModelConfig] = {

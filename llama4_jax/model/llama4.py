@@ -14,11 +14,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from llama4_jax import sharding
 from llama4_jax.model import attention, layers, moe
 from llama4_jax.model import vision as vision_lib
-from llama4_jax.model.config import REMAT_POLICIES, LayerKind, ModelConfig, layer_index_map
+from llama4_jax.model.config import (
+    LAYER_INPUT,
+    REMAT_POLICIES,
+    LayerKind,
+    ModelConfig,
+    layer_index_map,
+)
 
 
 class DecoderLayer(nnx.Module):
@@ -43,6 +50,7 @@ class DecoderLayer(nnx.Module):
     self.is_moe = kind.is_moe
 
   def __call__(self, x_BTD, inputs, cache=None, cache_offset=None):
+    x_BTD = checkpoint_name(x_BTD, LAYER_INPUT)
     h_BTD, cache = self.attn(self.attn_norm(x_BTD), inputs, cache, cache_offset)
     x_BTD = x_BTD + h_BTD
     if self.is_moe:
@@ -58,19 +66,37 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, kinds: tuple[LayerKind, ...], *, rngs: nnx.Rngs):
     self.layers = nnx.List([DecoderLayer(cfg, kind, rngs=rngs) for kind in kinds])
+    self.remat = cfg.remat
 
   def __call__(self, x_BTD, inputs, caches=None, cache_offset=None):
     new_caches, stats = [], []
+    remat = REMAT_POLICIES[self.remat]
     for j, layer in enumerate(self.layers):
-      x_BTD, cache, layer_stats = layer(
-          x_BTD, inputs, None if caches is None else caches[j], cache_offset
-      )
+      cache = None if caches is None else caches[j]
+      if remat and remat.scope == 'layer':
+        x_BTD, cache, layer_stats = _rematerialized(layer, remat.policy, inputs, cache_offset)(
+            x_BTD, cache
+        )
+      else:
+        x_BTD, cache, layer_stats = layer(x_BTD, inputs, cache, cache_offset)
       new_caches.append(cache)
       if layer_stats is not None:
         stats.append(layer_stats)
     # Stats of this block's MoE layers, stacked on a leading axis (or None).
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else None
     return x_BTD, (None if caches is None else new_caches), stacked
+
+
+def _rematerialized(layer: DecoderLayer, policy, inputs, cache_offset):
+  """layer(x, inputs, cache, cache_offset) as a function of (x, cache) under jax.checkpoint,
+  its weights passed in explicitly."""
+  graphdef, state = nnx.split(layer)
+
+  def run(state, x_BTD, cache):
+    return nnx.merge(graphdef, state)(x_BTD, inputs, cache, cache_offset)
+
+  checkpointed = jax.checkpoint(run, prevent_cse=False, policy=policy)
+  return lambda x_BTD, cache: checkpointed(state, x_BTD, cache)
 
 
 class Llama4(nnx.Module):
@@ -244,7 +270,7 @@ class Llama4(nnx.Module):
     return sharding.shard(logits_BTV, 'act_batch', 'act_seq', 'act_vocab').astype(jnp.float32)
 
   def _run_stages(self, x_BTD, inputs, caches, cache_offset):
-    policy = REMAT_POLICIES[self.cfg.remat]
+    remat = REMAT_POLICIES[self.cfg.remat]
     new_caches, all_stats = [], []
     for s, stacked in enumerate(self.stages):
       graphdef, state = nnx.split(stacked)
@@ -255,8 +281,8 @@ class Llama4(nnx.Module):
         x_BTD, block_cache, stats = block(x_BTD, inputs, block_cache, cache_offset)
         return x_BTD, (block_cache, stats)
 
-      if policy is not None:
-        body = jax.checkpoint(body, prevent_cse=False, policy=None if policy == 'full' else policy)
+      if remat and remat.scope == 'block':
+        body = jax.checkpoint(body, prevent_cse=False, policy=remat.policy)
       stage_cache = None if caches is None else caches[s]
       x_BTD, (stage_cache, stats) = jax.lax.scan(body, x_BTD, (state, stage_cache))
       new_caches.append(stage_cache)

@@ -7,20 +7,30 @@ shardings, so no parameter is ever allocated, and compiled for a mesh of
   * a real TPU slice (`tpu_devices('v5p-256')`): the devices of a topology
     description from libtpu (requirements-compile.txt), compiled by the TPU
     compiler itself, which is what decides whether a program fits: a program
-    that does not fit fails to compile, and the report says by how much; or
+    that does not fit fails to compile, and the report says by how much;
+  * real NVIDIA GPUs (`gpu_devices('h100-32x8')`): the devices of a topology
+    description from the CUDA plugin (jax-cuda12-plugin, requirements-compile.txt)
+    for XLA's description of the GPU (gpu_specs/), compiled by the CUDA compiler
+    (XLA's GPU compiler and ptxas) with the options of `cuda_compiler_options`.
+    It compiles a program too big for the GPU anyway, so `check_fit` compares
+    the program's footprint with the GPU's memory; or
   * fake CPU devices (`use_fake_cpu_devices`), on any machine: parameter,
     optimizer-state and batch bytes are exact for any backend, but the
     temporaries are what the CPU compiler schedules, only an estimate of a
     TPU or GPU compile, which fuses and schedules differently.
 
 `compiled.memory_analysis()` gives per-device argument, output and temporary
-sizes, and `compiled.cost_analysis()` the FLOPs. XLA's FLOP count covers a
-scanned loop body once, so the model FLOPs of `flops.py` are reported next to it.
+sizes, and `compiled.cost_analysis()` the FLOPs (the CUDA compiler gives none).
+XLA's FLOP count covers a scanned loop body once, so the model FLOPs of `flops.py`
+are reported next to it.
 """
 
 import dataclasses
+import importlib.resources
+import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +120,7 @@ def tpu_slice(name: str) -> TpuSlice:
   if generation not in TPU_GENERATIONS or not count.isdigit():
     raise ValueError(
         f'--topology={name}: not a TPU slice name like v5p-256 or v5e-64 (generations '
-        f'{sorted(TPU_GENERATIONS)})'
+        f'{sorted(TPU_GENERATIONS)}) nor NVIDIA GPUs like h100-32x8 ({sorted(GPU_MODELS)})'
     )
   prefix, chips_per_unit, accelerator = TPU_GENERATIONS[generation]
   chips = int(int(count) * chips_per_unit)
@@ -149,7 +159,182 @@ def tpu_devices(target: TpuSlice, num_slices: int = 1) -> list:
   return list(description.devices)
 
 
+# NVIDIA GPUs ----------------------------------------------------------------------
+
+# GPU: (XLA's GpuTargetConfigProto for it, in gpu_specs/; its key in ACCELERATORS). The files are
+# openxla/xla's (xla/backends/gpu/target_config/specs), less the fields jaxlib's XLA does not know.
+GPU_MODELS = {
+    'h100': ('h100_sxm.txtpb', 'h100'),
+    'h200': ('h200.txtpb', 'h200'),
+}
+GPUS_PER_HOST = (1, 2, 4, 8)  # an HGX board holds 8, NVLinked
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuCluster:
+  """NVIDIA GPUs the CUDA compiler can target without one: what `get_topology_desc` needs."""
+
+  name: str  # e.g. h100-32x8
+  model: str  # its key in GPU_MODELS
+  hosts: int
+  gpus_per_host: int
+
+  @property
+  def gpus(self) -> int:
+    return self.hosts * self.gpus_per_host
+
+  @property
+  def topology(self) -> str:
+    """The CUDA plugin's topology: partitions x hosts x GPUs per host."""
+    return f'1x{self.hosts}x{self.gpus_per_host}'
+
+  @property
+  def accelerator(self) -> str:
+    return GPU_MODELS[self.model][1]
+
+  def target_config(self) -> str:
+    """XLA's GpuTargetConfigProto for the GPU, as text."""
+    spec = importlib.resources.files(__package__) / 'gpu_specs' / GPU_MODELS[self.model][0]
+    return spec.read_text()
+
+  @property
+  def memory_bytes(self) -> int:
+    """The GPU's memory as XLA's description of it has it (the compiler's own figure)."""
+    return int(re.search(r'device_memory_size: (\d+)', self.target_config()).group(1))
+
+
+def gpu_cluster(name: str) -> GpuCluster:
+  """The GPUs called `name`: h100-HxG or h200-HxG, H hosts of G GPUs (h100-G: one host)."""
+  model, _, size = name.lower().partition('-')
+  shape = re.fullmatch(r'(?:(\d+)x)?(\d+)', size)
+  if model not in GPU_MODELS or shape is None:
+    raise ValueError(
+        f'--topology={name}: not NVIDIA GPUs like h100-32x8 (hosts x GPUs per host) or h100-8 '
+        f'(one host); GPUs {sorted(GPU_MODELS)}'
+    )
+  hosts, per_host = int(shape.group(1) or 1), int(shape.group(2))
+  if hosts < 1 or per_host not in GPUS_PER_HOST:
+    raise ValueError(
+        f'--topology={name}: not {hosts} x {per_host}; give at least one host of 1, 2, 4 or 8 '
+        f'GPUs (e.g. {model}-2x8 for 16 GPUs)'
+    )
+  return GpuCluster(name.lower(), model, hosts, per_host)
+
+
+def topology(name: str) -> TpuSlice | GpuCluster:
+  """The TPU slice (v5p-256) or the NVIDIA GPUs (h100-32x8) called `name`."""
+  if name.lower().partition('-')[0] in GPU_MODELS:
+    return gpu_cluster(name)
+  return tpu_slice(name)
+
+
+def gpu_devices(target: GpuCluster) -> list:
+  """The GPUs of `target`, from the CUDA plugin's topology description (no GPU needed)."""
+  try:
+    from jax.experimental import topologies
+
+    description = topologies.get_topology_desc(
+        platform='cuda',
+        topology_name='',
+        topology=target.topology,
+        target_config=target.target_config(),
+    )
+  except Exception as e:  # no CUDA plugin, or one whose XLA cannot read the description
+    raise RuntimeError(
+        f'cannot describe {target.name} ({target.topology}): {" ".join(str(e).split())[:300]}; '
+        f'the CUDA compiler comes with jax-cuda12-plugin: pip install -r requirements-compile.txt'
+    ) from e
+  return list(description.devices)
+
+
+def cuda_compiler_options() -> dict[str, Any]:
+  """XLA options to compile for NVIDIA GPUs on a machine without one.
+
+  xla_gpu_cuda_data_dir: the CUDA toolkit directory of the nvidia-cuda-nvcc-cu12 wheel
+  (requirements-compile.txt), whose `bin/ptxas` turns XLA's PTX into GPU code, rather than
+  whichever ptxas is on PATH.
+
+  xla_gpu_enable_cub_radix_sort=False: XLA sorts more than about 22,000 elements (the MoE's
+  dispatch at 8 sequences per GPU) with CUB's radix sort, and asks CUB at compile time how much
+  scratch memory it needs; CUB asks the CUDA runtime about the GPU, so without one the compile
+  stops with "INTERNAL: CUDA Runtime error: ... Error loading CUDA libraries" (or "invalid device
+  ordinal" where the CUDA runtime library is installed). XLA's own sort kernel needs no device
+  at compile time; the temporaries then lack CUB's scratch buffer, about the size of the keys and
+  values sorted (half a MiB per MoE layer for Scout at 8 sequences of 8,192 tokens per GPU).
+  """
+  try:
+    import nvidia.cuda_nvcc as nvcc  # the nvidia-cuda-nvcc-cu12 wheel
+  except ImportError:
+    nvcc = None
+  for path in getattr(nvcc, '__path__', []):
+    if os.path.isfile(os.path.join(path, 'bin', 'ptxas')):
+      return {'xla_gpu_cuda_data_dir': path, 'xla_gpu_enable_cub_radix_sort': False}
+  raise RuntimeError(
+      'no ptxas for the CUDA compiler: it comes with nvidia-cuda-nvcc-cu12: '
+      'pip install -r requirements-compile.txt'
+  )
+
+
 # Fake devices -----------------------------------------------------------------
+
+
+def tpu_memory_budget(target: TpuSlice, budget: float = FIT_FRACTION) -> int:
+  """Bytes per chip the TPU compiler may plan for: `budget` of its memory (ACCELERATORS).
+
+  Given the whole chip, the TPU compiler spends spare memory on speed (prefetching,
+  overlapping collectives, less rematerialisation), so a program's footprint says little
+  about what it needs. Given 90% of it, a program that compiles fits with 10% to spare.
+  """
+  return int(budget * ACCELERATORS[target.accelerator] * GiB)
+
+
+def tpu_compiler_options(budget_bytes: int, argument_bytes: int) -> dict[str, Any]:
+  """The TPU compiler's memory limit, for its temporaries: the budget less the arguments
+  (parameters, optimizer state, batch), which the program holds throughout."""
+  return {'xla_tpu_max_hbm_size_mib': max(1, (budget_bytes - argument_bytes) // 2**20)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Devices to compile for, with what the compile and the fit check need."""
+
+  devices: list | None  # None: all (fake CPU) devices
+  description: str  # for the report's first line
+  accelerator: str | None  # its key in ACCELERATORS
+  fit_options: dict  # check_fit's compiler_options and memory_bytes
+
+
+def compile_target(name: str, num_slices: int = 1, budget: float = FIT_FRACTION) -> Target:
+  """The devices of a TPU slice or GPU cluster called `name`, for that platform's compiler.
+
+  Call before anything touches a device: it makes the CPU JAX's only backend (the compiler
+  is needed, not the devices).
+  """
+  target = topology(name)
+  if isinstance(target, GpuCluster) and num_slices > 1:
+    raise ValueError(
+        f'--num_slices={num_slices}: slices are TPU slices; give more GPUs as more '
+        f'hosts, e.g. --topology={target.model}-64x8'
+    )
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_enable_compilation_cache', False)  # no TPU/GPU client to load entries
+  if isinstance(target, GpuCluster):
+    count = lambda n, thing: f'{n} {thing}' + ('s' if n > 1 else '')
+    return Target(
+        gpu_devices(target),
+        f'{target.name} ({count(target.hosts, "host")} of '
+        f'{count(target.gpus_per_host, "GPU")}), the CUDA compiler',
+        target.accelerator,
+        dict(compiler_options=cuda_compiler_options(), memory_bytes=target.memory_bytes),
+    )
+  slices = f'{num_slices} x ' if num_slices > 1 else ''
+  return Target(
+      tpu_devices(target, num_slices),
+      f'{slices}{target.name} ({target.topology}, {target.chips} chips), the TPU compiler '
+      f'planning for {budget:.0%} of {ACCELERATORS[target.accelerator]} GiB',
+      target.accelerator,
+      dict(budget_bytes=tpu_memory_budget(target, budget)),
+  )
 
 
 def use_fake_cpu_devices(num_devices: int):
@@ -231,15 +416,28 @@ class Compiled:
   executable: jax.stages.Compiled
 
 
-def compile_train_step(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> Compiled:
-  """Lowers and compiles trainer.train_step for `mesh` from shapes alone."""
+def compile_train_step(
+    config: mlc.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    compiler_options: Mapping[str, Any] | None = None,
+    budget_bytes: int | None = None,
+) -> Compiled:
+  """Lowers and compiles trainer.train_step for `mesh` from shapes alone.
+
+  `compiler_options`: XLA options for this compile (`cuda_compiler_options` for GPUs).
+  `budget_bytes`: for the TPU compiler, the memory per chip it may plan for.
+  """
   config_lib.validate(config, mesh.size)
   with sharding.mesh_context(mesh):
     setup = trainer.make_setup(config, mesh)
     train_fn, _ = trainer.compile_steps(setup)
     state = _with_shardings(setup.abstract_state, setup.state_shardings)
     batch = abstract_batch(config, setup.batch_sharding)
-    executable = train_fn.lower(state, batch).compile()
+    options = dict(compiler_options or {})
+    if budget_bytes:
+      arguments = per_device_bytes(state) + per_device_bytes(batch)
+      options.update(tpu_compiler_options(budget_bytes, arguments))
+    executable = train_fn.lower(state, batch).compile(options or None)
   return Compiled(setup, state, batch, executable)
 
 
@@ -269,8 +467,9 @@ class Report:
   outputs: int
   aliased: int  # outputs written in place of donated inputs
   temporaries: int  # gradients, activations, collectives' buffers
-  xla_flops: float  # XLA's count for one device's program
+  xla_flops: float | None  # XLA's count for one device's program; None: none given (GPU)
   model_flops: float  # flops.py: 6 x active params + attention, per device per step
+  host_temporaries: int = 0  # in the host's memory, not the device's (offloaded activations)
 
   @property
   def total(self) -> int:
@@ -281,7 +480,7 @@ class Report:
 def report(compiled: Compiled) -> Report:
   setup, exe = compiled.setup, compiled.executable
   memory = exe.memory_analysis()
-  cost = exe.cost_analysis() or {}  # GPU compiles give none
+  cost = exe.cost_analysis() or {}  # the CUDA compiler gives none
   config = setup.config
   model_flops = config.train.batch_size * flops.train_flops_per_row(
       setup.cfg, config.data.seq_len, image_text.tiles_per_row(config, setup.cfg)
@@ -297,8 +496,9 @@ def report(compiled: Compiled) -> Report:
       outputs=memory.output_size_in_bytes,
       aliased=memory.alias_size_in_bytes,
       temporaries=memory.temp_size_in_bytes,
-      xla_flops=float(cost.get('flops', 0.0)),
+      xla_flops=float(cost['flops']) if 'flops' in cost else None,
       model_flops=model_flops / setup.mesh.size,
+      host_temporaries=getattr(memory, 'host_temp_size_in_bytes', 0),
   )
 
 
@@ -317,6 +517,10 @@ def fits(total_bytes: int, accelerator: str) -> bool:
 
 def format_report(r: Report, accelerators: Sequence[str] = tuple(ACCELERATORS)) -> str:
   gib = lambda b: f'{b / GiB:9.2f} GiB'
+  if r.xla_flops is None:
+    xla_flops = 'n/a (this compiler gives no cost analysis)'
+  else:
+    xla_flops = f'{r.xla_flops:.4g} (a scanned loop body once, remat included)'
   lines = [
       f'{r.devices} devices, mesh {dict(r.mesh)}; {r.num_params:,} parameters',
       'per device:',
@@ -326,8 +530,15 @@ def format_report(r: Report, accelerators: Sequence[str] = tuple(ACCELERATORS)) 
       f'  temporaries      {gib(r.temporaries)}  (gradients, activations, gathered weights)',
       f'  total            {gib(r.total)}  (arguments {r.arguments / GiB:.2f} + outputs '
       f'{r.outputs / GiB:.2f} - donated {r.aliased / GiB:.2f} + temporaries)',
+      *(
+          [
+              f'  host memory      {gib(r.host_temporaries)}  (offloaded activations; not in the total)'
+          ]
+          if r.host_temporaries
+          else []
+      ),
       f'FLOPs per step per device: {r.model_flops:.4g} (model: 6 x active parameters + '
-      f'attention); XLA counts {r.xla_flops:.4g} (a scanned loop body once, remat included)',
+      f'attention); XLA counts {xla_flops}',
       'fit:',
   ]
   width = max(len(a) for a in accelerators)
@@ -342,17 +553,34 @@ def to_dict(r: Report) -> dict:
   return {**dataclasses.asdict(r), 'mesh': dict(r.mesh), 'total': r.total}
 
 
-def check(config: mlc.ConfigDict, devices=None) -> Report:
+def check(
+    config: mlc.ConfigDict,
+    devices=None,
+    compiler_options: Mapping[str, Any] | None = None,
+    budget_bytes: int | None = None,
+) -> Report:
   """Compiles the train step of `config` on a mesh of `devices` (default: all) and reports."""
   mesh = sharding.make_mesh(dict(config.mesh), devices)
-  return report(compile_train_step(config, mesh))
+  return report(compile_train_step(config, mesh, compiler_options, budget_bytes))
 
 
 class OutOfMemory(Exception):
-  """The compiler refused the program: it needs more memory per device than there is."""
+  """The program needs more memory per device than there is.
 
-  def __init__(self, needed_gib: float | None, available_gib: float | None, message: str):
+  The TPU compiler refuses such a program (`report` None); the CUDA compiler compiles it, and
+  `check_fit` finds it too big from its memory analysis (`report`).
+  """
+
+  def __init__(
+      self,
+      needed_gib: float | None,
+      available_gib: float | None,
+      message: str,
+      compiler: str = 'the TPU compiler',
+      report: Report | None = None,
+  ):
     self.needed_gib, self.available_gib = needed_gib, available_gib
+    self.compiler, self.report = compiler, report
     super().__init__(message)
 
   def __str__(self):
@@ -360,7 +588,7 @@ class OutOfMemory(Exception):
       return f'does not fit: {self.args[0]}'
     return (
         f'does not fit: needs {self.needed_gib:.2f} GiB of {self.available_gib:.2f} GiB '
-        f'per device (the TPU compiler: {self.args[0]})'
+        f'per device ({self.compiler}: {self.args[0]})'
     )
 
 
@@ -372,10 +600,22 @@ def _gib(value: str, unit: str) -> float:
   return float(value) * 1024.0 ** ('KMGT'.index(unit) + 1) / GiB
 
 
-def check_fit(config: mlc.ConfigDict, devices) -> Report:
-  """`check`, but a compiler that runs out of memory raises OutOfMemory with its figures."""
+def check_fit(
+    config: mlc.ConfigDict,
+    devices,
+    compiler_options: Mapping[str, Any] | None = None,
+    memory_bytes: int | None = None,
+    budget_bytes: int | None = None,
+) -> Report:
+  """`check`, but a program too big for the devices raises OutOfMemory with the figures.
+
+  A compiler that runs out of memory (the TPU compiler, planning for `budget_bytes` per chip if
+  given) says by how much. One that compiles the program anyway (the CUDA compiler) is checked
+  here: given the device's `memory_bytes`, a program whose footprint (`Report.total`:
+  arguments + outputs - donated + temporaries) is larger raises OutOfMemory with both figures.
+  """
   try:
-    return check(config, devices)
+    r = check(config, devices, compiler_options, budget_bytes)
   except Exception as e:  # XLA raises its runtime error type for a refused compile
     text = ' '.join(str(e).split())
     if 'RESOURCE_EXHAUSTED' not in text:
@@ -384,4 +624,15 @@ def check_fit(config: mlc.ConfigDict, devices) -> Report:
     sizes = _OOM_SIZES.search(text)
     if sizes is None:
       raise OutOfMemory(None, None, reason) from None
-    raise OutOfMemory(_gib(*sizes.group(1, 2)), _gib(*sizes.group(3, 4)), reason) from None
+    needed, available = _gib(*sizes.group(1, 2)), _gib(*sizes.group(3, 4))
+    if budget_bytes:  # the compiler's limit was the budget less the arguments: add them back
+      arguments = budget_bytes / GiB - available
+      needed, available = needed + arguments, budget_bytes / GiB
+    raise OutOfMemory(needed, available, reason) from None
+  if memory_bytes is not None and r.total > memory_bytes:
+    reason = (
+        f'memory analysis: arguments {r.arguments / GiB:.2f} + outputs {r.outputs / GiB:.2f} - '
+        f'donated {r.aliased / GiB:.2f} + temporaries {r.temporaries / GiB:.2f} GiB'
+    )
+    raise OutOfMemory(r.total / GiB, memory_bytes / GiB, reason, 'the CUDA compiler', r)
+  return r
