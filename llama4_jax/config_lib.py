@@ -8,6 +8,7 @@ Python and run as code; a workdir's `config.json` is data.
 import dataclasses
 import difflib
 import json
+import math
 
 import ml_collections as mlc
 from etils import epath
@@ -29,8 +30,52 @@ def model_config(config: mlc.ConfigDict) -> model_lib.ModelConfig:
     raise ConfigError(str(e)) from e
 
 
-def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> model_lib.ModelConfig:
-  """Checks the values the code relies on before anything compiles; returns the ModelConfig."""
+_POSITIVE = (lambda v: v > 0, 'positive')
+_AT_LEAST_0 = (lambda v: v >= 0, '>= 0')
+_FRACTION = (lambda v: 0 <= v <= 1, 'in [0, 1]')
+_DECAY_RATE = (lambda v: 0 <= v < 1, 'in [0, 1)')
+
+# Every numeric key of base_config() and the range where it means something.
+NUMERIC_RANGES = {
+    'seed': _AT_LEAST_0,
+    'data.builtin_max_bytes': _POSITIVE,
+    'data.packing_bins': _AT_LEAST_0,
+    'data.tokenizer_train_bytes': _AT_LEAST_0,
+    'data.tiles_per_row': _AT_LEAST_0,
+    'data.shapes.train_examples': _POSITIVE,
+    'data.shapes.eval_examples': _POSITIVE,
+    'data.shapes.seed': _AT_LEAST_0,
+    'train.steps': _POSITIVE,
+    'train.batch_size': _POSITIVE,
+    'train.grad_accum_steps': _POSITIVE,
+    'train.checkpoint_every': _POSITIVE,
+    'train.keep_checkpoints': _POSITIVE,  # 0 would delete the newest checkpoint too
+    'train.eval_every': _AT_LEAST_0,
+    'train.log_every': _POSITIVE,
+    'train.load_balance_coef': _AT_LEAST_0,
+    'train.router_z_coef': _AT_LEAST_0,
+    'train.sample_tokens': _AT_LEAST_0,
+    'optim.lr': _POSITIVE,
+    'optim.warmup_steps': _AT_LEAST_0,
+    'optim.min_lr_ratio': _FRACTION,
+    'optim.b1': _DECAY_RATE,
+    'optim.b2': _DECAY_RATE,
+    'optim.eps': _POSITIVE,
+    'optim.weight_decay': _AT_LEAST_0,
+    'optim.clip_norm': _AT_LEAST_0,
+    'eval.batch_size': _POSITIVE,
+    'eval.max_batches': _AT_LEAST_0,
+}
+
+
+def validate(
+    config: mlc.ConfigDict, num_devices: int | None = None, num_processes: int = 1
+) -> model_lib.ModelConfig:
+  """Checks the values the code relies on before anything compiles; returns the ModelConfig.
+
+  With `num_devices`, also the mesh, and every batch against its batch shards and the
+  `num_processes` that load it.
+  """
   cfg = model_config(config)
 
   def fail(key, msg):
@@ -39,16 +84,21 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> model_li
   for key in config.mesh:
     if key not in sharding.MESH_AXES:
       fail(f'mesh.{key}', f'unknown mesh axis; axes are {sharding.MESH_AXES}')
+  shards = 1
   if num_devices is not None:
     try:
-      sharding.mesh_shape(dict(config.mesh), num_devices)
+      sizes = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(dict(config.mesh), num_devices)))
     except ValueError as e:
       fail('mesh', str(e).removeprefix('mesh: '))
+    shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
+  for key, (in_range, meaning) in NUMERIC_RANGES.items():
+    node = config
+    for part in key.split('.'):
+      node = node.get(part) if isinstance(node, mlc.ConfigDict) else None
+    if node is not None and not in_range(node):
+      fail(key, f'must be {meaning}, got {node}')
   if 'train' in config:
     t = config.train
-    for key in ('steps', 'batch_size', 'grad_accum_steps', 'checkpoint_every', 'log_every'):
-      if t[key] <= 0:
-        fail(f'train.{key}', f'must be positive, got {t[key]}')
     if t.batch_size % t.grad_accum_steps:
       fail(
           'train.grad_accum_steps',
@@ -76,6 +126,26 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> model_li
       fail('data.modality', f'{modality!r} is not "text" or "image_text"')
     if modality == 'image_text' and cfg.vision is None:
       fail('data.modality', '"image_text" needs a model with a vision tower (model.vision)')
+  if 'train' in config:
+    rows = config.train.batch_size // config.train.grad_accum_steps  # per micro-batch
+    for split, name in (
+        (shards, f'the {shards} batch shards of the mesh'),
+        (num_processes, f'{num_processes} processes'),
+    ):
+      if rows % split:
+        fail(
+            'train.batch_size',
+            f'{config.train.batch_size} sequences ({rows} per micro-batch) cannot be split over '
+            f'{name}',
+        )
+  if 'eval' in config and config.eval.batch_size > 0:
+    rows = sharding.fill_batch_shards(config.eval.batch_size, shards)
+    if rows % num_processes:
+      fail(
+          'eval.batch_size',
+          f'{config.eval.batch_size} (filled to {rows} for {shards} batch shards) cannot be split '
+          f'over {num_processes} processes',
+      )
   return cfg
 
 
@@ -197,6 +267,7 @@ def base_config() -> mlc.ConfigDict:
           packing_bins=0,  # rows packed together per first-fit group (0 = max(4 x batch, 64))
           tokenizer_train_bytes=0,  # text used to train the built-in tokenizer (0 = 4 MB)
           tiles_per_row=0,  # image_text: image tiles per row (0 = model.vision.max_tiles + 1)
+          images_anywhere=False,  # image_text: image paths may leave the data file's folder
           # image_text with train_files/eval_files '': the built-in shapes questions (llama4_jax/shapes_data.py).
           shapes=mlc.ConfigDict(
               dict(

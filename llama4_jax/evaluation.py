@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from llama4_jax import checkpoint, config_lib, losses, sharding
@@ -118,10 +119,14 @@ class CheckpointEvaluator:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self._eval_fn = make_eval_step(graphdef, param_shardings, self.batch_sharding)
 
-  def steps(self, step: int | None = None, all_steps: bool = False) -> list[int]:
-    """The saved steps to score: all, `step`, or the newest; errors name what is saved."""
+  def steps(self, step: int | None = None, all_steps: bool = False) -> list[int | None]:
+    """The saved steps to score: all, `step`, or [None], the newest readable one; errors
+    name what is saved."""
     if all_steps:
       return checkpoint.saved_steps(self.workdir)
+    if step is None:
+      checkpoint.saved_steps(self.workdir)  # raises if there is none
+      return [None]
     return [checkpoint.resolve_checkpoint(self.workdir, step)[1]]
 
   def batches(
@@ -150,8 +155,9 @@ class CheckpointEvaluator:
           f'{cfg.max_position_embeddings}]'
       )
     # Rows are split over the mesh's batch devices: round the batch up to fill them.
-    shards = sharding.batch_shards(self.mesh)
-    batch_size = -(-(batch_size or config.eval.batch_size) // shards) * shards
+    batch_size = sharding.fill_batch_shards(
+        batch_size or config.eval.batch_size, sharding.batch_shards(self.mesh)
+    )
     if max_batches is None:
       max_batches = 0 if (files or tokens) else config.eval.max_batches
     if tokens:
@@ -170,11 +176,11 @@ class CheckpointEvaluator:
         workdir=self.workdir,
     )
 
-  def score(self, step: int, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
-    """{'step', 'loss', 'perplexity', 'tokens'} of checkpoint `step` on `batches`."""
-    path, step = checkpoint.resolve_checkpoint(self.workdir, step)
+  def score(self, step: int | None, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:
+    """{'step', 'loss', 'perplexity', 'tokens'} of checkpoint `step` (None: the newest
+    readable) on `batches`."""
     with sharding.mesh_context(self.mesh):
-      model = workdir_lib.load_params_into(self._abstract_model, path, self.mesh)
+      model, step = workdir_lib.load_checkpoint(self.workdir, self._abstract_model, step, self.mesh)
       result = evaluate(self._eval_fn, nnx.state(model), batches, self.batch_sharding)
     return {'step': step, **result}
 
@@ -205,7 +211,7 @@ def evaluate_workdir(
         if batch_args.get('tokens')
         else 'eval'
     )
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise FileNotFoundError(f'{workdir}: no such workdir')
   if all_steps and step is not None:
     raise ValueError('give a step or all steps, not both')

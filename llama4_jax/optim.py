@@ -24,7 +24,9 @@ _VISION_PARTS = ('vision', 'projector')
 
 
 def _names(path) -> list[str]:
-  return [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+  """A parameter's path as names, without the trailing `value` of an nnx.Variable's state."""
+  names = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in path]
+  return names[:-1] if names and names[-1] == 'value' else names
 
 
 def is_frozen(path, freeze: str) -> bool:

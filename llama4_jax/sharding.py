@@ -97,6 +97,12 @@ def batch_shards(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = No
   return math.prod(dict(mesh.shape).get(a, 1) for a in BATCH_AXES)
 
 
+def fill_batch_shards(rows: int, shards: int) -> int:
+  """An evaluation batch of `rows`, rounded up to fill the mesh's batch shards (the extra
+  rows are padding of weight 0)."""
+  return -(-rows // shards) * shards
+
+
 def param(value: jax.Array, names: tuple[str | None, ...]) -> nnx.Param:
   """A parameter with logical axis names, one per dimension.
 

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
-from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -206,14 +205,10 @@ def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_ite
   restored = ckpt.restore_latest(setup.abstract_state, setup.state_shardings)
   if restored is not None:
     step, state, data_states = restored
-    if len(data_states) == jax.process_count():
-      train_iter.set_state(json.loads(data_states[jax.process_index()]))
-    else:
-      logging.warning(
-          'checkpoint has %d input states for %d processes; data restarts',
-          len(data_states),
-          jax.process_count(),
-      )
+    # Every process reads the global batch and keeps its own rows (data/text.py), so the
+    # input state is global: each process saved the same one, and any number of processes
+    # resumes it where the run stopped.
+    train_iter.set_state(json.loads(data_states[0]))
     return state, f'resumed from step {step}'
   state = init_state(setup, config.seed)
   if config.train.init_from:
@@ -227,7 +222,7 @@ def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_ite
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics."""
-  cfg = config_lib.validate(config, jax.device_count())
+  cfg = config_lib.validate(config, jax.device_count(), jax.process_count())
   workdir_lib.check_resumable(config, workdir)
   is_main = jax.process_index() == 0
   if is_main:
@@ -235,6 +230,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   train_cfg = config.train
   tokenizer = tokenizer_lib.load_tokenizer(config.data, cfg.vocab_size, workdir)
   seq_len = config.data.seq_len
+  mesh = sharding.make_mesh(dict(config.mesh))
   train_iter, eval_batches = pipeline.train_and_eval_data(
       config,
       cfg,
@@ -242,9 +238,11 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       workdir,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      eval_batch_size=sharding.fill_batch_shards(
+          config.eval.batch_size, sharding.batch_shards(mesh)
+      ),
   )
 
-  mesh = sharding.make_mesh(dict(config.mesh))
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   ckpt = checkpoint.TrainCheckpointer(workdir, train_cfg.keep_checkpoints)
   with sharding.mesh_context(mesh):
@@ -316,12 +314,18 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
             mfu=f'{100 * final["mfu"]:.1f}%',
         )
         window_start, window_steps = time.perf_counter(), 0
-      if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or step == train_cfg.steps:
-        final['eval_loss'] = evaluate(eval_fn, state['params'], eval_batches, setup.batch_sharding)
-        writer.write(step, {'eval_loss': final['eval_loss']})
-        progress.write(f'step {step}: validation loss {final["eval_loss"]:.4f}')
+      # Save before evaluating: no evaluation failure stands between a step and its checkpoint.
       if must_save:
         ckpt.save(step, state, _gather_strings(json.dumps(train_iter.get_state())))
+      if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or step == train_cfg.steps:
+        try:
+          eval_loss = evaluate(eval_fn, state['params'], eval_batches, setup.batch_sharding)
+        except BaseException:
+          ckpt.wait()  # let the save in flight finish before the error ends the run
+          raise
+        final['eval_loss'] = eval_loss
+        writer.write(step, {'eval_loss': eval_loss})
+        progress.write(f'step {step}: validation loss {eval_loss:.4f}')
       progress.update(step)
     progress.close()
     ckpt.wait()

@@ -2,6 +2,7 @@
 
 import jax
 import ml_collections as mlc
+from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -16,16 +17,40 @@ def load_params_into(model_abstract: model_lib.Llama4, path, mesh=None) -> model
   return nnx.merge(graphdef, checkpoint.load_params_tree(path, state, shardings))
 
 
+def load_checkpoint(
+    workdir: str, model_abstract: model_lib.Llama4, step: int | None = None, mesh=None
+) -> tuple[model_lib.Llama4, int]:
+  """(model, step) of checkpoint `step`, or of the newest one that can be read.
+
+  As in training (checkpoint.TrainCheckpointer.restore_latest), a newest checkpoint that
+  cannot be read is skipped with the same warning; unlike training, nothing is moved aside
+  (evaluation and generation only read). A `step` asked for must be readable.
+  """
+  if step is not None:
+    path, step = checkpoint.resolve_checkpoint(workdir, step)
+    return load_params_into(model_abstract, path, mesh), step
+  unreadable = []
+  for step in reversed(checkpoint.saved_steps(workdir)):
+    try:
+      return load_params_into(model_abstract, checkpoint.step_path(workdir, step), mesh), step
+    except checkpoint.CheckpointError as e:
+      logging.warning('checkpoint step %d cannot be read, trying an older one: %s', step, e)
+      unreadable.append((step, e))
+  raise checkpoint.CheckpointError(
+      f'{checkpoint.checkpoint_root(workdir)}: no checkpoint can be read; '
+      + '; '.join(f'step {s}: {e}' for s, e in unreadable)
+  )
+
+
 def load_model(
     workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None, **model_overrides
 ):
-  """Returns (model, config, step) from a training or converted workdir."""
+  """Returns (model, config, step) from a training or converted workdir (`load_checkpoint`)."""
   config = config_lib.load(workdir)
   cfg = config_lib.model_config(config)
   if model_overrides:
     cfg = cfg.replace(**model_overrides)
-  path, step = checkpoint.resolve_checkpoint(workdir, step)
-  model = load_params_into(model_lib.abstract_model(cfg), path, mesh)
+  model, step = load_checkpoint(workdir, model_lib.abstract_model(cfg), step, mesh)
   return model, config, step
 
 

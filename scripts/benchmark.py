@@ -28,12 +28,12 @@ from llama4_jax import cli
 from llama4_jax.tools import benchmarks
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Write the results as JSON here.')
-_TOKENS = flags.DEFINE_integer('tokens', 16384, 'moe: tokens per step.')
+_TOKENS = flags.DEFINE_integer('tokens', 16384, 'moe: tokens per step.', lower_bound=1)
 _TRAIN_CONFIGS = flags.DEFINE_list(
     'train_configs', list(benchmarks.TRAIN_CONFIGS), 'train: configs to measure.'
 )
 _REPEATS = flags.DEFINE_integer(
-    'repeats', 3, 'train, decode: timed runs per implementation ' '(in turns).'
+    'repeats', 3, 'train, decode: timed runs per implementation (in turns).', lower_bound=1
 )
 _PROFILE = flags.DEFINE_bool('profile', False, 'train: also profile one step of ours, by part.')
 

@@ -18,8 +18,13 @@ _WORKDIR = flags.DEFINE_string(
     'workdir', None, 'llama4_jax workdir (output, or input with --to_hf).'
 )
 _TO_HF = flags.DEFINE_bool('to_hf', False, 'Export a workdir checkpoint to HF safetensors.')
-_STEP = flags.DEFINE_integer('step', None, 'With --to_hf: checkpoint step (default: latest).')
+_STEP = flags.DEFINE_integer(
+    'step', None, 'With --to_hf: checkpoint step (default: latest).', lower_bound=0
+)
 _SHARD_GB = flags.DEFINE_float('max_shard_gb', 5.0, 'With --to_hf: safetensors shard size.')
+flags.register_validator(
+    'max_shard_gb', lambda gb: gb > 0, message='--max_shard_gb must be positive'
+)
 flags.mark_flags_as_required(['hf_dir', 'workdir'])
 
 

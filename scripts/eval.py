@@ -25,20 +25,23 @@ from absl import flags
 from llama4_jax import cli, evaluation
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training or converted workdir.', required=True)
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).', lower_bound=0)
 _ALL_STEPS = flags.DEFINE_bool('all_steps', False, 'Score every saved checkpoint.')
 _FILES = flags.DEFINE_string('files', '', 'Comma-separated globs of text, .jsonl or .npy files.')
 _TOKENS = flags.DEFINE_string('tokens', '', '1-D .npy array of token ids, cut into windows.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', '', "Tokenizer .model (default: the run's).")
-_SEQ_LEN = flags.DEFINE_integer('seq_len', None, "Predicted tokens per row (default: the run's).")
+_SEQ_LEN = flags.DEFINE_integer(
+    'seq_len', None, "Predicted tokens per row (default: the run's).", lower_bound=1
+)
 _BATCH = flags.DEFINE_integer(
-    'batch_size', None, "Rows per batch (default: the run's eval.batch_size)."
+    'batch_size', None, "Rows per batch (default: the run's eval.batch_size).", lower_bound=1
 )
 _MAX_BATCHES = flags.DEFINE_integer(
     'max_batches',
     None,
     "Batches to score, 0 = all (default: the run's eval.max_batches on its "
     'validation data, else all).',
+    lower_bound=0,
 )
 _TAG = flags.DEFINE_string(
     'tag', '', 'TensorBoard tag prefix (default: eval, or eval_files / eval_tokens).'

@@ -24,17 +24,24 @@ from llama4_jax.data import image_processing, image_text
 from llama4_jax.data import tokenizer as tokenizer_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training or converted workdir.', required=True)
-_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).', lower_bound=0)
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeatable).')
 _PROMPT_IDS = flags.DEFINE_multi_string(
     'prompt_ids', [], 'Comma-separated prompt ids (repeatable).'
 )
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, "sentencepiece .model (default: the run's).")
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 64, 'Tokens to generate per prompt.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.0, 'Sampling temperature; 0 = greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens (0 = all).')
-_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+_MAX_NEW = flags.DEFINE_integer(
+    'max_new_tokens', 64, 'Tokens to generate per prompt.', lower_bound=1
+)
+_TEMPERATURE = flags.DEFINE_float(
+    'temperature', 0.0, 'Sampling temperature; 0 = greedy.', lower_bound=0.0
+)
+_TOP_K = flags.DEFINE_integer(
+    'top_k', 0, 'Sample among the k most likely tokens (0 = all).', lower_bound=0
+)
+_TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass (1 = off).', upper_bound=1.0)
+flags.register_validator('top_p', lambda p: p > 0, message='--top_p must be in (0, 1]')
+_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.', lower_bound=0)
 _OUTPUT = flags.DEFINE_string('output', None, 'Write {"ids": [[...], ...]} here.')
 _IMAGE = flags.DEFINE_multi_string(
     'image', [], 'Image file (PNG, JPEG, ...) for the prompts ' '(repeatable).'
@@ -52,15 +59,6 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
         f'--prompt_ids={text!r}: ids must be in [0, {vocab_size}), got {bad or "none"}'
     )
   return ids
-
-
-def image_token_ids(cfg, tokenizer) -> image_processing.ImageTokenIds:
-  """The run's tokenizer's image tokens, or the released models' for their vocabulary."""
-  if tokenizer is not None:
-    return image_processing.ImageTokenIds.from_tokenizer(tokenizer)
-  if cfg.vision.image_token_id == image_processing.LLAMA4_IMAGE_TOKEN_IDS.patch:
-    return image_processing.LLAMA4_IMAGE_TOKEN_IDS
-  raise ValueError('--image needs the tokenizer that defines the image tokens; pass --tokenizer')
 
 
 def main(argv):
@@ -83,7 +81,7 @@ def main(argv):
       raise ValueError(f'--image: the model in {_WORKDIR.value} has no vision tower')
     images = [image_processing.load_image(path) for path in _IMAGE.value]
     prompts, pixels = image_text.place_images(
-        prompts, images, cfg.vision, image_token_ids(cfg, tokenizer)
+        prompts, images, cfg.vision, image_processing.image_token_ids_for(cfg.vision, tokenizer)
     )
   ids = sampling.generate(
       model,

@@ -25,7 +25,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep root: one workdir per run
 _PARALLEL = flags.DEFINE_integer(
     'parallel',
     None,
-    'Runs at a time: locally (default 1), or the ' 'SLURM array throttle (default none).',
+    'Runs at a time: locally (default 1), or the SLURM array throttle (default none).',
+    lower_bound=1,
 )
 _EMIT = flags.DEFINE_enum(
     'emit', None, ['commands', 'slurm'], 'Write launch files instead of running.'

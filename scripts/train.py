@@ -17,8 +17,10 @@ from llama4_jax import cli, trainer
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints and logs go.', required=True)
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0..num_processes-1).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.', lower_bound=1)
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process (0..num_processes-1).', lower_bound=0
+)
 
 
 def initialize_distributed():

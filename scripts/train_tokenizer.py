@@ -14,12 +14,15 @@ from llama4_jax.data import text as text_data
 from llama4_jax.data import tokenizer as tokenizer_lib
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the .model.', required=True)
-_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 4096, 'Vocabulary size.')
+_VOCAB_SIZE = flags.DEFINE_integer('vocab_size', 4096, 'Vocabulary size.', lower_bound=16)
 _FILES = flags.DEFINE_string(
     'files', '', 'Comma-separated globs of text / .jsonl files; empty = the ' 'built-in corpus.'
 )
 _MAX_BYTES = flags.DEFINE_integer(
-    'max_bytes', tokenizer_lib.DEFAULT_TRAIN_BYTES, 'Train on at most this much text (0 = all).'
+    'max_bytes',
+    tokenizer_lib.DEFAULT_TRAIN_BYTES,
+    'Train on at most this much text (0 = all).',
+    lower_bound=0,
 )
 
 

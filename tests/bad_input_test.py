@@ -82,6 +82,11 @@ def write_image_files(root, config):
         eoi_token_id=10,
     ).to_dict()
   write_run(root / 'mm_run', mm_config)
+  # The same run, but its model reads images at another id than the tokenizer's <|patch|> (12).
+  shutil.copytree(root / 'mm_run', root / 'mm_other_patch')
+  config_json = json.loads((root / 'mm_run' / 'config.json').read_text())
+  config_json['model']['vision']['image_token_id'] = 13
+  (root / 'mm_other_patch' / 'config.json').write_text(json.dumps(config_json))
   Image.new('RGB', (16, 16), (255, 0, 0)).save(root / 'red.png')
   Image.new('RGB', (64, 64), (0, 255, 0)).save(root / 'big.png')
   (root / 'truncated.png').write_bytes((root / 'big.png').read_bytes()[:60])
@@ -150,6 +155,10 @@ CASES = {
         train('--workdir={root}/w5', train__steps=0),
         ['config.train.steps', 'must be positive'],
     ),
+    'train-keep-no-checkpoints': (
+        train('--workdir={root}/w5k', train__keep_checkpoints=0),
+        ['config.train.keep_checkpoints: must be positive, got 0'],
+    ),
     'train-missing-config-file': (
         ['train.py', '--config=configs/nope.py', '--workdir={root}/w6'],
         ['nope.py'],
@@ -211,7 +220,19 @@ CASES = {
         ['eval.py', '--workdir={root}/damaged', '--tokens={root}/tokens.npy', '--seq_len=8'],
         ['_METADATA: damaged checkpoint file'],
     ),
+    'eval-batch-size-zero': (
+        ['eval.py', '--workdir={root}/run', '--tokens={root}/tokens.npy', '--batch_size=0'],
+        ['--batch_size=0', '0 is not a positive integer'],
+    ),
     # generate.py
+    'generate-top-p-zero': (
+        ['generate.py', '--workdir={root}/run', '--prompt_ids=1,2', '--top_p=0'],
+        ['--top_p must be in (0, 1]'],
+    ),
+    'generate-negative-temperature': (
+        ['generate.py', '--workdir={root}/run', '--prompt_ids=1,2', '--temperature=-1'],
+        ['--temperature=-1'],
+    ),
     'generate-no-prompt': (['generate.py', '--workdir={root}/run'], ['give at least one --prompt']),
     'generate-ids-out-of-range': (
         ['generate.py', '--workdir={root}/run', '--prompt_ids=1,99999'],
@@ -283,6 +304,16 @@ CASES = {
         ],
         ['1 <|image|> placeholder but 2 images were given'],
     ),
+    'generate-image-with-another-patch-id': (
+        [
+            'generate.py',
+            '--workdir={root}/mm_other_patch',
+            '--tokenizer={root}/tok.model',
+            '--prompt=<|image|>red',
+            '--image={root}/red.png',
+        ],
+        ["the tokenizer's <|patch|> id is 12, but config.model.vision.image_token_id is 13"],
+    ),
     'generate-more-placeholders-than-images': (
         [
             'generate.py',
@@ -305,6 +336,10 @@ CASES = {
     'convert-no-safetensors': (
         ['convert_checkpoint.py', '--hf_dir={root}/hf_no_weights', '--workdir={root}/c2'],
         ['no *.safetensors files'],
+    ),
+    'convert-to-hf-over-a-checkpoint': (
+        ['convert_checkpoint.py', '--to_hf', '--workdir={root}/run', '--hf_dir={root}/hf_bad_json'],
+        ['hf_bad_json already holds a checkpoint (config.json)', 'empty or new --hf_dir'],
     ),
     'convert-to-hf-without-checkpoint': (
         [
@@ -362,6 +397,30 @@ def test_nothing_was_overwritten_or_ran(results, files):
   assert 'hidden_size": 64' in (files / 'resume' / 'config.json').read_text()
   assert checkpoint.all_steps(str(files / 'resume')) == [0]
   assert not (files / 'pickle_ran').exists()
+  # --to_hf refused to write over an existing checkpoint: nothing was added beside it.
+  assert sorted(p.name for p in (files / 'hf_bad_json').iterdir()) == ['config.json']
+
+
+def test_eval_and_generate_fall_back_from_a_damaged_newest_checkpoint(files, tmp_path, caplog):
+  """As training does: the newest checkpoint unreadable -> a warning and the one before it."""
+  from llama4_jax import evaluation
+  from llama4_jax import workdir as workdir_lib
+
+  run = tmp_path / 'run'
+  shutil.copytree(files / 'run', run)
+  shutil.copytree(checkpoint.step_path(str(run), 0), checkpoint.step_path(str(run), 5))
+  metadata = checkpoint.step_path(str(run), 5) / 'state' / '_METADATA'
+  metadata.write_bytes(metadata.read_bytes()[:100])
+  with caplog.at_level('WARNING'):
+    _, _, step = workdir_lib.load_model(str(run))  # generate.py's loader
+  assert step == 0 and 'checkpoint step 5 cannot be read, trying an older one' in caplog.text
+  rows = evaluation.evaluate_workdir(
+      str(run), tokens=str(files / 'tokens.npy'), seq_len=8, log=lambda _: None
+  )
+  assert [r['step'] for r in rows] == [0]
+  assert checkpoint.saved_steps(str(run)) == [0, 5]  # nothing moved: eval and generate only read
+  with pytest.raises(checkpoint.CheckpointError, match='_METADATA'):
+    workdir_lib.load_model(str(run), step=5)  # a step asked for must be readable
 
 
 # Safe loading ------------------------------------------------------------------------------

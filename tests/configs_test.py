@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from llama4_jax import config_lib
+from llama4_jax import config_lib, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -64,6 +64,16 @@ def test_wrong_type_is_an_error_naming_the_key():
         ('--config.mesh.tensor=3', 'mesh'),
         ('--config.model.rope_type=yarn', 'rope_type'),
         ('--config.train.loss_chunk=100', 'train.loss_chunk'),
+        ('--config.train.keep_checkpoints=0', 'train.keep_checkpoints: must be positive, got 0'),
+        ('--config.optim.b2=1.0', r'optim.b2: must be in \[0, 1\), got 1.0'),
+        ('--config.optim.lr=-0.001', 'optim.lr: must be positive'),
+        ('--config.optim.min_lr_ratio=2.0', 'optim.min_lr_ratio'),
+        ('--config.train.eval_every=-1', 'train.eval_every: must be >= 0'),
+        ('--config.eval.batch_size=0', 'eval.batch_size'),
+        ('--config.data.shapes.eval_examples=0', 'data.shapes.eval_examples'),
+        ('--config.seed=-3', 'seed: must be >= 0'),
+        ('--config.model.attention_query_block=-1', 'attention_query_block'),
+        ('--config.train.batch_size=12', 'train.batch_size: 12 sequences .* the 8 batch shards'),
     ],
 )
 def test_validation_names_the_key(override, key):
@@ -78,3 +88,29 @@ def test_config_json_round_trip(tmp_path):
   again = config_lib.load(str(tmp_path))
   assert config_lib.diff_model(config, again) == []
   assert config_lib.model_config(again) == config_lib.model_config(config)
+
+
+@pytest.mark.parametrize('name', ['scout', 'maverick'])
+def test_production_configs_fit_their_meshes_and_processes(name):
+  """Every batch, the first evaluation's included, splits over 64-256 devices and 1-16
+  processes (issue 18: eval.batch_size=16 once failed on 32 devices at the first eval)."""
+  config = parse(f'--config={REPO}/configs/{name}.py')
+  for devices in (64, 128, 256):
+    for processes in (1, 2, 4, 8, 16):
+      config_lib.validate(config, num_devices=devices, num_processes=processes)
+      shards = devices // config.mesh.get('tensor', 1)
+      rows = sharding.fill_batch_shards(config.eval.batch_size, shards)
+      assert rows % shards == 0 and rows % processes == 0 and rows >= config.eval.batch_size
+
+
+def test_batches_that_processes_cannot_split_are_named():
+  config = parse(
+      f'--config={REPO}/configs/tiny.py', '--config.mesh.fsdp=1', '--config.eval.batch_size=3'
+  )
+  with pytest.raises(config_lib.ConfigError, match='eval.batch_size: 3 .* 2 processes'):
+    config_lib.validate(config, num_devices=1, num_processes=2)
+  config = parse(
+      f'--config={REPO}/configs/tiny.py', '--config.mesh.fsdp=1', '--config.train.batch_size=9'
+  )
+  with pytest.raises(config_lib.ConfigError, match='train.batch_size: 9 .* 2 processes'):
+    config_lib.validate(config, num_devices=1, num_processes=2)

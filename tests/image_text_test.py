@@ -94,6 +94,21 @@ def test_bad_records_and_images_are_named(tmp_path, maker, tok):
   (tmp_path / 'b.jsonl').write_text('{"image": "x.png", "text": "hi"}\nnot json\n')
   with pytest.raises(text_data.DataError, match=r'b.jsonl:2: not valid JSON'):
     image_text.read_records(str(tmp_path / 'b.jsonl'))
+  # Image paths stay in the data file's folder unless data.images_anywhere allows more.
+  for i, image in enumerate(['/etc/passwd', '../x.png', 'sub/../../x.png']):
+    (tmp_path / f'c{i}.jsonl').write_text(json.dumps({'image': image, 'text': 'hi'}) + '\n')
+    with pytest.raises(text_data.DataError, match=f'c{i}.jsonl:1: image path .* leaves the data'):
+      image_text.read_records(str(tmp_path / f'c{i}.jsonl'))
+    assert image_text.read_records(str(tmp_path / f'c{i}.jsonl'), images_anywhere=True)
+  (tmp_path / 'd.jsonl').write_text('{"image": "sub/../x.png", "text": "hi"}\n')
+  assert image_text.read_records(str(tmp_path / 'd.jsonl'))[0].image == str(
+      tmp_path / 'sub/../x.png'
+  )
+  # A `<|patch|>` in a record's text stays text: it takes no image feature.
+  patch = maker.ids.patch
+  plain = maker.row(Image.new('RGB', (48, 48)), 'a b', 'p.png')
+  tricky = maker.row(Image.new('RGB', (48, 48)), 'a <|patch|> b', 'p.png')
+  assert np.sum(tricky['inputs'] == patch) == np.sum(plain['inputs'] == patch)
   with pytest.raises(text_data.DataError, match='do not fit data.seq_len=48'):
     maker.row(Image.new('RGB', (48, 48)), 'word ' * 60, 'long.png')
   with pytest.raises(text_data.DataError, match='needs 3 tiles, more than data.tiles_per_row=1'):
@@ -196,6 +211,36 @@ def test_eval_scores_an_image_text_run_as_training_did(trained):
   (row,) = evaluation.evaluate_workdir(str(workdir), log=lambda *_: None)
   assert row['step'] == 6
   np.testing.assert_allclose(row['loss'], result['eval_loss'], rtol=1e-5)
+
+
+def test_each_process_decodes_only_its_own_rows(config, tok, tmp_path, monkeypatch):
+  """2 processes: each decodes half of each global batch's images; together, in order, they
+  are the 1-process batches."""
+  cfg = config_lib.model_config(config)
+  decoded = []
+  load_image = image_text.image_processing.load_image
+  monkeypatch.setattr(
+      image_text.image_processing, 'load_image', lambda p: decoded.append(p) or load_image(p)
+  )
+
+  def batches(index, count):
+    where = dict(workdir=str(tmp_path), process_index=index, process_count=count)
+    it = image_text.make_train_iterator(config, cfg, tok[0], **where)
+    train = [next(it) for _ in range(2)]
+    return train, image_text.make_eval_batches(config, cfg, tok[0], **where)
+
+  whole = batches(0, 1)
+  decoded.clear()
+  halves = [batches(i, 2) for i in range(2)]
+  B, E = config.train.batch_size, config.eval.batch_size
+  evals = len(whole[1])
+  # Per process: 2 train batches of B/2 rows, eval batches of E/2 rows (+1 template each).
+  assert len(decoded) <= 2 * (2 * B // 2 + evals * E // 2 + 2)
+  for split in (0, 1):
+    for i, batch in enumerate(whole[split]):
+      for key in batch:
+        joined = np.concatenate([halves[0][split][i][key], halves[1][split][i][key]])
+        np.testing.assert_array_equal(joined, batch[key])
 
 
 def test_train_iterator_resumes_from_its_state(config, tok, tmp_path):

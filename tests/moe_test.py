@@ -197,6 +197,35 @@ def test_padding_does_not_count_in_statistics():
   assert float(stats['tokens_per_expert'].sum()) == 4
 
 
+@pytest.mark.parametrize('dispatch', ['capacity', 'dropless'])
+def test_padding_takes_no_expert_capacity(moe_cfg, dispatch):
+  """Row 1 is half padding, all one vector (padding shares one embedding): it must not fill
+  an expert, so row 0's outputs and the drops are those of a batch whose padding differs."""
+  cfg = moe_cfg.replace(moe_dispatch=dispatch, moe_capacity_factor=0.5)
+  layer, x = layer_and_input(cfg, batch=2, length=16)
+  valid = jnp.ones((2, 16), bool).at[1, :8].set(False)
+  same_padding = x.at[1, :8].set(x[0, 0])
+  other_padding = x.at[1, :8].set(jax.random.normal(jax.random.key(5), (8, cfg.hidden_size)))
+  y_same, stats_same = layer(same_padding, valid)
+  y_other, stats_other = layer(other_padding, valid)
+  assert_forward_close(y_same[valid], y_other[valid])
+  np.testing.assert_allclose(stats_same['dropped_fraction'], stats_other['dropped_fraction'])
+  if dispatch == 'capacity':  # 24 real tokens x 2 assignments, 8 experts x 4 slots
+    assert 0 < float(stats_same['dropped_fraction']) < 1
+
+
+def test_ragged_dispatch_zeroes_rows_outside_every_group(monkeypatch):
+  """ragged_dot's rows past the groups are unspecified: garbage there must not leak."""
+  x, weights, experts, g, u, o = layer_inputs(E=4, K=2, N=16)
+  experts = experts.at[:5].set(4)  # 5 tokens routed to no expert (padding, other devices)
+  real_ragged_dot = jax.lax.ragged_dot
+  monkeypatch.setattr(jax.lax, 'ragged_dot', lambda x, w, sizes: real_ragged_dot(x, w, sizes) + 7.0)
+  got, _ = moe.ragged_dropless_dispatch(x, weights, experts, g, u, o)
+  monkeypatch.undo()
+  want, _ = moe.dense_dispatch(x, weights, experts, g, u, o)
+  np.testing.assert_allclose(got[:5], want[:5], atol=1e-6)  # no expert at all: zero
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
 @pytest.mark.parametrize('length', [1, 12])

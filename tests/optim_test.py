@@ -7,6 +7,7 @@ from flax import nnx
 
 from llama4_jax import model as model_lib
 from llama4_jax import optim
+from llama4_jax.model import vision
 
 
 def optim_config(**kw):
@@ -34,7 +35,7 @@ def test_warmup_then_cosine_to_min_ratio():
 
 
 def test_weight_decay_skips_norms_and_embeddings_unless_asked():
-  params = nnx.state(model_lib.abstract_model(model_lib.PRESETS['parity']), nnx.Param)
+  params = nnx.state(model_lib.abstract_model(model_lib.PRESETS["parity"]), nnx.Param)
 
   def decayed(**kw):
     mask = optim.weight_decay_mask(params, optim_config(**kw))
@@ -42,7 +43,18 @@ def test_weight_decay_skips_norms_and_embeddings_unless_asked():
     return {jax.tree_util.keystr(path) for path, value in flat if value}
 
   default = decayed()
-  assert not any('scale' in p or "['embed']" in p for p in default)
-  assert any('q_proj' in p for p in default) and any("['lm_head']" in p for p in default)
-  assert any('scale' in p for p in decayed(decay_norms=True))
+  assert not any("scale" in p or "['embed']" in p for p in default)
+  assert any("q_proj" in p for p in default) and any("['lm_head']" in p for p in default)
+  assert any("scale" in p for p in decayed(decay_norms=True))
   assert any("['embed']" in p for p in decayed(decay_embeddings=True))
+
+
+def test_weight_decay_never_reaches_biases_of_the_vision_tower():
+  """nnx state paths end in `.value`: the bias test must look at the name before it."""
+  cfg = model_lib.PRESETS["parity"].replace(vision=vision.VisionConfig())
+  params = nnx.state(model_lib.abstract_model(cfg), nnx.Param)
+  mask = optim.weight_decay_mask(params, optim_config(decay_norms=True))
+  flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  biases = [p for p in flat if "['b']" in p or "['bias']" in p]
+  assert len(biases) >= 8 and not any(flat[p] for p in biases)
+  assert flat["['vision']['layers']['q']['w'].value"]

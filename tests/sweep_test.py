@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -196,3 +197,20 @@ def test_small_sweep_end_to_end(tmp_path, monkeypatch):
   assert markdown[2].startswith('| lr=0.003 | 0.0030 | done | 6 |')
   with open(root / 'summary.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize(
+    'root, options, named',
+    [
+        ('/tmp/my sweep', [], "the sweep root '/tmp/my sweep'"),  # a space ends the #SBATCH value
+        ('/tmp/a\n#SBATCH --x=1', [], 'the sweep root'),  # a newline would inject a directive
+        ('/tmp/100%', [], "contains '%'"),  # % starts a SLURM filename pattern
+        ('/tmp/ok', ['--gpus=1\n#SBATCH --account=other'], 'an #SBATCH option'),
+    ],
+)
+def test_slurm_script_refuses_text_sbatch_lines_cannot_hold(root, options, named):
+  run = sweep.Run('lr=0.1\nrm -rf ~', {}, '/tmp/ok/run', None, ('python', 'train.py'))
+  with pytest.raises(ValueError, match=re.escape(named)):
+    sweep.slurm_script([run], root, sbatch_options=options)
+  script = sweep.slurm_script([run], '/tmp/ok')
+  assert '  0)  # lr=0.1 rm -rf ~\n' in script  # the run name stays in its comment line

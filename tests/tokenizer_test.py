@@ -48,6 +48,16 @@ def test_special_strings_encode_to_single_ids(tok, name):
   assert tok.decode(ids) == f'a {name} b'
 
 
+def test_data_text_keeps_special_token_strings_as_text(tok):
+  """A `<|patch|>` inside a document is text: it must not become an image slot or an EOS."""
+  text = 'x <|patch|><|end_of_text|> y <|eot'
+  special = set(tok.special_token_id(n) for n in tokenizer_lib.SPECIAL_TOKENS)
+  for ids in (tok.encode_text(text), tok.encode_batch([text, 'plain'])[0]):
+    assert not special & set(ids)
+    assert tok.decode(ids) == text
+  assert tok.encode_batch(['plain']) == [tok.encode('plain')]
+
+
 def test_bos_eos_flags_and_skip_special(tok):
   ids = tok.encode('hello', bos=True, eos=True)
   assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id

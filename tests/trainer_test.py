@@ -175,6 +175,16 @@ def test_two_processes_match_one_process(tmp_path):
   np.testing.assert_allclose(
       logged_losses(tmp_path / 'multi'), logged_losses(tmp_path / 'single'), rtol=1e-5
   )
+  # Resumed by one process, the 2-process run's data goes on where it stopped (the input
+  # state is global): its next steps are those of the single-process run resumed alike.
+  longer = dict(overrides, train__steps=7)
+  for run in ('single', 'multi'):
+    resumed = small_run.run_train(tmp_path / run, **longer)
+    assert resumed.returncode == 0 and 'resumed from step 4' in resumed.stdout, resumed.stderr
+  np.testing.assert_allclose(
+      logged_losses(tmp_path / 'multi'), logged_losses(tmp_path / 'single'), rtol=1e-5
+  )
+  assert len(logged_losses(tmp_path / 'multi')) == 7
 
 
 @pytest.mark.slow

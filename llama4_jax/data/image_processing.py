@@ -64,6 +64,23 @@ LLAMA4_IMAGE_TOKEN_IDS = ImageTokenIds(
 )
 
 
+def image_token_ids_for(vision_cfg, tokenizer=None) -> ImageTokenIds:
+  """The image tokens of a model with this vision tower: its tokenizer's, whose `<|patch|>`
+  must be the model's image_token_id (else the images would silently go nowhere); without a
+  tokenizer, the released models' ids, if the model uses them."""
+  if tokenizer is None:
+    if vision_cfg.image_token_id == LLAMA4_IMAGE_TOKEN_IDS.patch:
+      return LLAMA4_IMAGE_TOKEN_IDS
+    raise ValueError('images need the tokenizer that defines the image tokens; pass --tokenizer')
+  ids = ImageTokenIds.from_tokenizer(tokenizer)
+  if ids.patch != vision_cfg.image_token_id:
+    raise ValueError(
+        f"the tokenizer's <|patch|> id is {ids.patch}, but "
+        f'config.model.vision.image_token_id is {vision_cfg.image_token_id}'
+    )
+  return ids
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
   """Reads, fully decodes, EXIF-rotates and converts an image file to RGB.
 

@@ -14,7 +14,6 @@ row's tiles in layout order, padded to M = data.tiles_per_row with zeros. The
 loss covers text only: `weights` is 0 where the target is an image token.
 """
 
-import functools
 import json
 import os
 from collections.abc import Sequence
@@ -35,11 +34,17 @@ class Record(NamedTuple):
   answer: str = ''
 
 
-def read_records(path: str) -> list[Record]:
-  """Records of a JSON Lines file; errors name the file and line."""
+def read_records(path: str, images_anywhere: bool = False) -> list[Record]:
+  """Records of a JSON Lines file; errors name the file and line.
+
+  Image paths are relative to the file's folder and must stay inside it (no absolute
+  paths, no `..` out of it, no link out of it) unless `images_anywhere`
+  (data.images_anywhere): a data file is not trusted to read any file on the machine.
+  """
   if not os.path.isfile(path):
     raise DataError(f'{path}: image-text data file not found')
   folder = os.path.dirname(os.path.abspath(path))
+  real_folder = os.path.realpath(folder)
   records = []
   with open(path, encoding='utf-8') as f:
     for line_no, line in enumerate(f, 1):
@@ -55,9 +60,16 @@ def read_records(path: str) -> list[Record]:
       for key in ('image', 'text'):
         if not isinstance(obj.get(key), str):
           raise DataError(f'{where}: missing string field "{key}"')
+      image = os.path.join(folder, obj['image'])
+      inside = os.path.commonpath([real_folder, os.path.realpath(image)]) == real_folder
+      if not (inside or images_anywhere):
+        raise DataError(
+            f'{where}: image path {obj["image"]!r} leaves the data folder {folder} '
+            '(set config.data.images_anywhere=True to allow it)'
+        )
       records.append(
           Record(
-              os.path.join(folder, obj['image']),
+              image,
               obj['text'],
               str(obj.get('question', '')),
               str(obj.get('answer', '')),
@@ -87,12 +99,10 @@ class RowMaker:
   def __init__(self, vision_cfg, tokenizer, *, seq_len: int, tiles_per_row: int):
     self.vision, self.tokenizer = vision_cfg, tokenizer
     self.seq_len, self.tiles_per_row = seq_len, tiles_per_row
-    self.ids = image_processing.ImageTokenIds.from_tokenizer(tokenizer)
-    if self.ids.patch != vision_cfg.image_token_id:
-      raise DataError(
-          f"the tokenizer's <|patch|> id is {self.ids.patch}, but "
-          f'config.model.vision.image_token_id is {vision_cfg.image_token_id}'
-      )
+    try:
+      self.ids = image_processing.image_token_ids_for(vision_cfg, tokenizer)
+    except ValueError as e:
+      raise DataError(str(e)) from None
 
   def pad_tiles(self, tiles_NCHW: np.ndarray, source: str) -> np.ndarray:
     """[N, C, I, I] -> [M, C, I, I], zero tiles after the image's."""
@@ -109,7 +119,7 @@ class RowMaker:
   def row(self, image, text: str, source: str) -> dict[str, np.ndarray]:
     layout, tiles = image_tokens(image, self.vision, self.ids)
     prefix = [self.tokenizer.bos_id] + layout
-    tokens = prefix + self.tokenizer.encode(text) + [self.tokenizer.eos_id]
+    tokens = prefix + self.tokenizer.encode_text(text) + [self.tokenizer.eos_id]
     S = self.seq_len
     if len(tokens) > S + 1:
       raise DataError(
@@ -183,7 +193,9 @@ def _dataset_file(config, split: str, workdir: str) -> str:
 
 
 def split_records(config, split: str, workdir: str) -> list[Record]:
-  return read_records(_dataset_file(config, split, workdir))
+  return read_records(
+      _dataset_file(config, split, workdir), config.data.get('images_anywhere', False)
+  )
 
 
 def make_train_iterator(
@@ -195,13 +207,13 @@ def make_train_iterator(
   records = split_records(config, 'train', workdir)
   maker = row_maker(config, cfg, tokenizer)
   _load_row(records[0], maker)  # fail on a bad layout now, not in the first step
+  # Batches of records in the global order; each process decodes only its own rows' images.
   ds = (
       grain.MapDataset.source(records)
       .shuffle(config.seed % 2**32)
       .repeat()
-      .map(functools.partial(_load_row, maker=maker))
-      .batch(batch_size, drop_remainder=True)
-      .map(functools.partial(text_data.take_rows, rows=local_rows))
+      .batch(batch_size, drop_remainder=True, batch_fn=list)
+      .map(lambda batch: _collate([_load_row(r, maker) for r in batch[local_rows]]))
   )
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
@@ -216,15 +228,14 @@ def make_eval_batches(
   if config.eval.max_batches:
     records = records[: config.eval.max_batches * batch_size]
   maker = row_maker(config, cfg, tokenizer)
-  rows = [_load_row(r, maker) for r in records]
+  empty = {k: v[:0] for k, v in _collate([_load_row(records[0], maker)]).items()}
   batches = []
-  for start in range(0, len(rows), batch_size):
-    batch = text_data.pad_rows(
-        _collate(rows[start : start + batch_size]),
-        rows=batch_size,
-        fill={'inputs': tokenizer.pad_id},
-    )
-    batches.append(text_data.take_rows(batch, local_rows))
+  for start in range(0, len(records), batch_size):
+    # This process's rows of the global batch; past the last record, padding (weight 0).
+    rows = [_load_row(r, maker) for r in records[start : start + batch_size][local_rows]]
+    batch = _collate(rows) if rows else empty
+    size = local_rows.stop - local_rows.start
+    batches.append(text_data.pad_rows(batch, rows=size, fill={'inputs': tokenizer.pad_id}))
   return batches
 
 

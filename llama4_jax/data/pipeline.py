@@ -15,9 +15,17 @@ def train_and_eval_data(
     *,
     process_index: int = 0,
     process_count: int = 1,
+    eval_batch_size: int | None = None,
 ):
-  """(training iterator, validation batches) of this process's rows."""
+  """(training iterator, validation batches) of this process's rows.
+
+  eval_batch_size: rows per validation batch (default config.eval.batch_size); the trainer
+  fills the mesh's batch shards with it.
+  """
   where = dict(process_index=process_index, process_count=process_count)
+  if eval_batch_size is not None:
+    config = mlc.ConfigDict(config.to_dict())
+    config.eval.batch_size = eval_batch_size
   if image_text.is_image_text(config):
     return (
         image_text.make_train_iterator(config, cfg, tokenizer, workdir=workdir, **where),

@@ -105,8 +105,29 @@ class Tokenizer:
     return ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    """`encode` of many texts at once, in SentencePiece's C++ threads."""
-    return self._sp.encode(list(texts))
+    """Token ids of data texts, in SentencePiece's C++ threads: special-token strings in
+    them stay text (a `<|patch|>` in a document is 9 characters, not an image slot)."""
+    texts = list(texts)
+    ids = self._sp.encode(texts)
+    for i, text in enumerate(texts):
+      if '<|' in text:  # rare: re-encode with special-token strings broken up
+        ids[i] = self.encode_text(text)
+    return ids
+
+  def encode_text(self, text: str) -> list[int]:
+    """Token ids of `text` in which special-token strings are ordinary characters.
+
+    SentencePiece matches its special tokens anywhere in a text; each occurrence is
+    encoded as its first character and the rest, which are no special token (the ids
+    decode to the same string).
+    """
+    pattern = '|'.join(re.escape(name) for name in sorted(self._special_ids, key=len, reverse=True))
+    ids, start = [], 0
+    for match in re.finditer(pattern, text):
+      ids += self._sp.encode(text[start : match.start()])
+      ids += self._sp.encode(match.group()[:1]) + self._sp.encode(match.group()[1:])
+      start = match.end()
+    return ids + self._sp.encode(text[start:])
 
   def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
     ids = [int(i) for i in ids]

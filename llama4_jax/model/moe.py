@@ -92,7 +92,9 @@ def ragged_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_ED
   x_AD = x_ND[order_A // K] * weights_NK.reshape(-1)[order_A][:, None]
   matmul = lambda x, w: jax.lax.ragged_dot(x, w, sizes_E)
   y_AD = _swiglu_grouped(x_AD, wi_gate_EDF, wi_up_EDF, wo_EFD, matmul)
-  # Rows past sum(sizes_E) (out-of-range experts) are outside every group: zero.
+  # Rows past sum(sizes_E) (out-of-range experts: padding, other devices' experts) are in no
+  # group, and ragged_dot does not promise what it returns for them: zero them.
+  y_AD = jnp.where((jnp.arange(N * K) < jnp.sum(sizes_E))[:, None], y_AD, 0)
   y_ND = jnp.zeros((N * K, x_ND.shape[1]), y_AD.dtype).at[order_A].set(y_AD)
   return y_ND.reshape(N, K, -1).sum(axis=1), jnp.zeros((), jnp.float32)
 
@@ -396,23 +398,32 @@ class MoE(nnx.Module):
       )
 
   def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array | None = None):
-    """Returns (y_BTD, statistics); valid_BT (False = padding) only affects statistics."""
+    """Returns (y_BTD, statistics).
+
+    Padding tokens (valid_BT False) are routed nowhere: they take no expert's capacity
+    and count in no statistic; their output is the shared expert's alone (and unused).
+    """
     B, T, D = x_BTD.shape
     x_BTD = x_BTD.astype(self.dtype)
+    if valid_BT is None:
+      valid_BT = jnp.ones((B, T), bool)
     with jax.named_scope('moe_router'):
       logits_BTE = self.router(x_BTD)
       top_logits_BTK, experts_BTK = jax.lax.top_k(logits_BTE, self.top_k)
       weights_BTK = jax.nn.sigmoid(top_logits_BTK.astype(jnp.float32)).astype(self.dtype)
+      E = logits_BTE.shape[-1]
+      routed_BTK = jnp.where(
+          valid_BT[..., None], experts_BTK, E
+      )  # E: no expert (dispatches skip it)
     with jax.named_scope('moe_dispatch'):  # profiling.py: everything but the expert matmuls
       routed_ND, dropped = self._routed(
-          x_BTD.reshape(B * T, D), weights_BTK.reshape(B * T, -1), experts_BTK.reshape(B * T, -1)
+          x_BTD.reshape(B * T, D), weights_BTK.reshape(B * T, -1), routed_BTK.reshape(B * T, -1)
       )
     y_BTD = self.shared_expert(x_BTD) + routed_ND.reshape(B, T, D)
     y_BTD = sharding.shard(y_BTD, 'act_batch', 'act_seq', 'act_embed')
-    if valid_BT is None:
-      valid_BT = jnp.ones((B, T), bool)
     stats = router_statistics(logits_BTE, experts_BTK, valid_BT)
-    stats['dropped_fraction'] = dropped / (B * T * self.top_k)
+    assignments = jnp.maximum(jnp.sum(valid_BT), 1) * self.top_k
+    stats['dropped_fraction'] = dropped / assignments.astype(jnp.float32)
     return y_BTD, stats
 
   def _routed(self, x_ND, weights_NK, experts_NK):

@@ -74,7 +74,7 @@ def model_config_from_hf(
         hidden_size=D,
         num_layers=L,
         num_heads=N,
-        num_kv_heads=get('num_key_value_heads', N),
+        num_kv_heads=get('num_key_value_heads', 8),
         head_dim=get('head_dim', D // N),
         intermediate_size=get('intermediate_size', 8192),
         intermediate_size_mlp=get('intermediate_size_mlp', 16384),
@@ -83,7 +83,8 @@ def model_config_from_hf(
         moe_layers=tuple(moe_layers),
         no_rope_layers=tuple(no_rope_layers),
         use_qk_norm=bool(get('use_qk_norm', True)),
-        attention_chunk_size=int(get('attention_chunk_size', 0) or 0),
+        # Absent: HF's default 8192; an explicit null turns chunking off.
+        attention_chunk_size=int(c.get('attention_chunk_size', 8192) or 0),
         # Early hub configs carry the int 4 here; it means "on".
         attn_temperature_tuning=bool(get('attn_temperature_tuning', True)),
         floor_scale=int(get('floor_scale', 8192)),
@@ -101,6 +102,22 @@ def model_config_from_hf(
     raise ConversionError(f'{source}: {e}') from e
 
 
+# transformers' Llama4VisionConfig defaults (5.23.0), for the keys a saved config may omit.
+HF_VISION_DEFAULTS = dict(
+    hidden_size=768,
+    num_hidden_layers=34,
+    num_attention_heads=16,
+    intermediate_size=5632,
+    image_size=448,
+    patch_size=14,
+    num_channels=3,
+    pixel_shuffle_ratio=0.5,
+    projector_input_dim=4096,
+    projector_output_dim=4096,
+    vision_output_dim=7680,
+)
+
+
 def vision_config_from_hf(
     hf: dict[str, Any], source: str = 'config.json'
 ) -> vision_lib.VisionConfig | None:
@@ -110,26 +127,27 @@ def vision_config_from_hf(
     return None
   rope = dict(v.get('rope_parameters') or {})
   defaults = vision_lib.VisionConfig()
+  # transformers leaves out of a saved config the values equal to its class defaults:
+  # a missing key means Llama4VisionConfig's default.
+  get = lambda key: HF_VISION_DEFAULTS[key] if v.get(key) is None else v[key]
   try:
     return vision_lib.VisionConfig(
-        hidden_size=v['hidden_size'],
-        num_layers=v['num_hidden_layers'],
-        num_heads=v['num_attention_heads'],
-        intermediate_size=v['intermediate_size'],
-        image_size=v['image_size'],
-        patch_size=v['patch_size'],
-        num_channels=v.get('num_channels', 3),
-        pixel_shuffle_ratio=v['pixel_shuffle_ratio'],
-        projector_input_dim=v['projector_input_dim'],
-        projector_output_dim=v['projector_output_dim'],
-        vision_output_dim=v['vision_output_dim'],
+        hidden_size=get('hidden_size'),
+        num_layers=get('num_hidden_layers'),
+        num_heads=get('num_attention_heads'),
+        intermediate_size=get('intermediate_size'),
+        image_size=get('image_size'),
+        patch_size=get('patch_size'),
+        num_channels=get('num_channels'),
+        pixel_shuffle_ratio=get('pixel_shuffle_ratio'),
+        projector_input_dim=get('projector_input_dim'),
+        projector_output_dim=get('projector_output_dim'),
+        vision_output_dim=get('vision_output_dim'),
         rope_theta=float(rope.get('rope_theta', v.get('rope_theta', 10000.0))),
         image_token_id=hf.get('image_token_index', defaults.image_token_id),
         boi_token_id=hf.get('boi_token_index', defaults.boi_token_id),
         eoi_token_id=hf.get('eoi_token_index', defaults.eoi_token_id),
     )
-  except KeyError as e:
-    raise ConversionError(f'{source}: vision_config lacks {e.args[0]!r}') from e
   except (ValueError, TypeError) as e:
     raise ConversionError(f'{source}: {e}') from e
 
@@ -699,6 +717,17 @@ def workdir_to_hf(
 
   cfg = config_lib.model_config(config_lib.load(workdir))
   path, _ = checkpoint.resolve_checkpoint(workdir, step)
+  out = epath.Path(hf_dir)
+  existing = (
+      [p.name for p in out.glob('*') if p.name.endswith('.safetensors') or p.name == 'config.json']
+      if out.exists()
+      else []
+  )
+  if existing:  # new shards beside old ones would leave a mixed, stale checkpoint
+    raise FileExistsError(
+        f'{hf_dir} already holds a checkpoint ({", ".join(sorted(existing)[:3])}'
+        f'{", ..." if len(existing) > 3 else ""}); give an empty or new --hf_dir'
+    )
   tensors = iter_hf_tensors(lambda name: checkpoint.read_param(path, name), cfg)
   files = write_safetensors(hf_dir, tensors, max_shard_bytes)
   config_json = hf_config(cfg)

@@ -261,6 +261,17 @@ def write_commands(runs: Sequence[Run], root: str) -> str:
   return path
 
 
+def _check_sbatch_text(text: str, what: str, forbidden: str):
+  """#SBATCH lines are not shell: quoting does not work there, a newline starts a new line and
+  % starts a filename pattern. Refuses `text` if it has a character of the regex class
+  `forbidden`."""
+  bad = sorted(set(re.findall(f'[{forbidden}]', text)))
+  if bad:
+    raise ValueError(
+        f'{what} {text!r} cannot go into an #SBATCH line: it contains {", ".join(map(repr, bad))}'
+    )
+
+
 def slurm_script(
     runs: Sequence[Run], root: str, *, parallel: int = 0, sbatch_options: Sequence[str] = ()
 ) -> str:
@@ -270,6 +281,9 @@ def slurm_script(
   train.py initialises jax.distributed from SLURM's variables.
   """
   throttle = f'%{parallel}' if parallel else ''
+  _check_sbatch_text(os.path.abspath(root), 'the sweep root', r'\s"\'%#\\')
+  for option in sbatch_options:
+    _check_sbatch_text(option, 'an #SBATCH option', r'\n\r')
   lines = [
       '#!/bin/bash',
       f'#SBATCH --job-name=sweep-{os.path.basename(os.path.abspath(root))}',
@@ -284,7 +298,8 @@ def slurm_script(
       'case "$SLURM_ARRAY_TASK_ID" in',
   ]
   for index, run in enumerate(runs):
-    lines += [f'  {index})  # {run.name}', f'    srun {shlex.join(run.command)} ;;']
+    name = ' '.join(run.name.split())  # a comment: one line
+    lines += [f'  {index})  # {name}', f'    srun {shlex.join(run.command)} ;;']
   lines += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 1 ;;', 'esac']
   return '\n'.join(lines) + '\n'
 
