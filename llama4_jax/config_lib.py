@@ -228,10 +228,12 @@ def merge_saved_model(config: mlc.ConfigDict, saved: mlc.ConfigDict) -> mlc.Conf
 
 
 def diff_model(a: mlc.ConfigDict, b: mlc.ConfigDict) -> list[str]:
-  """Names of model fields whose values differ (lists and tuples compare equal)."""
-  norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
-  keys = sorted(set(a.model) | set(b.model))
-  return [k for k in keys if norm(a.model.get(k)) != norm(b.model.get(k))]
+  """Names of model fields whose values differ, missing fields taking their defaults (a config
+  saved before a field existed) and fields of model.EXECUTION_FIELDS left out."""
+  model_a, model_b = (model_config(c).to_dict() for c in (a, b))
+  return [
+      k for k in sorted(model_a) if k not in model_lib.EXECUTION_FIELDS and model_a[k] != model_b[k]
+  ]
 
 
 # The keys and their defaults ----------------------------------------------------------

@@ -3,6 +3,7 @@
 import glob
 import os
 
+import ml_collections as mlc
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -114,3 +115,17 @@ def test_batches_that_processes_cannot_split_are_named():
   )
   with pytest.raises(config_lib.ConfigError, match='train.batch_size: 9 .* 2 processes'):
     config_lib.validate(config, num_devices=1, num_processes=2)
+
+
+def test_model_diff_ignores_how_the_model_is_computed():
+  """A resume may change remat, attention blocks, dispatch, compute dtype; a config saved before
+  a field existed means its default. What the parameters compute must not change."""
+  config = parse(f'--config={REPO}/configs/tiny.py')
+  other = mlc.ConfigDict(config.to_dict())
+  other.model.remat, other.model.attention_query_block, other.model.dtype = 'layer', 64, 'bfloat16'
+  assert config_lib.diff_model(config, other) == []
+  saved_before = config.to_dict()
+  del saved_before['model']['attention_query_block'], saved_before['model']['attention_key_block']
+  assert config_lib.diff_model(config, mlc.ConfigDict(saved_before)) == []
+  other.model.hidden_size, other.model.param_dtype = 256, 'bfloat16'
+  assert config_lib.diff_model(config, other) == ['hidden_size', 'param_dtype']

@@ -76,7 +76,13 @@ def test_conversion_peak_memory_is_far_below_model_size(tmp_path):
   total = sum(int(np.prod(s)) * 4 for s in hf_convert.expected_hf_shapes(CONFIG).values())
   assert len(list((tmp_path / 'hf').glob('*.safetensors'))) > 3
 
-  baseline = peak_rss('-c', 'import llama4_jax.tools.hf_convert, orbax.checkpoint, jax, jax.numpy')
+  # The script's imports and a started backend (which loads every installed PJRT plugin: the
+  # CUDA plugin of the fit check costs ~60 MB of a CPU-only process).
+  baseline = peak_rss(
+      '-c',
+      'import llama4_jax.tools.hf_convert, orbax.checkpoint, jax, jax.numpy as jnp; '
+      'jnp.zeros(1).block_until_ready()',
+  )
   peak = peak_rss(
       os.path.join(REPO, 'scripts', 'convert_checkpoint.py'),
       f'--hf_dir={tmp_path / "hf"}',
@@ -89,5 +95,7 @@ def test_conversion_peak_memory_is_far_below_model_size(tmp_path):
       f'model {total / MB:.0f} MB, baseline {baseline / MB:.0f} MB, peak {peak / MB:.0f} MB, '
       f'growth {(peak - baseline) / MB:.0f} MB'
   )
-  assert peak - baseline < largest_hf + 2 * largest_ours + 100 * MB
+  # + slack for the allocator and Orbax's writer threads (growth measured 227 to 270 MB in
+  # repeated runs of the same conversion; a conversion that held the model would grow > 552 MB).
+  assert peak - baseline < largest_hf + 2 * largest_ours + 150 * MB
   assert peak - baseline < 0.6 * total

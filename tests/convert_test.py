@@ -79,17 +79,7 @@ def test_config_fields_survive_hf_round_trip():
   for name in ('scout', 'maverick', 'parity'):
     cfg = model_lib.PRESETS[name]
     again = hf_convert.model_config_from_hf(hf_convert.hf_text_config(cfg))
-    fields = (
-        'dtype',
-        'param_dtype',
-        'remat',
-        'attention_query_block',
-        'moe_dispatch',
-        'moe_grouped_matmul',
-        'moe_block_size',
-        'moe_capacity_factor',
-        'scan_layers',
-    )
+    fields = ('param_dtype', *model_lib.EXECUTION_FIELDS)  # not in an HF config
     assert again.replace(**{f: getattr(cfg, f) for f in fields}) == cfg, name
 
 

@@ -5,6 +5,7 @@ each concern keeps its own module.
 """
 
 from llama4_jax.model.config import (
+    EXECUTION_FIELDS,
     LLAMA4_VISION,
     PRESETS,
     REMAT_POLICIES,
@@ -26,6 +27,7 @@ from llama4_jax.model.llama4 import (
 )
 
 __all__ = [
+    'EXECUTION_FIELDS',
     'LLAMA4_VISION',
     'PRESETS',
     'REMAT_POLICIES',

@@ -227,6 +227,21 @@ def layer_index_map(cfg: ModelConfig) -> list[tuple[int, int, int]]:
   return out
 
 
+# Fields that choose how the model is computed, not what it computes from its parameters: a
+# run may resume (or a checkpoint be evaluated) with other values of these.
+EXECUTION_FIELDS = (
+    'dtype',
+    'remat',
+    'scan_layers',
+    'attention_query_block',
+    'attention_key_block',
+    'moe_dispatch',
+    'moe_grouped_matmul',
+    'moe_block_size',
+    'moe_capacity_factor',
+)
+
+
 class Remat(NamedTuple):
   """What the backward pass recomputes: `jax.checkpoint` with `policy` around each scanned
   block of layers (scope 'block') or around each layer (scope 'layer')."""
