@@ -55,7 +55,7 @@ NUMERIC_RANGES = {
     'train.load_balance_coef': _AT_LEAST_0,
     'train.router_z_coef': _AT_LEAST_0,
     'train.sample_tokens': _AT_LEAST_0,
-    'optim.lr': _POSITIVE,
+    'optim.lr': _AT_LEAST_0,  # 0: the weights stay as they are (a frozen fine-tune, a test)
     'optim.warmup_steps': _AT_LEAST_0,
     'optim.min_lr_ratio': _FRACTION,
     'optim.b1': _DECAY_RATE,

@@ -67,7 +67,7 @@ def test_wrong_type_is_an_error_naming_the_key():
         ('--config.train.loss_chunk=100', 'train.loss_chunk'),
         ('--config.train.keep_checkpoints=0', 'train.keep_checkpoints: must be positive, got 0'),
         ('--config.optim.b2=1.0', r'optim.b2: must be in \[0, 1\), got 1.0'),
-        ('--config.optim.lr=-0.001', 'optim.lr: must be positive'),
+        ('--config.optim.lr=-0.001', 'optim.lr: must be >= 0'),
         ('--config.optim.min_lr_ratio=2.0', 'optim.min_lr_ratio'),
         ('--config.train.eval_every=-1', 'train.eval_every: must be >= 0'),
         ('--config.eval.batch_size=0', 'eval.batch_size'),
