@@ -12,7 +12,7 @@ one tensor at a time (`write_params_streaming`).
 import ctypes
 import gc
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -111,6 +111,28 @@ def saved_steps(workdir: str) -> list[int]:
   if not steps:
     raise FileNotFoundError(f'{checkpoint_root(workdir)}: no complete checkpoint')
   return steps
+
+
+def read_newest(workdir: str, steps: Sequence[int], read: Callable[[int], Any]):
+  """(step, read(step), newer unreadable steps) for the newest of `steps` that `read` reads;
+  None if there are no steps.
+
+  A checkpoint `read` cannot read (CheckpointError) is skipped with a warning naming its
+  step; if none can be read this raises CheckpointError listing each step and why.
+  """
+  unreadable = []
+  for step in reversed(steps):
+    try:
+      return step, read(step), [s for s, _ in unreadable]
+    except CheckpointError as e:
+      logging.warning('checkpoint step %d cannot be read, trying an older one: %s', step, e)
+      unreadable.append((step, e))
+  if unreadable:
+    raise CheckpointError(
+        f'{checkpoint_root(workdir)}: no checkpoint can be read; '
+        + '; '.join(f'step {s}: {e}' for s, e in unreadable)
+    )
+  return None
 
 
 def resolve_checkpoint(workdir: str, step: int | None = None) -> tuple[epath.Path, int]:
@@ -372,22 +394,14 @@ class TrainCheckpointer:
     checkpoint can be read this raises CheckpointError: starting from scratch
     would silently throw the run away.
     """
-    unreadable = []
-    for step in reversed(self.steps()):
-      try:
-        state, data_states = self.restore(step, abstract_state, shardings)
-      except CheckpointError as e:
-        logging.warning('checkpoint step %d cannot be read, trying an older one: %s', step, e)
-        unreadable.append((step, e))
-        continue
-      self._set_aside([s for s, _ in unreadable])
-      return step, state, data_states
-    if unreadable:
-      raise CheckpointError(
-          f'{checkpoint_root(self.workdir)}: no checkpoint can be read; '
-          + '; '.join(f'step {s}: {e}' for s, e in unreadable)
-      )
-    return None
+    found = read_newest(
+        self.workdir, self.steps(), lambda s: self.restore(s, abstract_state, shardings)
+    )
+    if found is None:
+      return None
+    step, (state, data_states), unreadable = found
+    self._set_aside(unreadable)
+    return step, state, data_states
 
   def _set_aside(self, steps: list[int]):
     """Renames unreadable checkpoints to <step>.unreadable (kept for inspection)."""

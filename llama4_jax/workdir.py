@@ -2,7 +2,6 @@
 
 import jax
 import ml_collections as mlc
-from absl import logging
 from etils import epath
 from flax import nnx
 
@@ -29,17 +28,12 @@ def load_checkpoint(
   if step is not None:
     path, step = checkpoint.resolve_checkpoint(workdir, step)
     return load_params_into(model_abstract, path, mesh), step
-  unreadable = []
-  for step in reversed(checkpoint.saved_steps(workdir)):
-    try:
-      return load_params_into(model_abstract, checkpoint.step_path(workdir, step), mesh), step
-    except checkpoint.CheckpointError as e:
-      logging.warning('checkpoint step %d cannot be read, trying an older one: %s', step, e)
-      unreadable.append((step, e))
-  raise checkpoint.CheckpointError(
-      f'{checkpoint.checkpoint_root(workdir)}: no checkpoint can be read; '
-      + '; '.join(f'step {s}: {e}' for s, e in unreadable)
+  step, model, _ = checkpoint.read_newest(
+      workdir,
+      checkpoint.saved_steps(workdir),
+      lambda s: load_params_into(model_abstract, checkpoint.step_path(workdir, s), mesh),
   )
+  return model, step
 
 
 def load_model(
