@@ -12,8 +12,9 @@ one tensor at a time (`write_params_streaming`).
 import ctypes
 import gc
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -25,6 +26,8 @@ from orbax.checkpoint.experimental import v1 as ocp
 CHECKPOINT_DIR = 'checkpoints'
 STATE = 'state'  # the checkpointable holding the pytree (Orbax's default name)
 UNREADABLE_SUFFIX = '.unreadable'  # a skipped checkpoint is kept under <step>.unreadable
+READ_RETRIES = 3  # a failed checkpoint read is tried again this many times (`read_newest`)
+RETRY_DELAY_S = 1.0  # ... after waits of 1, 2, 4 s: a storage hiccup, not an outage
 
 
 class CheckpointError(ValueError):
@@ -113,26 +116,120 @@ def saved_steps(workdir: str) -> list[int]:
   return steps
 
 
-def read_newest(workdir: str, steps: Sequence[int], read: Callable[[int], Any]):
+class Processes(NamedTuple):
+  """This process among the run's: its index, and an all-gather of a small int array (returns
+  [processes, ...] in process order); None with one process, which has nothing to exchange.
+  `run_processes()` gives the run's; tests pass simulated ones."""
+
+  index: int = 0
+  allgather: Callable[[np.ndarray], np.ndarray] | None = None
+
+
+def run_processes() -> Processes:
+  if jax.process_count() == 1:
+    return Processes()
+  return Processes(jax.process_index(), lambda x: np.asarray(multihost_utils.process_allgather(x)))
+
+
+def _failed_processes(step: int, ok: bool, processes: Processes) -> list[int]:
+  """The processes that could not read `step`; every process calls this at the same point."""
+  if processes.allgather is None:
+    return [] if ok else [processes.index]
+  table = np.asarray(processes.allgather(np.array([step, ok], np.int32))).reshape(-1, 2)
+  if len(set(table[:, 0].tolist())) > 1:  # each lists the checkpoints itself
+    raise CheckpointError(
+        f'processes see different checkpoints (the step each one tries: {table[:, 0].tolist()})'
+    )
+  return [i for i, (_, read) in enumerate(table.tolist()) if not read]
+
+
+def read_newest(
+    workdir: str,
+    steps: Sequence[int],
+    read: Callable[[int], Any],
+    *,
+    retries: int | None = None,
+    retry_delay: float | None = None,
+    processes: Processes | None = None,
+):
   """(step, read(step), newer unreadable steps) for the newest of `steps` that `read` reads;
   None if there are no steps.
 
-  A checkpoint `read` cannot read (CheckpointError) is skipped with a warning naming its
+  A read that fails (CheckpointError) is tried again `retries` times (READ_RETRIES) after
+  waits of `retry_delay` (RETRY_DELAY_S), doubling each time. Every failure is retried: the
+  exception does not tell a storage timeout from a damaged file (tensorstore raises
+  ValueError for both, with the status in the message), and a damaged checkpoint only costs
+  the waits. A checkpoint that still cannot be read is skipped with a warning naming its
   step; if none can be read this raises CheckpointError listing each step and why.
+
+  With several processes (`processes`, default the run's), all try the same steps in the same
+  order and exchange after each attempt whether it succeeded: a step counts as read only if
+  every process read it, and as unreadable for all if any process cannot read it after the
+  retries. A resume needs every process's shards, so all resume from the same step, and no
+  process moves on (or sets a step aside) alone. One process exchanges nothing.
   """
+  retries = READ_RETRIES if retries is None else retries
+  if retries < 0:
+    raise ValueError(f'retries={retries}: must be 0 or more')
+  retry_delay = RETRY_DELAY_S if retry_delay is None else retry_delay
+  processes = processes or run_processes()
   unreadable = []
   for step in reversed(steps):
-    try:
-      return step, read(step), [s for s, _ in unreadable]
-    except CheckpointError as e:
-      logging.warning('checkpoint step %d cannot be read, trying an older one: %s', step, e)
-      unreadable.append((step, e))
+    for attempt in range(retries + 1):
+      try:
+        value, error = read(step), None
+      except CheckpointError as e:
+        value, error = None, e
+      failed = _failed_processes(step, error is None, processes)
+      if not failed:
+        return step, value, [s for s, _ in unreadable]
+      value = None  # read here but not by every process: dropped, all resume from one step
+      error = error or CheckpointError(f'processes {failed} cannot read it')
+      if attempt < retries:
+        wait = retry_delay * 2**attempt
+        logging.warning(
+            'checkpoint step %d: read failed, trying again in %.1f s (%d of %d): %s',
+            *(step, wait, attempt + 1, retries, error),
+        )
+        time.sleep(wait)
+    logging.warning('checkpoint step %d cannot be read, trying an older one: %s', step, error)
+    unreadable.append((step, error))
   if unreadable:
     raise CheckpointError(
         f'{checkpoint_root(workdir)}: no checkpoint can be read; '
         + '; '.join(f'step {s}: {e}' for s, e in unreadable)
     )
   return None
+
+
+def set_aside(workdir: str, steps: Sequence[int], processes: Processes | None = None):
+  """Renames unreadable checkpoints to <step>.unreadable (kept for inspection).
+
+  `steps` are ones every process found unreadable (`read_newest`): process 0 renames them
+  and the others wait for it, so that none lists the checkpoints halfway; a failed rename is
+  raised on every process.
+  """
+  if not steps:
+    return
+  processes = processes or run_processes()
+  error = None
+  if processes.index == 0:
+    try:
+      for step in steps:
+        path = step_path(workdir, step)
+        aside, n = path.parent / f'{step}{UNREADABLE_SUFFIX}', 1
+        while aside.exists():
+          aside, n = path.parent / f'{step}{UNREADABLE_SUFFIX}{n}', n + 1
+        path.rename(aside)
+        logging.warning('unreadable checkpoint step %d moved to %s', step, aside)
+    except OSError as e:
+      error = e
+  if processes.allgather is not None:  # the wait for process 0, and its outcome
+    renamed = processes.allgather(np.array([error is None], np.int32))
+    if not np.asarray(renamed).reshape(-1)[0] and error is None:
+      error = OSError('process 0 could not move them aside')
+  if error is not None:
+    raise CheckpointError(f'could not set aside unreadable checkpoints {list(steps)}: {error}')
 
 
 def resolve_checkpoint(workdir: str, step: int | None = None) -> tuple[epath.Path, int]:
@@ -299,7 +396,16 @@ class TrainCheckpointer:
   cannot be read is skipped by `restore_latest`.
   """
 
-  def __init__(self, workdir: str, keep: int):
+  def __init__(
+      self,
+      workdir: str,
+      keep: int,
+      *,
+      read_retries: int | None = None,
+      retry_delay: float | None = None,
+      processes: Processes | None = None,
+  ):
+    """`read_retries`, `retry_delay` and `processes` are `read_newest`'s, for `restore_latest`."""
     from orbax.checkpoint.experimental.v1 import training
 
     self._ckpt = training.Checkpointer(
@@ -309,6 +415,7 @@ class TrainCheckpointer:
         cleanup_tmp_directories=True,
     )
     self.workdir = workdir
+    self._read = dict(retries=read_retries, retry_delay=retry_delay, processes=processes)
     self._pending = None  # the step of the save in flight
 
   def steps(self) -> list[int]:
@@ -388,36 +495,25 @@ class TrainCheckpointer:
   def restore_latest(self, abstract_state: Mapping, shardings: Mapping):
     """(step, train state, data states) of the newest checkpoint that can be read; None if none.
 
-    A newer checkpoint that cannot be read (a truncated or deleted file) is
-    skipped with a warning naming its step, and moved aside to
-    `<step>.unreadable` so that the run can save that step again. If no
-    checkpoint can be read this raises CheckpointError: starting from scratch
-    would silently throw the run away.
+    A read that fails is retried; a newer checkpoint that still cannot be read (a truncated
+    or deleted file) is skipped with a warning naming its step, and moved aside to
+    `<step>.unreadable` so that the run can save that step again. With several processes,
+    they agree on both (`read_newest`, `set_aside`). If no checkpoint can be read this raises
+    CheckpointError: starting from scratch would silently throw the run away.
     """
     found = read_newest(
-        self.workdir, self.steps(), lambda s: self.restore(s, abstract_state, shardings)
+        self.workdir,
+        self.steps(),
+        lambda s: self.restore(s, abstract_state, shardings),
+        **self._read,
     )
     if found is None:
       return None
     step, (state, data_states), unreadable = found
-    self._set_aside(unreadable)
+    if unreadable:
+      set_aside(self.workdir, unreadable, self._read['processes'])
+      self._ckpt.reload()
     return step, state, data_states
-
-  def _set_aside(self, steps: list[int]):
-    """Renames unreadable checkpoints to <step>.unreadable (kept for inspection)."""
-    if not steps:
-      return
-    if jax.process_index() == 0:
-      for step in steps:
-        path = step_path(self.workdir, step)
-        aside, n = path.parent / f'{step}{UNREADABLE_SUFFIX}', 1
-        while aside.exists():
-          aside, n = path.parent / f'{step}{UNREADABLE_SUFFIX}{n}', n + 1
-        path.rename(aside)
-        logging.warning('unreadable checkpoint step %d moved to %s', step, aside)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('llama4_jax: unreadable checkpoints set aside')
-    self._ckpt.reload()
 
   def wait(self):
     """Blocks until the save in flight is committed; CheckpointError if it failed."""

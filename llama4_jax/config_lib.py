@@ -17,6 +17,7 @@ from llama4_jax import model as model_lib
 from llama4_jax import optim, sharding
 
 CONFIG_FILE = 'config.json'
+MODALITIES = ('text', 'image_text', 'chat')  # data.modality
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,9 @@ NUMERIC_RANGES = {
     'data.shapes.train_examples': _POSITIVE,
     'data.shapes.eval_examples': _POSITIVE,
     'data.shapes.seed': _AT_LEAST_0,
+    'data.chat_task.train_examples': _POSITIVE,
+    'data.chat_task.eval_examples': _POSITIVE,
+    'data.chat_task.seed': _AT_LEAST_0,
     'train.steps': _POSITIVE,
     'train.batch_size': _POSITIVE,
     'train.grad_accum_steps': _POSITIVE,
@@ -122,8 +126,11 @@ def validate(
           f'{cfg.max_position_embeddings}',
       )
     modality = config.data.get('modality', 'text')
-    if modality not in ('text', 'image_text'):
-      fail('data.modality', f'{modality!r} is not "text" or "image_text"')
+    if modality not in MODALITIES:
+      fail('data.modality', f'{modality!r} is not one of {MODALITIES}')
+    overlong = config.data.get('chat_overlong', 'truncate')
+    if overlong not in ('truncate', 'error'):
+      fail('data.chat_overlong', f'{overlong!r} is not "truncate" or "error"')
     if modality == 'image_text' and cfg.vision is None:
       fail('data.modality', '"image_text" needs a model with a vision tower (model.vision)')
   if 'train' in config:
@@ -259,17 +266,31 @@ def base_config() -> mlc.ConfigDict:
 
   config.data = mlc.ConfigDict(
       dict(
-          modality='text',  # 'text', or 'image_text' (needs model.vision; see llama4_jax/image_text.py)
+          # 'text'; 'image_text' (needs model.vision; data/image_text.py); 'chat' (data/chat.py)
+          modality='text',
           train_files='',  # comma-separated globs (.txt, .jsonl with "text", .npy ids); '' = built-in corpus
           eval_files='',  # same forms; '' = the built-in corpus' validation split
-          tokenizer='',  # sentencepiece .model; '' = train/reuse one for the built-in corpus
-          tokenizer_cache='',  # where the built-in tokenizer is kept; '' = <workdir>/tokenizer
+          # tokenizer.json or SentencePiece .model; '' = the workdir's, the init_from run's, or
+          # one trained on train_files (or the built-in corpus): data/tokenizer.py
+          tokenizer='',
+          tokenizer_cache='',  # where a trained tokenizer is kept; '' = <workdir>/tokenizer
           builtin_max_bytes=8_000_000,  # cap on built-in corpus text (bytes)
           seq_len=256,  # tokens per training sequence
           packing_bins=0,  # rows packed together per first-fit group (0 = max(4 x batch, 64))
           tokenizer_train_bytes=0,  # text used to train the built-in tokenizer (0 = 4 MB)
           tiles_per_row=0,  # image_text: image tiles per row (0 = model.vision.max_tiles + 1)
-          images_anywhere=False,  # image_text: image paths may leave the data file's folder
+          images_anywhere=False,  # image_text, chat: image paths may leave the data file's folder
+          # chat: a conversation longer than seq_len + 1 tokens is 'truncate'd or an 'error'
+          chat_overlong='truncate',
+          # chat with train_files/eval_files '': the built-in table questions (data/chat_task.py).
+          chat_task=mlc.ConfigDict(
+              dict(
+                  dir='',  # where they are written ('' = <workdir>/chat_task)
+                  train_examples=20000,
+                  eval_examples=200,
+                  seed=0,
+              )
+          ),
           # image_text with train_files/eval_files '': the built-in shapes questions (llama4_jax/shapes_data.py).
           shapes=mlc.ConfigDict(
               dict(

@@ -8,7 +8,6 @@ run's mesh and scores them on fixed batches, compiling once for all steps;
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -230,8 +229,8 @@ def evaluate_workdir(
 
 def write_step_table(rows: Sequence[dict], out_dir: str) -> list[str]:
   """Loss versus step as Markdown, CSV and a PNG plot; returns the three paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  base = os.path.join(out_dir, STEP_TABLE)
+  epath.Path(out_dir).mkdir(parents=True, exist_ok=True)
+  base = str(epath.Path(out_dir) / STEP_TABLE)  # the workdir by default: any epath path
   paths = tables.write_table(rows, ('step', 'loss', 'perplexity', 'tokens'), base)
   loss = tables.Series('loss', [r['loss'] for r in rows], 'o-')
   panel = tables.Panel([r['step'] for r in rows], [loss], 'step', 'loss (nats/token)')

@@ -7,7 +7,7 @@ Importing this module registers the model, so that in Python
 `lm_eval.simple_evaluate(model='llama4_jax', model_args='workdir=OUT', ...)`
 works too. Model arguments: `workdir`, `step` (default: latest), `batch_size`,
 `max_length` (tokens the model sees at once; default: the run's data.seq_len),
-`max_gen_toks` (default generation length), `tokenizer` (a .model file;
+`max_gen_toks` (default generation length), `tokenizer` (a tokenizer.json or SentencePiece .model;
 default: the run's), `seed` (sampling).
 
 Text is tokenized with the run's tokenizer and every context starts with BOS,

@@ -1,21 +1,75 @@
 """Run logs: metrics.jsonl (one JSON object per logged step), TensorBoard, console progress."""
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 
 import tqdm
+from etils import epath
 
 METRICS_FILE = 'metrics.jsonl'  # in the workdir; sweep summaries read it
 TENSORBOARD_DIR = 'tensorboard'  # in the workdir
 
 
-def tensorboard_writer(workdir: str):
-  """A TensorBoard writer for <workdir>/tensorboard."""
-  from tensorboardX import SummaryWriter  # imported here: only process 0 writes logs
+def _is_local(path: epath.Path) -> bool:
+  return '://' not in str(path)
 
-  return SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
+
+class _EventFile:
+  """A TensorBoard event file written through epath.
+
+  It has no `fileno`: tensorboardX fsyncs any file that has one, and fsspec's files have one
+  that raises.
+  """
+
+  def __init__(self, path: str):
+    self._file = epath.Path(path).open('wb')
+
+  def write(self, data: bytes):
+    self._file.write(data)
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+class _EventFiles:
+  """tensorboardX's writer factory for a non-local scheme: epath, like every workdir file
+  (its own `gs://` writer needs google-cloud-storage and ignores epath's backends)."""
+
+  def open(self, path: str) -> _EventFile:
+    return _EventFile(path)
+
+  def directory_check(self, path: str):
+    epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def tensorboard_writer(workdir: str):
+  """A TensorBoard writer for <workdir>/tensorboard (a local or an epath path: gs://...)."""
+  # Imported here: only process 0 writes logs.
+  from tensorboardX import SummaryWriter, record_writer
+
+  logdir = epath.Path(workdir) / TENSORBOARD_DIR
+  if not _is_local(logdir):
+    record_writer.register_writer_factory(str(logdir).split('://')[0], _EventFiles())
+  return SummaryWriter(str(logdir))
+
+
+def _open_to_append(path: epath.Path):
+  """`path` opened to add text at its end.
+
+  Object stores cannot append (gcsfs silently truncates a file opened with 'a'), so there
+  the saved text is written again first; the store shows the file when the backend uploads
+  it (at close, or block by block).
+  """
+  if _is_local(path) or not path.exists():
+    return path.open('a')
+  saved = path.read_text()
+  file = path.open('w')
+  file.write(saved)
+  return file
 
 
 def _add_scalars(writer, step: int, metrics: dict, prefix: str = ''):
@@ -27,14 +81,17 @@ def _add_scalars(writer, step: int, metrics: dict, prefix: str = ''):
 
 
 class MetricsWriter:
-  """Appends metrics to <workdir>/metrics.jsonl and TensorBoard (process 0 only)."""
+  """Appends metrics to <workdir>/metrics.jsonl and TensorBoard (process 0 only).
+
+  The workdir may be any epath path (gs://...): every file goes through epath.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    self._jsonl = _open_to_append(epath.Path(workdir) / METRICS_FILE)
     self._tb = tensorboard_writer(workdir)
 
   def write(self, step: int, metrics: dict):

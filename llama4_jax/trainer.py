@@ -228,7 +228,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   if is_main:
     config_lib.save(config, workdir)
   train_cfg = config.train
-  tokenizer = tokenizer_lib.load_tokenizer(config.data, cfg.vocab_size, workdir)
+  tokenizer = tokenizer_lib.load_tokenizer(config, cfg.vocab_size, workdir)
   seq_len = config.data.seq_len
   mesh = sharding.make_mesh(dict(config.mesh))
   train_iter, eval_batches = pipeline.train_and_eval_data(
@@ -266,6 +266,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     progress = metrics_lib.Progress(start, train_cfg.steps, enabled=is_main)
     tokens_per_step = train_cfg.batch_size * seq_len
     window_start, window_steps, skipped, final = time.perf_counter(), 0, 0, {}
+    before = {}
+    if start == 0 and train_cfg.init_from:  # what fine-tuning starts from, to compare with
+      before['eval_loss_before'] = evaluate(
+          eval_fn, state['params'], eval_batches, setup.batch_sharding
+      )
+      writer.write(0, {'eval_loss': before['eval_loss_before']})
+      progress.write(f'step 0: validation loss {before["eval_loss_before"]:.4f} ({how})')
     unchecked = []  # (step, metrics) whose finiteness the host has not looked at yet
     for step in range(start + 1, train_cfg.steps + 1):
       batch = sharding.to_global_batch(next(train_iter), setup.batch_sharding)
@@ -332,6 +339,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.close()
     writer.close()
     final['step'] = int(jax.device_get(state['step']))
+    final.update(before)
     show_end = end_of_run.wanted(config, num_params, start, jax.process_count())
     params = jax.device_get(state['params']) if show_end else None
   if show_end:

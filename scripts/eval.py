@@ -29,7 +29,9 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).',
 _ALL_STEPS = flags.DEFINE_bool('all_steps', False, 'Score every saved checkpoint.')
 _FILES = flags.DEFINE_string('files', '', 'Comma-separated globs of text, .jsonl or .npy files.')
 _TOKENS = flags.DEFINE_string('tokens', '', '1-D .npy array of token ids, cut into windows.')
-_TOKENIZER = flags.DEFINE_string('tokenizer', '', "Tokenizer .model (default: the run's).")
+_TOKENIZER = flags.DEFINE_string(
+    'tokenizer', '', "tokenizer.json or SentencePiece .model (default: the run's)."
+)
 _SEQ_LEN = flags.DEFINE_integer(
     'seq_len', None, "Predicted tokens per row (default: the run's).", lower_bound=1
 )

@@ -4,8 +4,10 @@
       [--max_new_tokens=64 --temperature=0 --top_k=0 --top_p=1 --seed=0 --output=ids.json]
   python scripts/generate.py --workdir=CONVERTED --prompt_ids=1,2,3 --prompt_ids=1,5
   python scripts/generate.py --workdir=MULTIMODAL --image=cat.png --prompt="<|image|>What is this?"
+  python scripts/generate.py --workdir=FINE_TUNED --chat --prompt="How old is omar?"
 
---prompt is tokenized with the run's tokenizer (or --tokenizer); --prompt_ids
+--prompt is tokenized with the run's tokenizer (or --tokenizer); with --chat each
+is a user turn in the Llama 4 chat format, answered until `<|eot|>`. --prompt_ids
 gives ids directly. Prompts of different lengths form one left-padded batch.
 --output writes {"ids": [[...], ...]}: the generated ids per prompt, without
 the prompt, ending at the first EOS. --image (repeatable; multimodal models)
@@ -26,10 +28,15 @@ from llama4_jax.data import tokenizer as tokenizer_lib
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training or converted workdir.', required=True)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).', lower_bound=0)
 _PROMPT = flags.DEFINE_multi_string('prompt', [], 'Prompt text (repeatable).')
+_CHAT = flags.DEFINE_bool(
+    'chat', False, 'Each --prompt is a user turn of a chat (Llama 4 format), answered to <|eot|>.'
+)
 _PROMPT_IDS = flags.DEFINE_multi_string(
     'prompt_ids', [], 'Comma-separated prompt ids (repeatable).'
 )
-_TOKENIZER = flags.DEFINE_string('tokenizer', None, "sentencepiece .model (default: the run's).")
+_TOKENIZER = flags.DEFINE_string(
+    'tokenizer', None, "tokenizer.json or SentencePiece .model (default: the run's)."
+)
 _MAX_NEW = flags.DEFINE_integer(
     'max_new_tokens', 64, 'Tokens to generate per prompt.', lower_bound=1
 )
@@ -73,7 +80,10 @@ def main(argv):
     if _PROMPT.value or _TOKENIZER.value:
       raise
     tokenizer = None  # --prompt_ids only: ids in, ids out
-  prompts = [[cfg.bos_token_id] + tokenizer.encode(text) for text in _PROMPT.value]
+  if _CHAT.value:
+    prompts = [tokenizer.format_chat([{'role': 'user', 'content': t}]) for t in _PROMPT.value]
+  else:
+    prompts = [[cfg.bos_token_id] + tokenizer.encode(text) for text in _PROMPT.value]
   prompts += [parse_ids(text, cfg.vocab_size) for text in _PROMPT_IDS.value]
   pixels = None
   if _IMAGE.value:
@@ -87,7 +97,7 @@ def main(argv):
       model,
       prompts,
       max_new_tokens=_MAX_NEW.value,
-      eos_ids=cfg.eos_token_ids,
+      eos_ids=[*cfg.eos_token_ids, tokenizer.eot_id] if _CHAT.value else cfg.eos_token_ids,
       pad_id=cfg.pad_token_id,
       temperature=_TEMPERATURE.value,
       top_k=_TOP_K.value,

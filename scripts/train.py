@@ -59,6 +59,15 @@ def main(argv):
           f'held-out answer accuracy {result["qa_accuracy"]:.1%} over {result["qa_questions"]} '
           f'questions ({by_question}); best text-only answer: {result["text_only_accuracy"]:.1%}'
       )
+    if 'eval_loss_before' in result:
+      print(f'validation loss before fine-tuning {result["eval_loss_before"]:.4f}')
+    if 'exact_match' in result:
+      before = result.get('exact_match_before')
+      print(
+          f'held-out exact match {result["exact_match"]:.1%} over '
+          f'{result["exact_match_conversations"]} conversations'
+          + (f' ({before:.1%} before fine-tuning)' if before is not None else '')
+      )
 
 
 if __name__ == '__main__':

@@ -72,6 +72,9 @@ def test_wrong_type_is_an_error_naming_the_key():
         ('--config.train.eval_every=-1', 'train.eval_every: must be >= 0'),
         ('--config.eval.batch_size=0', 'eval.batch_size'),
         ('--config.data.shapes.eval_examples=0', 'data.shapes.eval_examples'),
+        ('--config.data.modality=chats', "data.modality: 'chats' is not one of"),
+        ('--config.data.chat_overlong=drop', 'data.chat_overlong'),
+        ('--config.data.chat_task.train_examples=0', 'data.chat_task.train_examples'),
         ('--config.seed=-3', 'seed: must be >= 0'),
         ('--config.model.attention_query_block=-1', 'attention_query_block'),
         ('--config.train.batch_size=12', 'train.batch_size: 12 sequences .* the 8 batch shards'),
@@ -89,6 +92,16 @@ def test_config_json_round_trip(tmp_path):
   again = config_lib.load(str(tmp_path))
   assert config_lib.diff_model(config, again) == []
   assert config_lib.model_config(again) == config_lib.model_config(config)
+
+
+@pytest.mark.parametrize('preset', ['tiny', 'scout'])
+def test_sft_presets_keep_their_model_and_fit(preset):
+  base = parse(f'--config={REPO}/configs/{preset}.py')
+  config = parse(f'--config={REPO}/configs/sft.py:{preset}')
+  assert config.data.modality == 'chat' and config.optim.weight_decay == 0.0
+  assert config.optim.lr < base.optim.lr
+  assert config_lib.diff_model(config, base) == []
+  config_lib.validate(config, num_devices=128 if preset == 'scout' else 8)
 
 
 @pytest.mark.parametrize('name', ['scout', 'maverick'])

@@ -17,3 +17,41 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 def devices():
   assert len(jax.devices()) == 8, 'tests expect 8 fake CPU devices'
   return jax.devices()
+
+
+@pytest.fixture
+def fake_gcs(monkeypatch, tmp_path):
+  """`gs://` paths in an empty in-memory object store, through epath's fsspec backend.
+
+  As gcsfs does, opening a file to append ('a') truncates it: object stores cannot append.
+  The test runs in `tmp_path`, which must stay empty: a workdir path handled as a local one
+  would land in `./gs:/...` there. Returns the store's file system.
+  """
+  import importlib
+
+  import fsspec
+  from etils.epath import backend
+  from fsspec.implementations.memory import MemoryFileSystem
+
+  class FakeGCS(MemoryFileSystem):
+    protocol = ('gs', 'gcs')
+    root_marker = ''
+    cachable = False
+    store = {}
+    pseudo_dirs = ['']
+
+    @classmethod
+    def _strip_protocol(cls, path):
+      return fsspec.utils.stringify_path(path).removeprefix('gs://').strip('/')
+
+    def _open(self, path, mode='rb', **kwargs):
+      return super()._open(path, mode.replace('a', 'w'), **kwargs)
+
+  registry = importlib.import_module('fsspec.registry')._registry  # `fsspec.registry` is a view
+  for name in FakeGCS.protocol:
+    monkeypatch.setitem(registry, name, FakeGCS)  # undone after the test
+  backend.fsspec_backend._get_filesystem.cache_clear()  # epath caches the file systems
+  monkeypatch.chdir(tmp_path)
+  yield FakeGCS()
+  backend.fsspec_backend._get_filesystem.cache_clear()
+  assert not list(tmp_path.iterdir()), 'a gs:// path was written as a local one'

@@ -13,6 +13,7 @@ from llama4_jax import model as model_lib
 from llama4_jax.tools import hf_convert
 
 import hf_reference
+import released_tokenizer
 import small_run
 
 run_script = small_run.run_script
@@ -236,3 +237,44 @@ def test_missing_config_keys_take_the_defaults_of_transformers():
   assert hf_convert.vision_config_from_hf(config(saved)) == (
       hf_convert.vision_config_from_hf(config(released))
   )
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_released_tokenizer_travels_with_the_checkpoint(tmp_path):
+  """A converted checkpoint with a tokenizer.json samples from text and scores text files
+  without a tokenizer flag, and exports the tokenizer back."""
+  r = released_tokenizer
+  hf_dir = tmp_path / 'hf'
+  hf_reference.text_model(
+      vocab_size=r.VOCAB_SIZE, bos_token_id=r.BOS, eos_token_id=r.EOS, pad_token_id=r.PAD
+  ).save_pretrained(hf_dir)
+  r.write(hf_dir)
+  text = tmp_path / 'fox.txt'
+  text.write_text('The quick brown fox jumps over the lazy dog. ' * 4)
+  ours = tmp_path / 'ours'
+  convert, generate, evaluate, export = small_run.run_scripts(
+      tmp_path,
+      [
+          ['convert_checkpoint.py', f'--hf_dir={hf_dir}', f'--workdir={ours}'],
+          [
+              'generate.py',
+              f'--workdir={ours}',
+              '--prompt=The quick brown',
+              '--max_new_tokens=3',
+              f'--output={tmp_path}/ids.json',
+          ],
+          ['eval.py', f'--workdir={ours}', f'--files={text}', '--seq_len=16', '--batch_size=8'],
+          ['convert_checkpoint.py', '--to_hf', f'--workdir={ours}', f'--hf_dir={tmp_path}/back'],
+      ],
+  )
+  for result in (convert, generate, evaluate, export):
+    assert result['status'] == 0, result['output'][-3000:]
+  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / 'tokenizer.json'))
+  [ids] = json.loads((tmp_path / 'ids.json').read_text())['ids']
+  assert len(ids) == 3 and "'The quick brown" in generate['output']
+  assert tokenizer.decode(tokenizer.encode('The quick brown')[1:]) == 'The quick brown'
+  assert 'loss' in evaluate['output']
+  for name in ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'):
+    assert (ours / 'tokenizer' / name).read_bytes() == (hf_dir / name).read_bytes(), name
+    assert (tmp_path / 'back' / name).read_bytes() == (hf_dir / name).read_bytes(), name

@@ -54,3 +54,13 @@ def test_only_small_one_process_runs_that_trained_report():
   assert not end_of_run.wanted(config, 109 * 10**9, first_step=0, process_count=1)  # Scout
   config.train.sample_tokens = 0
   assert not end_of_run.wanted(config, 10**6, first_step=0, process_count=1)
+
+
+def test_a_run_on_its_own_files_samples_from_its_own_text(tmp_path):
+  """The sample's prompt is the start of the run's validation text, not Python's `def main(`."""
+  plays = tmp_path / 'hamlet.txt'
+  plays.write_text('\n  HAMLET. To be, or not to be, that is the question:\nWhether tis nobler\n')
+  config = small_run.config(data__train_files=str(plays))
+  assert end_of_run.sample_prompt(config) == 'HAMLET. To be, or not to be, that is the'
+  config = small_run.config()
+  assert end_of_run.sample_prompt(config) == end_of_run.SAMPLE_PROMPT

@@ -161,6 +161,19 @@ def test_all_steps_writes_one_row_per_checkpoint(trained, tmp_path):
   assert set(tensorboard_scalars(workdir)['eval/loss']) >= {2, 4}
 
 
+def test_step_table_goes_to_a_non_local_workdir(fake_gcs):
+  """The table's default folder is the workdir, which may be gs://."""
+  rows = [{'step': s, 'loss': 3.0 / s, 'perplexity': 1.0, 'tokens': 512} for s in (2, 4)]
+  paths = evaluation.write_step_table(rows, 'gs://bucket/run')
+  assert [p.rsplit('/', 1)[1] for p in paths] == [
+      'eval_steps.md',
+      'eval_steps.csv',
+      'eval_steps.png',
+  ]
+  assert fake_gcs.cat(paths[1]).decode().splitlines()[1].startswith('2,1.5,')
+  assert fake_gcs.cat(paths[2]).startswith(b'\x89PNG')
+
+
 @pytest.mark.slow
 def test_jsonl_files_at_a_step_equal_a_direct_computation(trained, tmp_path):
   """Packed rows (several documents per row) score each document as if alone."""
@@ -177,9 +190,7 @@ def test_jsonl_files_at_a_step_equal_a_direct_computation(trained, tmp_path):
   ours = json.loads((tmp_path / 'result.json').read_text())
 
   config = small_run.config()
-  tokenizer = tokenizer_lib.load_tokenizer(
-      config.data, config.model.vocab_size, workdir=str(workdir)
-  )
+  tokenizer = tokenizer_lib.load_tokenizer(config, config.model.vocab_size, workdir=str(workdir))
   model, _, step = workdir_lib.load_model(str(workdir), 2)
   nll, count = 0.0, 0
   for text in texts:

@@ -55,3 +55,19 @@ def test_metrics_writer_appends_json_lines(tmp_path):
       {'step': 2, 'eval_loss': 2.0},
   ]
   assert list((tmp_path / metrics.TENSORBOARD_DIR).iterdir())
+
+
+def test_metrics_and_tensorboard_go_to_a_non_local_workdir(fake_gcs):
+  """A gs:// workdir: the files land in the store (not in ./gs:/...), and a resumed run's
+  metrics.jsonl keeps the lines saved before it although the store cannot append."""
+  workdir = 'gs://bucket/run'
+  for steps in ([1, 2], [3]):  # a run, then its resumption
+    writer = metrics.MetricsWriter(workdir)
+    for step in steps:
+      writer.write(step, {'loss': 2.5})
+    writer.close()
+  metrics.write_tensorboard(workdir, [{'step': 3, 'loss': 2.0, 'perplexity': 7.4}], 'eval')
+  lines = fake_gcs.cat(f'{workdir}/{metrics.METRICS_FILE}').decode().splitlines()
+  assert [json.loads(line)['step'] for line in lines] == [1, 2, 3]
+  events = fake_gcs.ls(f'{workdir}/{metrics.TENSORBOARD_DIR}', detail=False)
+  assert events and all(fake_gcs.size(e) > 0 for e in events)

@@ -13,8 +13,10 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -359,7 +361,8 @@ def damage(workdir, step: int, pattern: str, how: str):
 
 def restore_latest(workdir, setup):
   with sharding.mesh_context(setup.mesh):
-    ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+    # No waits between the retries of a damaged checkpoint's reads: it fails every time.
+    ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3, retry_delay=0)
     return ckpt, ckpt.restore_latest(setup.abstract_state, setup.state_shardings)
 
 
@@ -416,3 +419,231 @@ def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(last_two, setup):
   ):
     restore_latest(last_two, setup)
   assert checkpoint.all_steps(str(last_two)) == [STEPS - 1, STEPS]  # nothing was moved
+
+
+# Transient read errors and several processes -------------------------------------------------
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+  """A workdir with checkpoints 1 and 2 of a tiny train state: (workdir, abstract state,
+  shardings). Reads are retried without waiting."""
+  monkeypatch.setattr(checkpoint, 'RETRY_DELAY_S', 0, raising=False)
+
+  def state(step):
+    return {
+        'params': {'w': jax.numpy.full((4,), float(step))},
+        'opt_state': {'m': jax.numpy.zeros((4,))},
+        'step': jax.numpy.array(step, jax.numpy.int32),
+    }
+
+  ckpt = checkpoint.TrainCheckpointer(str(tmp_path), keep=3)
+  for step in (1, 2):
+    ckpt.save(step, state(step), ['{}'])
+  ckpt.close()
+  abstract = jax.eval_shape(lambda: state(0))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return tmp_path, abstract, jax.tree.map(lambda _: device, abstract)
+
+
+def failing_loads(ckpt, monkeypatch, fails: int) -> list[int]:
+  """Orbax's reads of `ckpt` raise a storage error `fails` times, then read; the steps asked."""
+  load, calls = ckpt._ckpt.load, []
+
+  def flaky(step, *args, **kwargs):
+    calls.append(step)
+    if len(calls) <= fails:
+      raise TimeoutError('[Errno 110] reading from storage timed out')
+    return load(step, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt._ckpt, 'load', flaky)
+  return calls
+
+
+def test_a_transient_read_error_is_retried_not_set_aside(tiny_run, monkeypatch, caplog):
+  workdir, abstract, shardings = tiny_run
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+  calls = failing_loads(ckpt, monkeypatch, fails=1)
+  with caplog.at_level(logging.WARNING):
+    step, state, _ = ckpt.restore_latest(abstract, shardings)
+  assert step == 2 and calls == [2, 2] and float(state['params']['w'][0]) == 2.0
+  assert 'checkpoint step 2: read failed, trying again' in caplog.text
+  assert 'cannot be read' not in caplog.text
+  assert sorted(p.name for p in checkpoint.checkpoint_root(str(workdir)).iterdir()) == ['1', '2']
+
+
+def test_a_read_error_that_stays_sets_the_checkpoint_aside(tiny_run, monkeypatch, caplog):
+  workdir, abstract, shardings = tiny_run
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=3)
+  calls = failing_loads(ckpt, monkeypatch, fails=1 + checkpoint.READ_RETRIES)
+  with caplog.at_level(logging.WARNING):
+    step, state, _ = ckpt.restore_latest(abstract, shardings)
+  assert calls == [2] * (1 + checkpoint.READ_RETRIES) + [1]
+  assert step == 1 and float(state['params']['w'][0]) == 1.0
+  assert 'checkpoint step 2 cannot be read, trying an older one' in caplog.text
+  assert (checkpoint.checkpoint_root(str(workdir)) / '2.unreadable').is_dir()
+  assert ckpt.steps() == [1]
+
+
+class SimulatedProcesses:
+  """`n` processes as threads: process i's all-gather waits for every process's array."""
+
+  def __init__(self, n: int):
+    self.arrays = [None] * n
+    # A process left waiting for one that failed gives up (BrokenBarrierError) after 10 s.
+    self.barrier = threading.Barrier(n, timeout=10)
+
+  def of(self, index: int):
+    def allgather(x):
+      self.arrays[index] = np.asarray(x)
+      self.barrier.wait()
+      gathered = np.stack(self.arrays)
+      self.barrier.wait()  # no process writes its next array before every one has read these
+      return gathered
+
+    return checkpoint.Processes(index, allgather)
+
+  def run(self, main) -> list:
+    """main(processes) on every process; each one's result, or the exception it raised."""
+    results = [None] * len(self.arrays)
+
+    def run_one(i):
+      try:
+        results[i] = main(self.of(i))
+      except Exception as e:  # returned: the test checks that all fail alike
+        results[i] = e
+
+    threads = [
+        threading.Thread(target=run_one, args=(i,), name=f'process {i}')
+        for i in range(len(self.arrays))
+    ]
+    for thread in threads:
+      thread.start()
+    for thread in threads:
+      thread.join(timeout=60)
+    return results
+
+
+def resume(workdir, steps_of, cannot_read):
+  """restore_latest's decision on a simulated process: cannot_read(process, step, attempt)
+  says when its read of a step fails. Returns (step, value, unreadable, reads per step)."""
+
+  def main(processes):
+    reads = {}
+
+    def read(step):
+      reads[step] = reads.get(step, 0) + 1
+      if cannot_read(processes.index, step, reads[step]):
+        raise checkpoint.CheckpointError(f'step {step}: damaged on process {processes.index}')
+      return f'step {step} read by process {processes.index}'
+
+    steps = steps_of(processes.index)
+    step, value, unreadable = checkpoint.read_newest(
+        str(workdir), steps, read, retry_delay=0, processes=processes
+    )
+    checkpoint.set_aside(str(workdir), unreadable, processes)
+    return step, value, unreadable, reads
+
+  return main
+
+
+@pytest.fixture
+def renames(tmp_path, monkeypatch):
+  """Checkpoints 1-3 as folders; the names of the threads that rename a folder."""
+  for step in (1, 2, 3):
+    checkpoint.step_path(str(tmp_path), step).mkdir(parents=True)
+  path_type, done = type(checkpoint.step_path(str(tmp_path), 1)), []
+  rename = path_type.rename
+
+  def recorded(self, target):
+    done.append(threading.current_thread().name)
+    return rename(self, target)
+
+  monkeypatch.setattr(path_type, 'rename', recorded)
+  return done
+
+
+def test_processes_agree_on_the_step_and_only_process_0_sets_aside(tmp_path, renames):
+  """Process 1 cannot read step 3 (the others can): every process resumes from step 2 after
+  the same number of tries, and step 3 is moved aside once, by process 0."""
+  never = lambda i, step, attempt: i == 1 and step == 3
+  results = SimulatedProcesses(3).run(resume(tmp_path, lambda i: [1, 2, 3], never))
+  tries = 1 + checkpoint.READ_RETRIES
+  for i, (step, value, unreadable, reads) in enumerate(results):
+    assert (step, unreadable, reads) == (2, [3], {3: tries, 2: 1}), i
+    assert value == f'step 2 read by process {i}'
+  assert renames == ['process 0']
+  assert sorted(p.name for p in checkpoint.checkpoint_root(str(tmp_path)).iterdir()) == [
+      '1',
+      '2',
+      '3.unreadable',
+  ]
+
+
+def test_one_process_failing_once_is_retried_by_all(tmp_path, renames):
+  once = lambda i, step, attempt: i == 2 and step == 3 and attempt == 1
+  results = SimulatedProcesses(3).run(resume(tmp_path, lambda i: [1, 2, 3], once))
+  assert [r[:3] for r in results] == [(3, f'step 3 read by process {i}', []) for i in range(3)]
+  assert [r[3] for r in results] == [{3: 2}] * 3 and renames == []
+
+
+def test_processes_that_list_other_checkpoints_stop(tmp_path, renames):
+  """A process that does not see step 3 would pair its answers with other steps' answers."""
+  results = SimulatedProcesses(2).run(
+      resume(tmp_path, lambda i: [1, 2, 3][: 3 - i], lambda *_: False)
+  )
+  for result in results:
+    assert isinstance(result, checkpoint.CheckpointError), result
+    assert 'processes see different checkpoints (the step each one tries: [3, 2])' in str(result)
+  assert renames == []
+
+
+AGREE_IN_A_PROCESS = """
+import json, sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+port, index, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f'localhost:{port}', 2, index)
+from llama4_jax import checkpoint
+
+def read(step):
+  if index == 1 and step == 3:
+    raise checkpoint.CheckpointError(f'step {step}: damaged on process 1')
+  return f'step {step} read by process {index}'
+
+step, value, unreadable = checkpoint.read_newest(workdir, [1, 2, 3], read, retry_delay=0)
+checkpoint.set_aside(workdir, unreadable)
+print(json.dumps([step, value, unreadable]))
+"""
+
+
+@pytest.mark.slow
+def test_two_jax_processes_agree_through_their_collectives(tmp_path):
+  """As above, with the run's own exchange (`checkpoint.run_processes`): 2 JAX processes."""
+  for step in (1, 2, 3):
+    checkpoint.step_path(str(tmp_path), step).mkdir(parents=True)
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  processes = [
+      subprocess.Popen(
+          [sys.executable, '-c', AGREE_IN_A_PROCESS, str(port), str(i), str(tmp_path)],
+          cwd=small_run.REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+          text=True,
+      )
+      for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=120) for p in processes]
+  for p, (_, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  decided = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]  # gloo logs too
+  assert decided == [[2, f'step 2 read by process {i}', [3]] for i in range(2)]
+  assert sorted(p.name for p in checkpoint.checkpoint_root(str(tmp_path)).iterdir()) == [
+      '1',
+      '2',
+      '3.unreadable',
+  ]

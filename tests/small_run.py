@@ -1,5 +1,6 @@
 """A very small training run for tests: its config, flags and launch helpers."""
 
+import json
 import os
 import subprocess
 import sys
@@ -73,6 +74,19 @@ def run_script(name, *args) -> subprocess.CompletedProcess:
       text=True,
       cwd=REPO,
   )
+
+
+def run_scripts(tmp_path, cases: list[list[str]]) -> list[dict]:
+  """Runs command lines [script, arg, ...] one after another in one tests/cli_runner.py (one
+  import of jax for all); returns their {"status", "output"}."""
+  cases_file, results_file = tmp_path / 'cases.json', tmp_path / 'results.json'
+  cases_file.write_text(json.dumps(cases))
+  subprocess.run(
+      [sys.executable, os.path.join(REPO, 'tests', 'cli_runner.py'), cases_file, results_file],
+      check=True,
+      cwd=REPO,
+  )
+  return json.loads(results_file.read_text())
 
 
 def run_train(workdir, env=None, **overrides) -> subprocess.CompletedProcess:

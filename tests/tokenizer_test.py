@@ -90,7 +90,8 @@ def test_training_is_deterministic(tok):
 
 def test_builtin_tokenizer_is_cached(tmp_path, monkeypatch):
   cache = str(tmp_path)
-  first = tokenizer_lib.load_or_train_builtin_tokenizer(cache, 400, 100_000)
+  data = mlc.ConfigDict(dict(train_files='', tokenizer_train_bytes=100_000))
+  first = tokenizer_lib.load_or_train(data, 400, cache)
   assert [f for f in os.listdir(cache) if f.endswith('.tmp')] == []
   assert len(os.listdir(cache)) == 1
 
@@ -98,23 +99,45 @@ def test_builtin_tokenizer_is_cached(tmp_path, monkeypatch):
     raise AssertionError('should reuse the cached model')
 
   monkeypatch.setattr(tokenizer_lib, 'train_tokenizer', fail)
-  second = tokenizer_lib.load_or_train_builtin_tokenizer(cache, 400, 100_000)
+  second = tokenizer_lib.load_or_train(data, 400, cache)
   assert second.encode(TEXTS[0]) == first.encode(TEXTS[0])
 
 
+def _run_config(**data):
+  defaults = dict(tokenizer='', tokenizer_cache='', tokenizer_train_bytes=100_000, train_files='')
+  return mlc.ConfigDict(dict(data=defaults | data, train=dict(init_from='')))
+
+
 def test_load_tokenizer_from_config(tmp_path):
-  config = mlc.ConfigDict(dict(tokenizer='', tokenizer_cache='', tokenizer_train_bytes=100_000))
+  config = _run_config()
   tok = tokenizer_lib.load_tokenizer(config, 400, workdir=str(tmp_path / 'run'))
   assert tok.vocab_size == 400
-  path = tokenizer_lib.builtin_tokenizer_path(str(tmp_path / 'run' / 'tokenizer'), 400, 100_000)
+  path = tokenizer_lib.trained_tokenizer_path(str(tmp_path / 'run' / 'tokenizer'), config.data, 400)
   assert os.path.exists(path)
-  config.tokenizer_cache = str(tmp_path / 'cache')
+  config.data.tokenizer_cache = str(tmp_path / 'cache')
   tokenizer_lib.load_tokenizer(config, 400, workdir=str(tmp_path / 'run'))
   assert os.listdir(tmp_path / 'cache')
-  config.tokenizer = path
+  config.data.tokenizer = path
   assert tokenizer_lib.load_tokenizer(config, 400).vocab_size == 400
   with pytest.raises(ValueError, match='raise model.vocab_size'):
     tokenizer_lib.load_tokenizer(config, vocab_size=300)
+
+
+def test_a_run_on_its_own_files_trains_its_own_tokenizer(tmp_path):
+  """Without data.tokenizer, text files get a tokenizer of their own, not the built-in one."""
+  plays = tmp_path / 'plays.txt'
+  plays.write_text('HAMLET. To be, or not to be, that is the question.\n' * 200)
+  config = _run_config(train_files=str(plays))
+  tok = tokenizer_lib.load_tokenizer(config, 340, workdir=str(tmp_path / 'run'))
+  cached = tokenizer_lib.trained_tokenizer_path(
+      str(tmp_path / 'run' / 'tokenizer'), config.data, 340
+  )
+  assert os.path.basename(cached).startswith('files_') and os.path.exists(cached)
+  assert len(tok.encode('HAMLET')) == 1  # its merges are the play's words
+  run = mlc.ConfigDict(config.to_dict() | dict(model=dict(vocab_size=340)))
+  assert tokenizer_lib.run_tokenizer(str(tmp_path / 'run'), run).encode('HAMLET') == tok.encode(
+      'HAMLET'
+  )
 
 
 def test_too_small_a_vocabulary_is_named():

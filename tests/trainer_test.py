@@ -23,7 +23,7 @@ import small_run
 def batches(tmp_path_factory):
   config = small_run.config()
   tok = tokenizer_lib.load_tokenizer(
-      config.data, config.model.vocab_size, workdir=str(tmp_path_factory.mktemp('run'))
+      config, config.model.vocab_size, workdir=str(tmp_path_factory.mktemp('run'))
   )
   it = text_data.make_train_iterator(config.data, tok, batch_size=8, seq_len=64, seed=0)
   return [next(it) for _ in range(3)]

@@ -44,7 +44,6 @@ def read_records(path: str, images_anywhere: bool = False) -> list[Record]:
   if not os.path.isfile(path):
     raise DataError(f'{path}: image-text data file not found')
   folder = os.path.dirname(os.path.abspath(path))
-  real_folder = os.path.realpath(folder)
   records = []
   with open(path, encoding='utf-8') as f:
     for line_no, line in enumerate(f, 1):
@@ -60,13 +59,7 @@ def read_records(path: str, images_anywhere: bool = False) -> list[Record]:
       for key in ('image', 'text'):
         if not isinstance(obj.get(key), str):
           raise DataError(f'{where}: missing string field "{key}"')
-      image = os.path.join(folder, obj['image'])
-      inside = os.path.commonpath([real_folder, os.path.realpath(image)]) == real_folder
-      if not (inside or images_anywhere):
-        raise DataError(
-            f'{where}: image path {obj["image"]!r} leaves the data folder {folder} '
-            '(set config.data.images_anywhere=True to allow it)'
-        )
+      image = image_path(folder, obj['image'], where, images_anywhere)
       records.append(
           Record(
               image,
@@ -78,6 +71,20 @@ def read_records(path: str, images_anywhere: bool = False) -> list[Record]:
   if not records:
     raise DataError(f'{path}: no records')
   return records
+
+
+def image_path(folder: str, name: str, where: str, anywhere: bool = False) -> str:
+  """The absolute path of image `name` of a data file in `folder`; a DataError (naming
+  `where`, the file and line) if it leaves the folder and `anywhere` does not allow it."""
+  image = os.path.join(folder, name)
+  real_folder = os.path.realpath(folder)
+  inside = os.path.commonpath([real_folder, os.path.realpath(image)]) == real_folder
+  if not (inside or anywhere):
+    raise DataError(
+        f'{where}: image path {name!r} leaves the data folder {folder} '
+        '(set config.data.images_anywhere=True to allow it)'
+    )
+  return image
 
 
 def image_tokens(
@@ -148,8 +155,9 @@ def is_image_text(config) -> bool:
 
 def tiles_per_row(config, cfg) -> int:
   """Tile slots per row: data.tiles_per_row, else every tile an image may need
-  (max_tiles plus the global tile, or 1 for single-tile images); 0 for text data."""
-  if not is_image_text(config):
+  (max_tiles plus the global tile, or 1 for single-tile images); 0 for text data and
+  models without a vision tower."""
+  if cfg.vision is None or config.data.get('modality', 'text') == 'text':
     return 0
   v = cfg.vision
   return config.data.tiles_per_row or (v.max_tiles + 1 if v.max_tiles > 1 else 1)
@@ -206,14 +214,21 @@ def make_train_iterator(
   local_rows = text_data.process_rows(batch_size, process_index, process_count)
   records = split_records(config, 'train', workdir)
   maker = row_maker(config, cfg, tokenizer)
-  _load_row(records[0], maker)  # fail on a bad layout now, not in the first step
-  # Batches of records in the global order; each process decodes only its own rows' images.
+  return row_iterator(records, lambda r: _load_row(r, maker), batch_size, config.seed, local_rows)
+
+
+def row_iterator(
+    records: Sequence[Any], load_row, batch_size: int, seed: int, local_rows: slice
+) -> grain.DatasetIterator:
+  """Shuffled, repeating batches of `load_row(record)` rows, this process's `local_rows` of
+  each global batch: each process decodes only its own rows' images."""
+  load_row(records[0])  # fail on a bad record or layout now, not in the first step
   ds = (
       grain.MapDataset.source(records)
-      .shuffle(config.seed % 2**32)
+      .shuffle(seed % 2**32)
       .repeat()
       .batch(batch_size, drop_remainder=True, batch_fn=list)
-      .map(lambda batch: _collate([_load_row(r, maker) for r in batch[local_rows]]))
+      .map(lambda batch: _collate([load_row(r) for r in batch[local_rows]]))
   )
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
@@ -228,14 +243,23 @@ def make_eval_batches(
   if config.eval.max_batches:
     records = records[: config.eval.max_batches * batch_size]
   maker = row_maker(config, cfg, tokenizer)
-  empty = {k: v[:0] for k, v in _collate([_load_row(records[0], maker)]).items()}
+  return row_eval_batches(
+      records, lambda r: _load_row(r, maker), batch_size, local_rows, tokenizer.pad_id
+  )
+
+
+def row_eval_batches(
+    records: Sequence[Any], load_row, batch_size: int, local_rows: slice, pad_id: int
+) -> list[dict[str, np.ndarray]]:
+  """Batches of `load_row(record)` rows in order, this process's `local_rows` of each; past
+  the last record, padding rows (weight 0)."""
+  empty = {k: v[:0] for k, v in _collate([load_row(records[0])]).items()}
   batches = []
   for start in range(0, len(records), batch_size):
-    # This process's rows of the global batch; past the last record, padding (weight 0).
-    rows = [_load_row(r, maker) for r in records[start : start + batch_size][local_rows]]
+    rows = [load_row(r) for r in records[start : start + batch_size][local_rows]]
     batch = _collate(rows) if rows else empty
     size = local_rows.stop - local_rows.start
-    batches.append(text_data.pad_rows(batch, rows=size, fill={'inputs': tokenizer.pad_id}))
+    batches.append(text_data.pad_rows(batch, rows=size, fill={'inputs': pad_id}))
   return batches
 
 

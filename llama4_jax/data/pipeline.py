@@ -1,9 +1,9 @@
-"""Which data a run reads: text or image-text (`data.modality`), for training and for scoring."""
+"""Which data a run reads: text, image-text or chat (`data.modality`), for training and scoring."""
 
 import ml_collections as mlc
 import numpy as np
 
-from llama4_jax.data import image_text
+from llama4_jax.data import chat, image_text
 from llama4_jax.data import text as text_data
 
 
@@ -26,10 +26,11 @@ def train_and_eval_data(
   if eval_batch_size is not None:
     config = mlc.ConfigDict(config.to_dict())
     config.eval.batch_size = eval_batch_size
-  if image_text.is_image_text(config):
+  module = _row_module(config)
+  if module is not None:
     return (
-        image_text.make_train_iterator(config, cfg, tokenizer, workdir=workdir, **where),
-        image_text.make_eval_batches(config, cfg, tokenizer, workdir=workdir, **where),
+        module.make_train_iterator(config, cfg, tokenizer, workdir=workdir, **where),
+        module.make_eval_batches(config, cfg, tokenizer, workdir=workdir, **where),
     )
   seq_len = config.data.seq_len
   train_iter = text_data.make_train_iterator(
@@ -64,16 +65,22 @@ def eval_batches(
 ) -> list[dict[str, np.ndarray]]:
   """Packed batches of `files` (text, JSONL, .npy globs), or of the run's validation data.
 
-  An image-text run's data (and `files`, one JSON Lines file of image records)
-  are scored as its training scored them (image_text.make_eval_batches).
+  An image-text or chat run's data (and `files`: JSON Lines of its records) are scored
+  as its training scored them (image_text / chat.make_eval_batches).
   """
   config = mlc.ConfigDict(config.to_dict())
   if files:
     config.data.eval_files = files
-  if image_text.is_image_text(config):
+  module = _row_module(config)
+  if module is not None:
     config.data.seq_len, config.eval.batch_size = seq_len, batch_size
     config.eval.max_batches = max_batches
-    return image_text.make_eval_batches(config, cfg, tokenizer, workdir=workdir)
+    return module.make_eval_batches(config, cfg, tokenizer, workdir=workdir)
   return text_data.make_eval_batches(
       config.data, tokenizer, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches
   )
+
+
+def _row_module(config):
+  """The data module of a run whose records are not plain text, or None."""
+  return {'image_text': image_text, 'chat': chat}.get(config.data.get('modality', 'text'))

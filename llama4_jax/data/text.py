@@ -304,18 +304,26 @@ def _as_packable(tokens: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _pack(
-    pieces: grain.MapDataset, *, seq_len: int, pad_id: int, num_bins: int, seed: int, shuffle: bool
+    pieces: grain.MapDataset,
+    *,
+    seq_len: int,
+    padding: dict[str, int],
+    num_bins: int,
+    seed: int,
+    shuffle: bool,
 ) -> grain.IterDataset:
-  """Rows of S + 1 tokens with `tokens_segment_ids` and `tokens_positions`."""
+  """Rows of S + 1 values per feature of the pieces (each a dict with the keys of
+  `padding`, the value padding fills in), with `<feature>_segment_ids` and
+  `<feature>_positions`."""
   # In-memory data: reader threads would only contend for the GIL.
   read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
   return grain.experimental.FirstFitPackIterDataset(
-      pieces.map(_as_packable).to_iter_dataset(read_options),
-      length_struct={'tokens': seq_len + 1},
+      pieces.to_iter_dataset(read_options),
+      length_struct={key: seq_len + 1 for key in padding},
       num_packing_bins=num_bins,
       seed=seed,
       shuffle_bins=shuffle,
-      padding_struct={'tokens': pad_id},
+      padding_struct=padding,
   )
 
 
@@ -337,17 +345,23 @@ def pad_rows(
 
 
 def _to_features(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Packed rows of S + 1 tokens (R) -> model inputs and targets of S."""
+  """Packed rows of S + 1 tokens (R) -> model inputs and targets of S.
+
+  A target has weight 1 if it follows its input in the same piece and, where the pieces
+  say which tokens to learn (`learn`, chat data), it is one of them.
+  """
   tokens_BR = packed['tokens'].astype(np.int32)
   segments_BR = packed['tokens_segment_ids'].astype(np.int32)
   positions_BR = packed['tokens_positions'].astype(np.int32)
-  same_piece_BS = (segments_BR[:, 1:] == segments_BR[:, :-1]) & (segments_BR[:, 1:] > 0)
+  weights_BS = (segments_BR[:, 1:] == segments_BR[:, :-1]) & (segments_BR[:, 1:] > 0)
+  if 'learn' in packed:
+    weights_BS &= packed['learn'][:, 1:] > 0
   return {
       'inputs': tokens_BR[:, :-1],
       'targets': tokens_BR[:, 1:],
       'segment_ids': segments_BR[:, :-1],
       'positions': positions_BR[:, :-1],
-      'weights': same_piece_BS.astype(np.float32),
+      'weights': weights_BS.astype(np.float32),
   }
 
 
@@ -399,7 +413,6 @@ def make_train_iterator(
     process_index: this process, in [0, process_count).
     process_count: number of processes sharing the data.
   """
-  rows = process_rows(batch_size, process_index, process_count)
   pieces = _load_pieces(
       data_config.train_files,
       tokenizer,
@@ -407,10 +420,34 @@ def make_train_iterator(
       max_bytes=data_config.builtin_max_bytes,
       seq_len=seq_len,
   )
-  num_tokens = sum(len(p) for p in pieces)
+  return packed_train_iterator(
+      [_as_packable(p) for p in pieces],
+      data_config,
+      source=data_config.train_files or 'the built-in corpus (train split)',
+      padding={'tokens': tokenizer.pad_id},
+      batch_size=batch_size,
+      seq_len=seq_len,
+      seed=seed,
+      rows=process_rows(batch_size, process_index, process_count),
+  )
+
+
+def packed_train_iterator(
+    pieces: list[dict[str, np.ndarray]],
+    data_config,
+    *,
+    source: str,
+    padding: dict[str, int],
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    rows: slice,
+) -> grain.DatasetIterator:
+  """`make_train_iterator` of pieces already made (dicts of 1-D arrays, `padding`'s keys);
+  `source` names them in errors."""
+  num_tokens = sum(len(p['tokens']) for p in pieces)
   needed = batch_size * (seq_len + 1)
   if num_tokens < needed:
-    source = data_config.train_files or 'the built-in corpus (train split)'
     raise DataError(
         f'{source} is too small for one batch: it has {num_tokens} tokens, one '
         f'batch of {batch_size} x {seq_len + 1} needs {needed}.'
@@ -419,7 +456,7 @@ def make_train_iterator(
   ds = _pack(
       grain.MapDataset.source(pieces).shuffle(seed).repeat(),
       seq_len=seq_len,
-      pad_id=tokenizer.pad_id,
+      padding=padding,
       seed=seed,
       shuffle=True,
       num_bins=_num_bins(data_config, batch_size),
@@ -446,7 +483,6 @@ def make_eval_batches(
   all get the same number of batches. The last batch is padded with empty
   rows (weights 0) to keep shapes static.
   """
-  rows = process_rows(batch_size, process_index, process_count)
   pieces = _load_pieces(
       data_config.eval_files,
       tokenizer,
@@ -454,17 +490,39 @@ def make_eval_batches(
       max_bytes=data_config.builtin_max_bytes,
       seq_len=seq_len,
   )
+  return packed_eval_batches(
+      [_as_packable(p) for p in pieces],
+      data_config,
+      padding={'tokens': tokenizer.pad_id},
+      batch_size=batch_size,
+      seq_len=seq_len,
+      max_batches=max_batches,
+      rows=process_rows(batch_size, process_index, process_count),
+  )
+
+
+def packed_eval_batches(
+    pieces: list[dict[str, np.ndarray]],
+    data_config,
+    *,
+    padding: dict[str, int],
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None,
+    rows: slice,
+) -> list[dict[str, np.ndarray]]:
+  """`make_eval_batches` of pieces already made (see `packed_train_iterator`)."""
   ds = _pack(
       grain.MapDataset.source(pieces),
       seq_len=seq_len,
-      pad_id=tokenizer.pad_id,
+      padding=padding,
       seed=0,
       shuffle=False,
       num_bins=_num_bins(data_config, batch_size),
   )
   ds = (
       ds.batch(batch_size)
-      .map(functools.partial(pad_rows, rows=batch_size, fill={'tokens': tokenizer.pad_id}))
+      .map(functools.partial(pad_rows, rows=batch_size, fill=padding))
       .map(_to_features)
   )
   return [take_rows(batch, rows) for batch in itertools.islice(ds, max_batches or None)]

@@ -690,8 +690,10 @@ def load_hf_model(hf_dir: str, **overrides) -> model_lib.Llama4:
 
 
 def hf_to_workdir(hf_dir: str, workdir: str, base_config=None):
-  """Converts an HF checkpoint into `workdir` (config.json + checkpoints/0), streaming."""
+  """Converts an HF checkpoint into `workdir` (config.json + checkpoints/0), streaming, and
+  copies its tokenizer files (tokenizer.json and side files) into <workdir>/tokenizer."""
   from llama4_jax import checkpoint, config_lib
+  from llama4_jax.data import tokenizer as tokenizer_lib
 
   reader = HFCheckpointReader(hf_dir)
   reader.check_names_and_shapes()
@@ -705,15 +707,18 @@ def hf_to_workdir(hf_dir: str, workdir: str, base_config=None):
   with config.unlocked():
     config.model = dataclasses.asdict(cfg)
   checkpoint.write_params_streaming(checkpoint.step_path(workdir, 0), iter_our_params(reader, cfg))
-  config_lib.save(config, workdir)
+  tokenizer_lib.copy_tokenizer_files(hf_dir, str(epath.Path(workdir) / tokenizer_lib.TOKENIZER_DIR))
+  config_lib.save(config, workdir)  # last: a workdir with a config is a finished conversion
   return cfg
 
 
 def workdir_to_hf(
     workdir: str, hf_dir: str, step: int | None = None, max_shard_bytes: int = 5 << 30
 ) -> list[str]:
-  """Exports a workdir's checkpoint as HF safetensors + config.json, one tensor at a time."""
+  """Exports a workdir's checkpoint as HF safetensors + config.json, one tensor at a time,
+  with the workdir's released tokenizer files if it has them."""
   from llama4_jax import checkpoint, config_lib
+  from llama4_jax.data import tokenizer as tokenizer_lib
 
   cfg = config_lib.model_config(config_lib.load(workdir))
   path, _ = checkpoint.resolve_checkpoint(workdir, step)
@@ -733,4 +738,5 @@ def workdir_to_hf(
   config_json = hf_config(cfg)
   config_json['torch_dtype'] = cfg.param_dtype
   (epath.Path(hf_dir) / 'config.json').write_text(json.dumps(config_json, indent=2))
+  tokenizer_lib.copy_tokenizer_files(str(epath.Path(workdir) / tokenizer_lib.TOKENIZER_DIR), hf_dir)
   return files

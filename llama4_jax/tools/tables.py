@@ -5,8 +5,11 @@ each swept value).
 """
 
 import csv
+import io
 from collections.abc import Sequence
 from typing import NamedTuple
+
+from etils import epath
 
 
 def format_cell(value) -> str:
@@ -19,15 +22,18 @@ def format_cell(value) -> str:
 
 
 def write_table(rows: Sequence[dict], columns: Sequence[str], base: str) -> list[str]:
-  """base.md and base.csv with `columns` (other keys of the rows are left out); their paths."""
-  with open(base + '.csv', 'w', newline='') as f:
-    writer = csv.DictWriter(f, columns, extrasaction='ignore')
-    writer.writeheader()
-    writer.writerows(rows)
+  """base.md and base.csv with `columns` (other keys of the rows are left out); their paths.
+
+  `base` may be any epath path (a gs:// workdir).
+  """
+  text = io.StringIO()
+  writer = csv.DictWriter(text, columns, extrasaction='ignore')
+  writer.writeheader()
+  writer.writerows(rows)
+  epath.Path(base + '.csv').write_text(text.getvalue())
   lines = ['| ' + ' | '.join(columns) + ' |', '| ' + ' | '.join('---' for _ in columns) + ' |']
   lines += ['| ' + ' | '.join(format_cell(r.get(c)) for c in columns) + ' |' for r in rows]
-  with open(base + '.md', 'w') as f:
-    f.write('\n'.join(lines) + '\n')
+  epath.Path(base + '.md').write_text('\n'.join(lines) + '\n')
   return [base + '.md', base + '.csv']
 
 
@@ -79,6 +85,7 @@ def write_plot(panels: Sequence[Panel], path: str) -> str:
     if len(panel.series) > 1:
       ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with epath.Path(path).open('wb') as f:  # an epath path, as in `write_table`
+    fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
   return path

@@ -1,0 +1,143 @@
+"""Chat fine-tuning end to end: from a trained run (train.init_from) on the built-in chat task,
+its report, its workdir, and a resume after SIGKILL."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from llama4_jax import checkpoint
+
+import small_run
+
+pytestmark = pytest.mark.slow
+
+
+def sft_command(workdir, init_from, task_dir, **overrides) -> list[str]:
+  """configs/sft.py:tiny on the small test model, starting from `init_from`."""
+  model = {k: v for k, v in small_run.SMALL.items() if k.startswith(('model.', 'data.token'))}
+  values = {
+      **model,
+      'train.init_from': init_from,
+      'data.seq_len': 128,
+      'data.chat_task.dir': task_dir,
+      'data.chat_task.train_examples': 400,
+      'data.chat_task.eval_examples': 16,
+      'train.steps': 6,
+      'train.batch_size': 8,
+      'train.checkpoint_every': 1,
+      'train.keep_checkpoints': 6,
+      'train.eval_every': 3,
+      'train.log_every': 1,
+      'train.sample_tokens': 0,
+      'optim.warmup_steps': 2,
+      **{k.replace('__', '.'): v for k, v in overrides.items()},
+  }
+  return [
+      sys.executable,
+      os.path.join(small_run.REPO, 'scripts', 'train.py'),
+      '--config=configs/sft.py:tiny',
+      f'--workdir={workdir}',
+      *(f'--config.{k}={v}' for k, v in values.items()),
+  ]
+
+
+def run(command) -> subprocess.CompletedProcess:
+  return subprocess.run(command, cwd=small_run.REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  """A trained run to fine-tune (its SentencePiece tokenizer in its workdir)."""
+  workdir = tmp_path_factory.mktemp('base') / 'run'
+  result = small_run.run_train(workdir, train__steps=2)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def losses(workdir) -> dict[int, float]:
+  with open(workdir / 'metrics.jsonl') as f:
+    return {m['step']: m['loss'] for m in map(json.loads, f) if 'loss' in m}
+
+
+def final_params(workdir, step) -> dict[str, np.ndarray]:
+  path = checkpoint.step_path(str(workdir), step)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {
+      name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device)
+      for name, meta in checkpoint.param_names(path).items()
+  }
+  return jax.device_get(checkpoint.load_params(path, abstract))
+
+
+@pytest.fixture(scope='module')
+def fine_tuned(base, tmp_path_factory):
+  """(workdir, completed process) of an uninterrupted fine-tune that reports at its end."""
+  tmp = tmp_path_factory.mktemp('sft')
+  result = run(sft_command(tmp / 'run', base, tmp / 'task', train__sample_tokens=4))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return tmp / 'run', result
+
+
+def test_fine_tune_reports_before_and_after_and_its_workdir_stands_alone(
+    base, fine_tuned, tmp_path
+):
+  workdir, result = fine_tuned
+  out = result.stdout
+  assert f'initialised from {base} (step 2)' in result.stdout + result.stderr
+  assert 'validation loss before fine-tuning' in out
+  assert 'held-out exact match' in out and 'before fine-tuning)' in out
+  # The fine-tune inherited the tokenizer it was taught with, so its workdir needs no flags.
+  [trained] = [p for p in os.listdir(base / 'tokenizer') if p.endswith('.model')]
+  inherited = (workdir / 'tokenizer' / 'tokenizer.model').read_bytes()
+  assert inherited == (base / 'tokenizer' / trained).read_bytes()
+  with open(workdir / 'metrics.jsonl') as f:
+    evals = [(m['step'], m['eval_loss']) for m in map(json.loads, f) if 'eval_loss' in m]
+  assert [s for s, _ in evals] == [0, 3, 6]
+  scored = run(
+      [
+          sys.executable,
+          os.path.join(small_run.REPO, 'scripts', 'eval.py'),
+          f'--workdir={workdir}',
+          f'--output={tmp_path}/eval.json',
+          '--max_batches=0',
+      ]
+  )
+  assert scored.returncode == 0, scored.stderr[-3000:]
+  # eval.py scores the chat run's held-out data as training did: its assistant tokens.
+  got = json.loads((tmp_path / 'eval.json').read_text())
+  np.testing.assert_allclose(got['loss'], evals[-1][1], rtol=1e-5)
+
+
+def test_fine_tune_killed_resumes_bit_exact(base, fine_tuned, tmp_path):
+  """Killed once it has saved a checkpoint, the rerun resumes and ends as the uninterrupted
+  fine-tune does: every logged loss and the final parameters."""
+  whole, killed = fine_tuned[0], tmp_path / 'killed'
+  process = subprocess.Popen(
+      sft_command(killed, base, tmp_path / 'task'),
+      cwd=small_run.REPO,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL,
+  )
+  deadline = time.monotonic() + 300
+  while process.poll() is None and time.monotonic() < deadline:
+    if checkpoint.latest_step(str(killed)) is not None and checkpoint.latest_step(str(killed)) >= 2:
+      break
+    time.sleep(0.01)
+  process.kill()
+  process.wait()
+  assert checkpoint.latest_step(str(killed)) < 6, 'the run ended before it was killed'
+  result = run(sft_command(killed, base, tmp_path / 'task'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resumed from step' in result.stdout + result.stderr
+  expected = losses(whole)
+  assert losses(killed) == expected
+  want, got = final_params(whole, 6), final_params(killed, 6)
+  assert sorted(want) == sorted(got)
+  for name in want:
+    assert np.array_equal(want[name], got[name]), name
