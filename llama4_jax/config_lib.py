@@ -294,7 +294,9 @@ def base_config() -> mlc.ConfigDict:
           # image_text with train_files/eval_files '': the built-in shapes questions (llama4_jax/shapes_data.py).
           shapes=mlc.ConfigDict(
               dict(
-                  dir='',  # where they are written ('' = <workdir>/shapes_data)
+                  # where they are written ('' = <workdir>/shapes_data; for a gs:// workdir,
+                  # ~/.cache/llama4_jax/shapes_data: PIL reads local files)
+                  dir='',
                   train_examples=20000,
                   eval_examples=600,
                   seed=0,

@@ -16,6 +16,9 @@ from llama4_jax.tools import aot
 
 import small_run
 
+# Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 V, D, F = 202048, 5120, 8192  # the presets' vocabulary, width and expert width
 SEQ_LEN, BATCH = 256, 8
 

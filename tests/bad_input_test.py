@@ -25,6 +25,9 @@ from llama4_jax.data import tokenizer as tokenizer_lib
 
 import small_run
 
+# Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 REPO = small_run.REPO
 
 
@@ -187,8 +190,18 @@ CASES = {
         ['holds checkpoints of a different model', 'model.hidden_size: 64 -> 128'],
     ),
     'train-init-from-another-architecture': (
-        train('--workdir={root}/w11', model__hidden_size=128, train__init_from='{root}/run'),
+        train(
+            '--workdir={root}/w11',
+            model__hidden_size=128,
+            train__init_from='{root}/run',
+            data__tokenizer='{root}/tok.model',
+        ),
         ['parameter embed has shape (512, 64) in the checkpoint but (512, 128) in the model'],
+    ),
+    # A fine-tune reads text with its model's tokenizer; a model without one is not guessed at.
+    'train-init-from-a-run-without-tokenizer': (
+        train('--workdir={root}/w12', train__init_from='{root}/run'),
+        ['{root}/run: no tokenizer', 'config.data.tokenizer for training'],
     ),
     # eval.py
     'eval-no-workdir': (['eval.py', '--workdir={root}/nowhere'], ['nowhere: no such workdir']),

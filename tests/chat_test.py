@@ -176,7 +176,9 @@ def test_the_built_in_task_is_seeded_split_and_answerable(tmp_path):
   for record in train + held_out:
     user, assistant = record['messages']
     table = user['content'].split('\n\n')[0]
-    assert assistant['content'] in table.replace('\n', ',').split(',')  # a cell of the table
+    name, column = user['content'].split('\n\n')[1].rstrip('?').split(',')
+    [row] = [r.split(',') for r in table.split('\n') if r.startswith(name + ',')]
+    assert assistant['content'] == row[1 if column == 'age' else 2]
   task = mlc.ConfigDict(dict(dir=str(tmp_path), train_examples=30, eval_examples=5, seed=0))
   path = chat_task.write_split(task, 'validation', '')
   assert len(chat.read_conversations(path)) == 5
@@ -212,3 +214,11 @@ def test_images_in_user_turns_become_their_layout_and_tiles(tok, tmp_path):
   assert not batch['weights'][3].any()  # padding row
   train = chat.make_train_iterator(config, cfg, tok, workdir=str(tmp_path))
   assert next(train)['pixels'].shape == (config.train.batch_size, 1, 3, 48, 48)
+
+
+def test_the_built_in_task_lives_in_a_non_local_workdir(fake_gcs):
+  config = chat_config()
+  config.data.chat_task.update(train_examples=20, eval_examples=4)
+  conversations = chat.split_conversations(config, 'validation', 'gs://bucket/run')
+  assert len(conversations) == 4
+  assert fake_gcs.exists('gs://bucket/run/chat_task')

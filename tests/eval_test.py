@@ -19,6 +19,9 @@ from llama4_jax.data import tokenizer as tokenizer_lib
 import hf_reference
 import small_run
 
+# Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 def run_eval(*args):
   return small_run.run_script('eval.py', *args)

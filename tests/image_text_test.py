@@ -19,6 +19,9 @@ from llama4_jax.data import tokenizer as tokenizer_lib
 
 import small_run
 
+# Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 @pytest.fixture(scope='module')
 def tok(tmp_path_factory):

@@ -26,6 +26,9 @@ from llama4_jax import model as model_lib  # noqa: E402
 from llama4_jax.data import text as text_data
 from llama4_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 
+# Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 MAX_LENGTH = 128
 
 QUESTIONS = [

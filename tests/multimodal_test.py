@@ -14,6 +14,9 @@ from llama4_jax.tools import hf_convert
 
 import hf_reference
 
+# Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 PATCH = hf_reference.PATCH_ID
 TILE = (3, 56, 56)
 

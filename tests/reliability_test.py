@@ -27,6 +27,9 @@ from llama4_jax import checkpoint, sharding, trainer
 
 import small_run
 
+# Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 STEPS = 18
 RUN = dict(train__steps=STEPS, train__checkpoint_every=1)
 SAVING = '.orbax-checkpoint-tmp'  # Orbax writes checkpoint <step> here, then renames it

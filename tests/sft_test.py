@@ -15,7 +15,8 @@ from llama4_jax import checkpoint
 
 import small_run
 
-pytestmark = pytest.mark.slow
+# Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(__name__)]
 
 
 def sft_command(workdir, init_from, task_dir, **overrides) -> list[str]:

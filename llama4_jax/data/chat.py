@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import grain
 import numpy as np
+from etils import epath
 
 from llama4_jax.data import chat_task, image_processing, image_text
 from llama4_jax.data import text as text_data
@@ -94,12 +95,15 @@ def parse_record(record, folder: str, where: str, images_anywhere: bool = False)
 
 
 def read_conversations(path: str, images_anywhere: bool = False) -> list[Conversation]:
-  """The conversations of one JSON Lines file; errors name the file and line."""
-  if not os.path.isfile(path):
+  """The conversations of one JSON Lines file (any epath: the built-in task's may be in a
+  gs:// workdir); errors name the file and line."""
+  file = epath.Path(path)
+  if not file.is_file():
     raise DataError(f'{path}: chat data file not found')
-  folder = os.path.dirname(os.path.abspath(path))
+  folder = path if '://' in path else os.path.abspath(path)
+  folder = os.path.dirname(folder)
   conversations = []
-  with open(path, encoding='utf-8') as f:
+  with file.open(encoding='utf-8') as f:
     for line_no, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -117,9 +121,9 @@ def read_conversations(path: str, images_anywhere: bool = False) -> list[Convers
 def split_conversations(config, split: str, workdir: str) -> list[Conversation]:
   """data.train_files / eval_files (globs of .jsonl), or the built-in task's split."""
   files = config.data.train_files if split == 'train' else config.data.eval_files
-  if not files:
-    files = chat_task.write_split(config.data.chat_task, split, workdir)
   anywhere = config.data.get('images_anywhere', False)
+  if not files:
+    return read_conversations(chat_task.write_split(config.data.chat_task, split, workdir))
   return [c for path in text_data.expand_globs(files) for c in read_conversations(path, anywhere)]
 
 

@@ -2,21 +2,22 @@
 
 Each conversation is one user turn and the assistant's answer, for example
 
-  user:       name,age,city
-              maya,34,oslo
-              omar,27,lima
-              ines,51,kyiv
+  user:       mia,34,oslo
+              tom,27,lima
+              ada,51,kyiv
 
-              age of name=omar?
-  assistant:  27
+              tom,city?
+  assistant:  lima
 
-Three rows of distinct names and cities, ages 18-89; the question asks a person's age
-("age of name=X?"), a person's city ("city of name=X?") or who lives in a city ("name of
-city=Y?"), drawn uniformly. No cell follows a space, so a value is the same tokens in the
+Three rows of name, age and city (distinct names and cities, ages 18-89); the question asks a
+person's age ("X,age?") or city ("X,city?"), drawn uniformly, and the answer is that cell:
+finding the row by its first cell and copying a cell further on. The format is terse on
+purpose. No cell follows a space, so a value is the same tokens in the
 table, in the question and in the answer, for any BPE tokenizer that keeps a leading space
-with the word after it (both kinds here do). The answer is always a cell of the table: a model
-that copies the right cell scores 100%, one that picks a row at random about 33%, and a
-language model that has never seen the format close to 0. Conversations go to the train
+with the word after it (both kinds here do). And a conversation stays within 64 tokens (with
+the tiny model's tokenizer), the tiny model's attention chunk: its RoPE layers see the whole
+table when they answer. A model that copies the right cell scores 100%, one that answers from
+a row at random about 33%, and a language model that has never seen the format close to 0. Conversations go to the train
 or validation split by a hash of their text, so no held-out question is trained on.
 Nothing is downloaded: the data are generated from a seed and written once as JSON Lines.
 """
@@ -29,16 +30,16 @@ import numpy as np
 from etils import epath
 
 NAMES = (
-    'maya', 'omar', 'ines', 'liam', 'zara', 'noah', 'emma', 'ravi',
-    'sofia', 'ivan', 'lena', 'kofi', 'yuki', 'hugo', 'nina', 'tariq',
+    'ann', 'bob', 'tom', 'sam', 'max', 'eva', 'leo', 'mia',
+    'zoe', 'ian', 'amy', 'joe', 'kim', 'ben', 'ada', 'ray',
 )  # fmt: skip
 CITIES = (
-    'oslo', 'lima', 'kyiv', 'rome', 'cairo', 'quito', 'seoul', 'delhi',
-    'paris', 'tokyo', 'dakar', 'hanoi', 'perth', 'minsk', 'accra', 'riga',
+    'oslo', 'lima', 'rome', 'bern', 'doha', 'baku', 'riga', 'kyiv',
+    'lyon', 'nice', 'pisa', 'graz', 'cork', 'bonn', 'kiel', 'gent',
 )  # fmt: skip
 ROWS = 3
 VALIDATION_PERCENT = 10
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 8
 
 
 def conversation(rng: np.random.Generator) -> dict:
@@ -46,13 +47,13 @@ def conversation(rng: np.random.Generator) -> dict:
   names = rng.choice(NAMES, ROWS, replace=False)
   cities = rng.choice(CITIES, ROWS, replace=False)
   ages = rng.integers(18, 90, ROWS)
-  table = '\n'.join(['name,age,city'] + [f'{n},{a},{c}' for n, a, c in zip(names, ages, cities)])
+  table = '\n'.join(f'{n},{a},{c}' for n, a, c in zip(names, ages, cities))
   row = int(rng.integers(ROWS))
   question, answer = [
-      (f'age of name={names[row]}?', str(ages[row])),
-      (f'city of name={names[row]}?', str(cities[row])),
-      (f'name of city={cities[row]}?', str(names[row])),
-  ][int(rng.integers(3))]
+      (f'{names[row]},age?', str(ages[row])),
+      (f'{names[row]},city?', str(cities[row])),
+  ][int(rng.integers(2))]
+
   return {
       'messages': [
           {'role': 'user', 'content': f'{table}\n\n{question}'},

@@ -189,7 +189,9 @@ def _dataset_file(config, split: str, workdir: str) -> str:
       )
     return given
   shapes = config.data.shapes
-  root = shapes.dir or os.path.join(workdir, 'shapes_data')
+  # PIL reads images from local files: a gs:// workdir keeps them in the local cache.
+  local = workdir if '://' not in workdir else os.path.expanduser('~/.cache/llama4_jax')
+  root = shapes.dir or os.path.join(local, 'shapes_data')
   num = shapes.train_examples if split == 'train' else shapes.eval_examples
   return shapes_data.write_dataset(
       os.path.join(root, split),
