@@ -74,7 +74,8 @@ class ChatTokens(NamedTuple):
 
 
 class ChatFormat:
-  """The Llama 4 chat format (docs/llama4_architecture.md §7) over a tokenizer's ids.
+  """The Llama 4 special tokens and chat format (docs/llama4_architecture.md §7), shared by
+  both kinds of tokenizer.
 
   `<|begin_of_text|>`, then per message `<|header_start|>{role}<|header_end|>`, two
   newlines, the content, `<|eot|>`; a generation prompt is an open assistant header. The
@@ -142,14 +143,21 @@ class ChatFormat:
         + [self.special_token_id('<|header_end|>')]
     )
 
-  # What each tokenizer provides.
-  bos_id: int
-  eot_id: int
+  # The special tokens, from each tokenizer's `_special_ids` (name -> id).
+  _special_ids: dict[str, int]
 
-  def encode_text(self, text: str) -> list[int]:
-    raise NotImplementedError
+  bos_id = property(lambda self: self._special_ids[BOS])
+  eos_id = property(lambda self: self._special_ids[EOS])
+  pad_id = property(lambda self: self._special_ids[PAD])
+  eot_id = property(lambda self: self._special_ids[EOT])
 
   def special_token_id(self, name: str) -> int:
+    """Id of a special token, e.g. '<|header_start|>'."""
+    if name not in self._special_ids:
+      raise KeyError(f'Unknown special token {name!r}.')
+    return self._special_ids[name]
+
+  def encode_text(self, text: str) -> list[int]:  # each tokenizer's
     raise NotImplementedError
 
 
@@ -192,28 +200,6 @@ class Tokenizer(ChatFormat):
   @property
   def vocab_size(self) -> int:
     return self._sp.vocab_size()
-
-  @property
-  def bos_id(self) -> int:
-    return self._special_ids[BOS]
-
-  @property
-  def eos_id(self) -> int:
-    return self._special_ids[EOS]
-
-  @property
-  def pad_id(self) -> int:
-    return self._special_ids[PAD]
-
-  @property
-  def eot_id(self) -> int:
-    return self._special_ids[EOT]
-
-  def special_token_id(self, name: str) -> int:
-    """Id of a special token, e.g. '<|header_start|>'."""
-    if name not in self._special_ids:
-      raise KeyError(f'Unknown special token {name!r}.')
-    return self._special_ids[name]
 
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
     """Token ids of `text`; special-token strings become their single ids."""
@@ -281,17 +267,6 @@ class ReleasedTokenizer(ChatFormat):
   @property
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
-
-  bos_id = property(lambda self: self._special_ids[BOS])
-  eos_id = property(lambda self: self._special_ids[EOS])
-  pad_id = property(lambda self: self._special_ids[PAD])
-  eot_id = property(lambda self: self._special_ids[EOT])
-
-  def special_token_id(self, name: str) -> int:
-    """Id of a special token, e.g. '<|header_start|>'."""
-    if name not in self._special_ids:
-      raise KeyError(f'Unknown special token {name!r}.')
-    return self._special_ids[name]
 
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
     """Token ids of `text`; special-token strings become their single ids."""
