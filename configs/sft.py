@@ -16,9 +16,12 @@ JSON Lines of {"messages": [{"role": ..., "content": ...}, ...]} (llama4_jax/dat
       --config.train.init_from=$SCOUT \
       --config.data.train_files=chats.jsonl --config.data.eval_files=held_out.jsonl
 
-The model, mesh and memory settings are the preset's (configs/tiny.py, configs/scout.py);
-what changes is the data and an optimizer fit for fine-tuning: a learning rate well below
-pre-training's, a short warmup, cosine decay, no weight decay.
+The model's architecture is the one of the workdir given as train.init_from (text-only or
+with its vision tower; train.model_from_init); how it is computed (bf16, remat, attention
+blocks), the weights' dtype, the mesh and the memory settings are the preset's
+(configs/tiny.py, configs/scout.py). What else changes is the data and an optimizer fit for
+fine-tuning: a learning rate well below pre-training's, a short warmup, cosine decay, no
+weight decay.
 """
 
 import os
@@ -38,6 +41,7 @@ def get_config(arg=None):
   steps, batch_size, seq_len, lr = PRESETS[name]
   preset = runpy.run_path(os.path.join(os.path.dirname(__file__), f'{name}.py'))
   config = preset['get_config']()
+  config.train.model_from_init = True  # the architecture of the model given as init_from
   config.data.modality = 'chat'
   config.data.seq_len = seq_len
   config.train.steps = steps

@@ -234,6 +234,25 @@ def merge_saved_model(config: mlc.ConfigDict, saved: mlc.ConfigDict) -> mlc.Conf
   return config
 
 
+def with_init_model(config: mlc.ConfigDict) -> mlc.ConfigDict:
+  """`config` with the model of its `train.init_from` workdir, if `train.model_from_init`.
+
+  The architecture is the saved model's; how it is computed (model.EXECUTION_FIELDS) and the
+  dtype its weights train in (`param_dtype`: a converted checkpoint stores bf16, a fine-tune
+  may keep float32 master weights) stay the config's. So one fine-tuning config serves any
+  converted or trained model.
+  """
+  train = config.get('train', {})
+  if not (train.get('model_from_init') and train.get('init_from')):
+    return config
+  saved = load(train.init_from).model.to_dict()
+  keep = (*model_lib.EXECUTION_FIELDS, 'param_dtype')
+  config = mlc.ConfigDict(config.to_dict())
+  with config.unlocked():
+    config.model = mlc.ConfigDict(saved | {k: config.model[k] for k in keep if k in config.model})
+  return config
+
+
 def diff_model(a: mlc.ConfigDict, b: mlc.ConfigDict) -> list[str]:
   """Names of model fields whose values differ, missing fields taking their defaults (a config
   saved before a field existed) and fields of model.EXECUTION_FIELDS left out."""
@@ -315,6 +334,7 @@ def base_config() -> mlc.ConfigDict:
           eval_every=200,  # steps between validation evals (0 = only at the end)
           log_every=10,  # steps between metric logs
           init_from='',  # workdir/checkpoint of a converted model to fine-tune from
+          model_from_init=False,  # take model.* from init_from's config (but how it computes)
           load_balance_coef=0.0,  # MoE load-balancing loss weight (0 = exact HF model)
           router_z_coef=0.0,  # MoE router z-loss weight
           skip_nonfinite=False,  # on a non-finite loss/grad: False = stop, True = skip the update

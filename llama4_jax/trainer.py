@@ -222,6 +222,7 @@ def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_ite
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics."""
+  config = config_lib.with_init_model(config)
   cfg = config_lib.validate(config, jax.device_count(), jax.process_count())
   workdir_lib.check_resumable(config, workdir)
   is_main = jax.process_index() == 0

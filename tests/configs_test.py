@@ -104,6 +104,21 @@ def test_sft_presets_keep_their_model_and_fit(preset):
   config_lib.validate(config, num_devices=128 if preset == 'scout' else 8)
 
 
+def test_a_fine_tune_takes_the_architecture_of_its_init_model(tmp_path):
+  """train.model_from_init: what the model is comes from init_from; how it computes and the
+  weights' dtype stay the fine-tune's."""
+  saved = parse(f'--config={REPO}/configs/tiny.py', '--config.model.hidden_size=64')
+  saved.model.param_dtype, saved.model.remat = 'bfloat16', 'full'
+  config_lib.save(saved, str(tmp_path))
+  config = parse(f'--config={REPO}/configs/sft.py:tiny', f'--config.train.init_from={tmp_path}')
+  config.model.remat = 'layer'
+  merged = config_lib.with_init_model(config)
+  assert merged.model.hidden_size == 64 and config.model.hidden_size == 128
+  assert (merged.model.param_dtype, merged.model.remat) == ('float32', 'layer')
+  config.train.model_from_init = False
+  assert config_lib.with_init_model(config).model.hidden_size == 128
+
+
 @pytest.mark.parametrize('name', ['scout', 'maverick'])
 def test_production_configs_fit_their_meshes_and_processes(name):
   """Every batch, the first evaluation's included, splits over 64-256 devices and 1-16

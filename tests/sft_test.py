@@ -20,10 +20,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(__name__)]
 
 
 def sft_command(workdir, init_from, task_dir, **overrides) -> list[str]:
-  """configs/sft.py:tiny on the small test model, starting from `init_from`."""
-  model = {k: v for k, v in small_run.SMALL.items() if k.startswith(('model.', 'data.token'))}
+  """configs/sft.py:tiny starting from `init_from`, whose (small) model it takes."""
+  tokenizer = {k: v for k, v in small_run.SMALL.items() if k.startswith('data.token')}
   values = {
-      **model,
+      **tokenizer,
       'train.init_from': init_from,
       'data.seq_len': 128,
       'data.chat_task.dir': task_dir,
