@@ -55,20 +55,3 @@ def fake_gcs(monkeypatch, tmp_path):
   yield FakeGCS()
   backend.fsspec_backend._get_filesystem.cache_clear()
   assert not list(tmp_path.iterdir()), 'a gs:// path was written as a local one'
-
-
-# The files that run whole on one worker (their `xdist_group`), longest first: started first,
-# they run beside the one-by-one tests instead of after them, on the other worker's idle time.
-LONGEST_FIRST = ('reliability_test', 'image_text_test', 'aot_test', 'sft_test', 'bad_input_test')
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-
-  def order(item):
-    if item.get_closest_marker('xdist_group') is None:
-      return len(LONGEST_FIRST) + 1
-    module = item.module.__name__.rsplit('.', 1)[-1]
-    return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
-
-  items.sort(key=order)  # stable: each file keeps its own order
