@@ -6,6 +6,7 @@ axis: `LOGICAL_RULES` is the only place where `embed` becomes `fsdp`.
 """
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Sequence
 
@@ -82,11 +83,25 @@ def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
   return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
 
 
+_platform = contextvars.ContextVar('platform', default=None)
+
+
 @contextlib.contextmanager
 def mesh_context(mesh: jax.sharding.Mesh):
   """Runs the enclosed code on `mesh` with `LOGICAL_RULES` for the logical names."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_RULES):
-    yield mesh
+  token = _platform.set(mesh.devices.flat[0].platform)
+  try:
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_RULES):
+      yield mesh
+  finally:
+    _platform.reset(token)
+
+
+def platform() -> str:
+  """The platform the code being traced is compiled for: the current mesh's devices' ('tpu'
+  for a TPU topology the fit check compiles for on a CPU machine), else JAX's default backend.
+  Kernel choices (`layers.project`, the MoE grouped matmul) follow it."""
+  return _platform.get() or jax.default_backend()
 
 
 def batch_shards(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> int:
@@ -137,14 +152,19 @@ def fit_spec(spec: P, shape: tuple[int, ...], mesh_shape: dict[str, int]) -> P:
   return P(*fitted)
 
 
+def current_spec(names: Sequence[str | None], shape: tuple[int, ...]) -> P:
+  """The PartitionSpec of an array of `shape` with logical `names` on the current mesh, under
+  the active rules (what `state_shardings` gives a parameter of those names)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rules = spmd.get_logical_axis_rules() or LOGICAL_RULES
+  return fit_spec(logical_to_spec(names, rules), shape, dict(mesh.shape))
+
+
 def shard(x: jax.Array, *names: str | None) -> jax.Array:
   """Hints the sharding of activation `x` by logical names (no-op without a mesh)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  if jax.sharding.get_abstract_mesh().empty:
     return x
-  rules = spmd.get_logical_axis_rules() or LOGICAL_RULES
-  spec = fit_spec(logical_to_spec(names, rules), x.shape, dict(mesh.shape))
-  return jax.lax.with_sharding_constraint(x, spec)
+  return jax.lax.with_sharding_constraint(x, current_spec(names, x.shape))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:

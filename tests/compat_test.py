@@ -77,12 +77,10 @@ def test_old_workdir_evaluates_and_generates_as_before(old_workdir, tmp_path):
 
 def test_old_workdir_resumes_training(old_workdir):
   """On one device, as it was trained (its batch of 4 does not split over 8)."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   tokenizer = next((old_workdir / 'tokenizer').glob('*.model'))  # named for the Python version
   overrides = {f'model__{k}': v for k, v in MODEL.items()}
   result = small_run.run_train(
       old_workdir,
-      env=env,
       **overrides,
       data__seq_len=32,
       data__tokenizer=str(tokenizer),

@@ -264,7 +264,7 @@ def test_undecodable_bytes(tok, tmp_path):
 def test_bad_json_lines(tok, tmp_path):
   path = tmp_path / 'bad.jsonl'
   path.write_text('{"text": "fine"}\n{"text": oops}\n')
-  with pytest.raises(text_data.DataError, match='bad.jsonl:2: invalid JSON'):
+  with pytest.raises(text_data.DataError, match='bad.jsonl:2: not valid JSON'):
     _train(tok, str(path))
   path.write_text('{"text": "fine"}\n{"body": "no text"}\n')
   with pytest.raises(text_data.DataError, match='bad.jsonl:2: expected'):

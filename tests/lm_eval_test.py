@@ -226,6 +226,7 @@ def test_command_line_entry_point(workdir, tmp_path):
       cwd=small_run.REPO,
       capture_output=True,
       text=True,
+      env=small_run.script_env(),
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'tiny_mc' in result.stdout and 'acc' in result.stdout

@@ -107,23 +107,6 @@ def logged_lines(workdir) -> int:
     return 0
 
 
-def saved_params(workdir, step) -> dict[str, np.ndarray]:
-  """The parameters of a checkpoint, on the host (one Orbax load)."""
-  path = checkpoint.step_path(str(workdir), step)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = {
-      name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device)
-      for name, meta in checkpoint.param_names(path).items()
-  }
-  return jax.device_get(checkpoint.load_params(path, abstract))
-
-
-def assert_same_params(expected: dict, got: dict):
-  assert sorted(expected) == sorted(got)
-  for name in expected:
-    assert np.array_equal(expected[name], got[name]), name
-
-
 def newest(workdir) -> int | None:
   """The newest committed checkpoint: Orbax commits <step> by renaming its temporary directory,
   so a directory named by a number is complete (safe to call while a run saves and deletes)."""
@@ -153,7 +136,9 @@ def test_same_seed_config_and_devices_give_bit_identical_losses(
   losses = logged_losses(tmp_path / 'again')
   assert [step for step, _ in losses] == list(range(1, STEPS + 1))
   assert losses == logged_losses(reference)  # JSON keeps every bit of a float
-  assert_same_params(saved_params(reference, STEPS), saved_params(tmp_path / 'again', STEPS))
+  small_run.assert_same_params(
+      small_run.saved_params(reference, STEPS), small_run.saved_params(tmp_path / 'again', STEPS)
+  )
 
 
 # SIGKILL ----------------------------------------------------------------------------------
@@ -276,7 +261,9 @@ def test_sigkill_ten_times_including_mid_save_then_resume_is_bit_exact(
   assert {step for step, _ in losses} == set(expected)
   for step, loss in losses:
     assert loss == expected[step], step
-  assert_same_params(saved_params(reference, STEPS), saved_params(workdir, STEPS))
+  small_run.assert_same_params(
+      small_run.saved_params(reference, STEPS), small_run.saved_params(workdir, STEPS)
+  )
 
 
 # A full disk, and a resume on fewer devices ------------------------------------------------
@@ -299,12 +286,16 @@ def test_full_disk_stops_the_run_and_keeps_written_checkpoints(
   assert 'Traceback' not in output
   assert checkpoint.all_steps(str(workdir)) == [1, 2, 3]
   for step in (1, 2, 3):
-    assert_same_params(saved_params(reference, step), saved_params(workdir, step))
+    small_run.assert_same_params(
+        small_run.saved_params(reference, step), small_run.saved_params(workdir, step)
+    )
 
   status, output = run(workdir, tokenizer_cache)  # the disk has room again
   assert status == 0, output[-3000:]
   assert started_from(output) == '3'
-  assert_same_params(saved_params(reference, STEPS), saved_params(workdir, STEPS))
+  small_run.assert_same_params(
+      small_run.saved_params(reference, STEPS), small_run.saved_params(workdir, STEPS)
+  )
 
 
 @pytest.mark.slow
@@ -402,7 +393,7 @@ def test_damaged_newest_checkpoint_is_skipped_with_a_warning(
   # The previous checkpoint, exactly (it was written on 1 device, restored onto 8).
   assert step == STEPS - 1 and int(state['step']) == STEPS - 1 and len(data_states) == 1
   restored = checkpoint.flatten_tree(jax.device_get(state['params']))
-  assert_same_params(saved_params(reference, STEPS - 1), restored)
+  small_run.assert_same_params(small_run.saved_params(reference, STEPS - 1), restored)
   # The unreadable one is kept aside, so that the resumed run can save that step again.
   assert (last_two / 'checkpoints' / f'{STEPS}.unreadable').is_dir()
   assert ckpt.steps() == [STEPS - 1]

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -49,7 +48,14 @@ def sft_command(workdir, init_from, task_dir, **overrides) -> list[str]:
 
 
 def run(command) -> subprocess.CompletedProcess:
-  return subprocess.run(command, cwd=small_run.REPO, capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      command,
+      cwd=small_run.REPO,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env=small_run.script_env(),
+  )
 
 
 @pytest.fixture(scope='module')
@@ -64,16 +70,6 @@ def base(tmp_path_factory):
 def losses(workdir) -> dict[int, float]:
   with open(workdir / 'metrics.jsonl') as f:
     return {m['step']: m['loss'] for m in map(json.loads, f) if 'loss' in m}
-
-
-def final_params(workdir, step) -> dict[str, np.ndarray]:
-  path = checkpoint.step_path(str(workdir), step)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = {
-      name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device)
-      for name, meta in checkpoint.param_names(path).items()
-  }
-  return jax.device_get(checkpoint.load_params(path, abstract))
 
 
 @pytest.fixture(scope='module')
@@ -122,6 +118,7 @@ def test_fine_tune_killed_resumes_bit_exact(base, fine_tuned, tmp_path):
   process = subprocess.Popen(
       sft_command(killed, base, tmp_path / 'task'),
       cwd=small_run.REPO,
+      env=small_run.script_env(),
       stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL,
   )
@@ -138,7 +135,4 @@ def test_fine_tune_killed_resumes_bit_exact(base, fine_tuned, tmp_path):
   assert 'resumed from step' in result.stdout + result.stderr
   expected = losses(whole)
   assert losses(killed) == expected
-  want, got = final_params(whole, 6), final_params(killed, 6)
-  assert sorted(want) == sorted(got)
-  for name in want:
-    assert np.array_equal(want[name], got[name]), name
+  small_run.assert_same_params(small_run.saved_params(whole, 6), small_run.saved_params(killed, 6))

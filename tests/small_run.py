@@ -5,8 +5,12 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
+
+from llama4_jax import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,17 +70,29 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(REPO, '.pytest_c
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 
-def run_script(name, *args) -> subprocess.CompletedProcess:
+def script_env(devices: int = 1) -> dict[str, str]:
+  """The environment of a script run by a test: `devices` fake CPU devices.
+
+  One by default: a script test checks what the script does, and on 8 devices a short run
+  takes twice as long on this 2-core machine. Sharding and expert parallelism are tested on 8
+  devices in process (trainer_test.py, moe_test.py, model_test.py) and by the scripts' tests
+  that ask for them.
+  """
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def run_script(name, *args, devices: int = 1) -> subprocess.CompletedProcess:
   """scripts/<name> with args, from the repo root."""
   return subprocess.run(
       [sys.executable, os.path.join(REPO, 'scripts', name), *args],
       capture_output=True,
       text=True,
       cwd=REPO,
+      env=script_env(devices),
   )
 
 
-def run_scripts(tmp_path, cases: list[list[str]]) -> list[dict]:
+def run_scripts(tmp_path, cases: list[list[str]], devices: int = 1) -> list[dict]:
   """Runs command lines [script, arg, ...] one after another in one tests/cli_runner.py (one
   import of jax for all); returns their {"status", "output"}."""
   cases_file, results_file = tmp_path / 'cases.json', tmp_path / 'results.json'
@@ -85,11 +101,34 @@ def run_scripts(tmp_path, cases: list[list[str]]) -> list[dict]:
       [sys.executable, os.path.join(REPO, 'tests', 'cli_runner.py'), cases_file, results_file],
       check=True,
       cwd=REPO,
+      env=script_env(devices),
   )
   return json.loads(results_file.read_text())
 
 
-def run_train(workdir, env=None, **overrides) -> subprocess.CompletedProcess:
+def run_train(workdir, devices: int = 1, **overrides) -> subprocess.CompletedProcess:
   return subprocess.run(
-      train_command(workdir, **overrides), cwd=REPO, capture_output=True, text=True, env=env
+      train_command(workdir, **overrides),
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      env=script_env(devices),
   )
+
+
+def saved_params(workdir, step) -> dict[str, np.ndarray]:
+  """The parameters of a run's checkpoint at `step`, on the host (one Orbax load)."""
+  path = checkpoint.step_path(str(workdir), step)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {
+      name: jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=device)
+      for name, meta in checkpoint.param_names(path).items()
+  }
+  return jax.device_get(checkpoint.load_params(path, abstract))
+
+
+def assert_same_params(expected: dict, got: dict):
+  """Bit-equal parameters, name by name."""
+  assert sorted(expected) == sorted(got)
+  for name in expected:
+    assert np.array_equal(expected[name], got[name]), name

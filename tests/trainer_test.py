@@ -4,7 +4,6 @@ Resuming after SIGKILL and other faults: reliability_test.py.
 """
 
 import json
-import os
 import socket
 import subprocess
 
@@ -151,10 +150,10 @@ def logged_losses(workdir):
 def test_two_processes_match_one_process(tmp_path):
   """2 CPU processes x 4 devices (gloo collectives) give the losses of 1 process x 8."""
   overrides = dict(train__steps=4, mesh__fsdp=-1)
-  single = small_run.run_train(tmp_path / 'single', **overrides)
+  single = small_run.run_train(tmp_path / 'single', devices=8, **overrides)
   assert single.returncode == 0, single.stderr[-3000:]
 
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = small_run.script_env(devices=4)
   port = free_port()
   processes = [
       subprocess.Popen(
@@ -179,7 +178,7 @@ def test_two_processes_match_one_process(tmp_path):
   # state is global): its next steps are those of the single-process run resumed alike.
   longer = dict(overrides, train__steps=7)
   for run in ('single', 'multi'):
-    resumed = small_run.run_train(tmp_path / run, **longer)
+    resumed = small_run.run_train(tmp_path / run, devices=8, **longer)
     assert resumed.returncode == 0 and 'resumed from step 4' in resumed.stdout, resumed.stderr
   np.testing.assert_allclose(
       logged_losses(tmp_path / 'multi'), logged_losses(tmp_path / 'single'), rtol=1e-5

@@ -21,12 +21,11 @@ With data.train_files / eval_files empty, the data are the built-in table questi
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import grain
 import numpy as np
-from etils import epath
 
 from llama4_jax.data import chat_task, image_processing, image_text
 from llama4_jax.data import text as text_data
@@ -97,25 +96,11 @@ def parse_record(record, folder: str, where: str, images_anywhere: bool = False)
 def read_conversations(path: str, images_anywhere: bool = False) -> list[Conversation]:
   """The conversations of one JSON Lines file (any epath: the built-in task's may be in a
   gs:// workdir); errors name the file and line."""
-  file = epath.Path(path)
-  if not file.is_file():
-    raise DataError(f'{path}: chat data file not found')
-  folder = path if '://' in path else os.path.abspath(path)
-  folder = os.path.dirname(folder)
-  conversations = []
-  with file.open(encoding='utf-8') as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{line_no}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f'{where}: not valid JSON ({e.msg})') from None
-      conversations.append(parse_record(record, folder, where, images_anywhere))
-  if not conversations:
-    raise DataError(f'{path}: no conversations')
-  return conversations
+  folder = os.path.dirname(path if '://' in path else os.path.abspath(path))
+  return [
+      parse_record(record, folder, where, images_anywhere)
+      for where, record in text_data.jsonl_records(path, 'chat data')
+  ]
 
 
 def split_conversations(config, split: str, workdir: str) -> list[Conversation]:
@@ -236,20 +221,27 @@ def has_images(conversations: Sequence[Conversation]) -> bool:
 # Batches ----------------------------------------------------------------------------------
 
 
-def _packed_args(config, tokenizer, split: str, workdir: str, **where):
+class _Split(NamedTuple):
+  conversations: list[Conversation]
+  pieces: list[dict[str, np.ndarray]] | None  # packed text pieces; None with images
+  image_row: Callable[[Conversation], dict[str, np.ndarray]] | None  # one row each, with images
+
+
+def _read_split(config, cfg, tokenizer, split: str, workdir: str, process_index: int) -> _Split:
   conversations = split_conversations(config, split, workdir)
   overlong = config.data.get('chat_overlong', 'truncate')
   if has_images(conversations):
-    return conversations, None
+    maker = _image_row_maker(config, cfg, tokenizer)
+    return _Split(conversations, None, lambda c: image_row(c, maker, overlong))
   made = conversation_pieces(conversations, tokenizer, config.data.seq_len, overlong)
-  if made.cut and where.get('process_index', 0) == 0:
+  if made.cut and process_index == 0:
     print(
         f'chat data ({split}): {made.cut} of {len(conversations)} conversations cut to '
         f'data.seq_len + 1 = {config.data.seq_len + 1} tokens'
         + (f', {made.dropped} of them dropped (no assistant token left)' if made.dropped else ''),
         flush=True,
     )
-  return conversations, made.pieces
+  return _Split(conversations, made.pieces, None)
 
 
 def make_train_iterator(
@@ -258,17 +250,13 @@ def make_train_iterator(
   """Shuffled, repeating batches of this process's rows (checkpointable, like data/text.py's)."""
   batch_size = config.train.batch_size
   rows = text_data.process_rows(batch_size, process_index, process_count)
-  conversations, pieces = _packed_args(
-      config, tokenizer, 'train', workdir, process_index=process_index
-  )
-  if pieces is None:
-    maker = _image_row_maker(config, cfg, tokenizer)
-    overlong = config.data.get('chat_overlong', 'truncate')
+  split = _read_split(config, cfg, tokenizer, 'train', workdir, process_index)
+  if split.pieces is None:
     return image_text.row_iterator(
-        conversations, lambda c: image_row(c, maker, overlong), batch_size, config.seed, rows
+        split.conversations, split.image_row, batch_size, config.seed, rows
     )
   return text_data.packed_train_iterator(
-      pieces,
+      split.pieces,
       config.data,
       source=config.data.train_files or 'the built-in chat task (train split)',
       padding={'tokens': tokenizer.pad_id, 'learn': 0},
@@ -285,19 +273,16 @@ def make_eval_batches(
   """The validation conversations in order; the last batch padded with weight-0 rows."""
   batch_size = config.eval.batch_size
   rows = text_data.process_rows(batch_size, process_index, process_count)
-  conversations, pieces = _packed_args(
-      config, tokenizer, 'validation', workdir, process_index=process_index
-  )
-  if pieces is None:
-    maker = _image_row_maker(config, cfg, tokenizer)
-    overlong = config.data.get('chat_overlong', 'truncate')
+  split = _read_split(config, cfg, tokenizer, 'validation', workdir, process_index)
+  if split.pieces is None:
+    conversations = split.conversations
     if config.eval.max_batches:
       conversations = conversations[: config.eval.max_batches * batch_size]
     return image_text.row_eval_batches(
-        conversations, lambda c: image_row(c, maker, overlong), batch_size, rows, tokenizer.pad_id
+        conversations, split.image_row, batch_size, rows, tokenizer.pad_id
     )
   return text_data.packed_eval_batches(
-      pieces,
+      split.pieces,
       config.data,
       padding={'tokens': tokenizer.pad_id, 'learn': 0},
       batch_size=batch_size,

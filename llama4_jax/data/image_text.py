@@ -14,7 +14,6 @@ row's tiles in layout order, padded to M = data.tiles_per_row with zeros. The
 loss covers text only: `weights` is 0 where the target is an image token.
 """
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -41,35 +40,18 @@ def read_records(path: str, images_anywhere: bool = False) -> list[Record]:
   paths, no `..` out of it, no link out of it) unless `images_anywhere`
   (data.images_anywhere): a data file is not trusted to read any file on the machine.
   """
-  if not os.path.isfile(path):
-    raise DataError(f'{path}: image-text data file not found')
   folder = os.path.dirname(os.path.abspath(path))
   records = []
-  with open(path, encoding='utf-8') as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f'{path}:{line_no}'
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f'{where}: not valid JSON ({e.msg})') from e
-      if not isinstance(obj, dict):
-        raise DataError(f'{where}: expected an object with "image" and "text"')
-      for key in ('image', 'text'):
-        if not isinstance(obj.get(key), str):
-          raise DataError(f'{where}: missing string field "{key}"')
-      image = image_path(folder, obj['image'], where, images_anywhere)
-      records.append(
-          Record(
-              image,
-              obj['text'],
-              str(obj.get('question', '')),
-              str(obj.get('answer', '')),
-          )
-      )
-  if not records:
-    raise DataError(f'{path}: no records')
+  for where, obj in text_data.jsonl_records(path, 'image-text data'):
+    if not isinstance(obj, dict):
+      raise DataError(f'{where}: expected an object with "image" and "text"')
+    for key in ('image', 'text'):
+      if not isinstance(obj.get(key), str):
+        raise DataError(f'{where}: missing string field "{key}"')
+    image = image_path(folder, obj['image'], where, images_anywhere)
+    records.append(
+        Record(image, obj['text'], str(obj.get('question', '')), str(obj.get('answer', '')))
+    )
   return records
 
 

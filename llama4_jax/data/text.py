@@ -29,9 +29,12 @@ import itertools
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
+from typing import Any
 
 import grain
 import numpy as np
+from etils import epath
 
 VALIDATION_FRACTION = 0.02
 # Vendored packages and test suites are not the stdlib's own prose and code.
@@ -125,36 +128,47 @@ def expand_globs(patterns: str) -> list[str]:
   return list(dict.fromkeys(paths))
 
 
-def _check_not_empty(path: str) -> None:
-  if os.path.getsize(path) == 0:
-    raise DataError(f'{path}: file is empty.')
-
-
 def _read_text(path: str) -> str:
-  _check_not_empty(path)
-  with open(path, 'rb') as f:
-    raw = f.read()
+  """A file's text (any epath); errors name the file."""
+  raw = epath.Path(path).read_bytes()
+  if not raw:
+    raise DataError(f'{path}: file is empty.')
   try:
     return raw.decode('utf-8')
   except UnicodeDecodeError as e:
     raise DataError(f'{path}: invalid UTF-8 at byte offset {e.start} ({e.reason}).') from None
 
 
-def _read_jsonl(path: str) -> list[str]:
-  texts = []
+def jsonl_records(path: str, kind: str) -> Iterator[tuple[str, Any]]:
+  """(`file:line`, parsed value) of each non-blank line of a JSON Lines file (any epath).
+
+  `kind` names the file in errors ('chat data'). A missing file, a line that is not JSON
+  and a file without any record are errors that name the file (and line).
+  """
+  if not epath.Path(path).is_file():
+    raise DataError(f'{path}: {kind} file not found')
+  count = 0
   # Not splitlines(): it also splits at U+2028 etc. inside JSON strings.
   for line_no, line in enumerate(_read_text(path).split('\n'), start=1):
     if not line.strip():
       continue
+    where = f'{path}:{line_no}'
     try:
-      record = json.loads(line)
+      value = json.loads(line)
     except json.JSONDecodeError as e:
-      raise DataError(f'{path}:{line_no}: invalid JSON ({e.msg}).') from None
+      raise DataError(f'{where}: not valid JSON ({e.msg})') from None
+    count += 1
+    yield where, value
+  if not count:
+    raise DataError(f'{path}: no JSON lines')
+
+
+def _read_jsonl(path: str) -> list[str]:
+  texts = []
+  for where, record in jsonl_records(path, 'text data'):
     if not isinstance(record, dict) or not isinstance(record.get('text'), str):
-      raise DataError(f'{path}:{line_no}: expected an object with a string "text" field.')
+      raise DataError(f'{where}: expected an object with a string "text" field.')
     texts.append(record['text'])
-  if not texts:
-    raise DataError(f'{path}: file has no JSON lines.')
   return texts
 
 
@@ -181,7 +195,8 @@ def read_token_file(path: str, vocab_size: int) -> np.ndarray:
   """A validated 1-D token array from a `.npy` file (loaded without pickle)."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such file')
-  _check_not_empty(path)
+  if os.path.getsize(path) == 0:
+    raise DataError(f'{path}: file is empty.')
   try:
     tokens = np.load(path, allow_pickle=False)
   except (ValueError, OSError, EOFError) as e:

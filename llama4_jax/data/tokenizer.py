@@ -102,6 +102,7 @@ class ChatFormat:
     second BOS can sneak in (docs/llama4_architecture.md, pitfall 29).
     """
     ids, is_assistant = [self.bos_id], [False]
+    header_ids = self.encode_text('\n\n')
 
     def add(new_ids, assistant):
       ids.extend(new_ids)
@@ -118,7 +119,6 @@ class ChatFormat:
       # The newlines after the header are encoded with the text that follows them, as the
       # template's string is: BPE may merge them with it.
       segments[0] = '\n\n' + segments[0]
-      header_ids = self.encode_text('\n\n')
       for i, segment in enumerate(segments):
         if segment is _IMAGE:
           add([self.special_token_id(IMAGE)], False)

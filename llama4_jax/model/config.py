@@ -58,7 +58,7 @@ class ModelConfig:
   param_dtype: str = 'float32'  # parameter (and optimizer state) dtype
   moe_dispatch: str = 'dropless'  # 'dropless', 'capacity' or 'dense' (see moe.py)
   moe_grouped_matmul: str = (
-      'auto'  # dropless: 'ragged', 'blocked', 'auto' (TPU ragged, else blocked)
+      'auto'  # dropless: 'megablox', 'ragged', 'blocked', 'auto' (TPU megablox, else blocked)
   )
   moe_block_size: int = 0  # blocked dropless: rows per block (0 = auto, moe.py)
   moe_capacity_factor: float = 1.25  # capacity: slots per expert = cf * tokens * k / E

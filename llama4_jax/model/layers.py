@@ -106,11 +106,15 @@ def project(x: jax.Array, w: jax.Array, contracted: int = 1) -> jax.Array:
   x^T @ dy by transposing dy, the wide activation, inside an elementwise
   fusion at one cache miss per element; transposing x as its own op instead
   makes an MLP's forward + backward 1.8x faster (4096 x 512 -> 2048, measured).
-  XLA on GPU and TPU needs neither.
+  Elsewhere it is the same 2-D matmul with XLA's own backward pass: for the TPU
+  compiler, Maverick's train step at 4 x 8192 tokens per chip needs 3.2 GiB less
+  per chip this way than as a `tensordot` over [B, T, D] (85.42 against 88.66 GiB).
+  The platform is the one compiled for (`sharding.platform`), not this process's.
   """
-  if jax.default_backend() == 'cpu':
+  if sharding.platform() == 'cpu':
     return _project_cpu(x, w, contracted)
-  return jnp.tensordot(x, w, axes=contracted)
+  x_MK, w_KO = _as_matrices(x, w, contracted)
+  return (x_MK @ w_KO).reshape(x.shape[: x.ndim - contracted] + w.shape[contracted:])
 
 
 class Einsum(nnx.Module):

@@ -43,7 +43,7 @@ from llama4_jax import sharding
 from llama4_jax.model import layers
 
 DISPATCHES = ('dropless', 'capacity', 'dense')
-GROUPED_MATMULS = ('auto', 'ragged', 'blocked')
+GROUPED_MATMULS = ('auto', 'megablox', 'ragged', 'blocked')
 
 
 # Dispatches: (x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD) -> (y_ND, dropped)
@@ -85,18 +85,73 @@ def _swiglu(wi_gate_DF, wi_up_DF, wo_FD, x_MD):
   return _swiglu_grouped(x_MD, wi_gate_DF, wi_up_DF, wo_FD, jnp.matmul)
 
 
-def ragged_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
-  """Dropless with `jax.lax.ragged_dot` (native grouped matmul on GPU and TPU)."""
+def _sorted_dropless(x_ND, weights_NK, experts_NK, num_experts, grouped_matmul):
+  """Dropless with a grouped matmul over assignments sorted by expert:
+  grouped_matmul(x_MD, w_EDF, sizes_E) -> y_MF multiplies the rows of group e by w_EDF[e]."""
   N, K = experts_NK.shape
-  order_A, _, sizes_E = _sort_assignments(experts_NK, wi_gate_EDF.shape[0])
+  order_A, _, sizes_E = _sort_assignments(experts_NK, num_experts)
   x_AD = x_ND[order_A // K] * weights_NK.reshape(-1)[order_A][:, None]
-  matmul = lambda x, w: jax.lax.ragged_dot(x, w, sizes_E)
-  y_AD = _swiglu_grouped(x_AD, wi_gate_EDF, wi_up_EDF, wo_EFD, matmul)
+  with jax.named_scope('expert_matmuls'):
+    y_AD = grouped_matmul(x_AD, sizes_E)
   # Rows past sum(sizes_E) (out-of-range experts: padding, other devices' experts) are in no
-  # group, and ragged_dot does not promise what it returns for them: zero them.
+  # group, and grouped matmuls do not promise what they return for them: zero them.
   y_AD = jnp.where((jnp.arange(N * K) < jnp.sum(sizes_E))[:, None], y_AD, 0)
   y_ND = jnp.zeros((N * K, x_ND.shape[1]), y_AD.dtype).at[order_A].set(y_AD)
   return y_ND.reshape(N, K, -1).sum(axis=1), jnp.zeros((), jnp.float32)
+
+
+def ragged_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+  """Dropless with `jax.lax.ragged_dot` (XLA's grouped matmul).
+
+  On TPU its backward for the weights compiles as a dense product masked per expert (E times
+  the work); `megablox_dropless_dispatch` is the TPU kernel whose backward is grouped too.
+  """
+
+  def swiglu(x_AD, sizes_E):
+    matmul = lambda x, w: jax.lax.ragged_dot(x, w, sizes_E)
+    return _swiglu_grouped(x_AD, wi_gate_EDF, wi_up_EDF, wo_EFD, matmul)
+
+  return _sorted_dropless(x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], swiglu)
+
+
+# Megablox tiles (rows, contracted, output columns): MaxText's defaults for its TPU gmm.
+MEGABLOX_TILING = (512, 1024, 1024)
+
+
+def megablox_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+  """Dropless with the Pallas TPU grouped matmul (megablox `gmm`; JAX ships it).
+
+  Its backward is grouped as well: the input gradient is a `gmm` against the transposed
+  weights and the weight gradient a `tgmm`, each visiting only the row tiles of each group,
+  so forward and backward cost what the assignments need (ragged_dot's weight gradient
+  on TPU is E times that). Off TPU the kernel runs in Pallas interpret mode: exact, slow,
+  for tests.
+  """
+  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox  # TPU kernels
+
+  interpret = sharding.platform() != 'tpu'
+  A = x_ND.shape[0] * experts_NK.shape[1]
+
+  def swiglu(x_AD, sizes_E):
+    tm = min(MEGABLOX_TILING[0], -(-A // 8) * 8)
+    M = -(-A // tm) * tm  # gmm needs whole row tiles: rows past A are in no group
+    x_MD = jnp.pad(x_AD, ((0, M - A), (0, 0)))
+
+    # gmm leaves the rows past the groups undefined, in its output and in its input gradient
+    # (NaN in interpret mode): masking both keeps them out of the values and the gradients.
+    grouped_M = (jnp.arange(M) < jnp.sum(sizes_E))[:, None]
+
+    def matmul(x, w):
+      tiling = (tm, min(MEGABLOX_TILING[1], w.shape[1]), min(MEGABLOX_TILING[2], w.shape[2]))
+      x = jnp.where(grouped_M, x, 0)
+      y = megablox.gmm(
+          x, w, sizes_E.astype(jnp.int32), x.dtype, tiling, None, None, False, interpret
+      )
+      return jnp.where(grouped_M, y, 0)
+
+    return _swiglu_grouped(x_MD, wi_gate_EDF, wi_up_EDF, wo_EFD, matmul)[:A]
+
+  return _sorted_dropless(x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], swiglu)
 
 
 def _block_layout(x_ND, weights_NK, experts_NK, num_experts, b):
@@ -274,10 +329,11 @@ def auto_block_size(assignments: int, num_experts: int) -> int:
 def grouped_matmul_for(platform: str) -> str:
   """What `moe_grouped_matmul='auto'` means on a platform.
 
-  `ragged_dot` is a grouped kernel on TPU only: on CPU it runs densely (cost grows with E) and
-  this jaxlib expands it densely on GPU too, so both take the blocked form.
+  TPU: the megablox kernel, grouped forward and backward (`ragged_dot`'s weight gradient
+  compiles there as a masked dense product). CPU runs `ragged_dot` densely (cost grows with
+  E) and this jaxlib expands it densely on GPU too, so both take the blocked form.
   """
-  return 'ragged' if platform == 'tpu' else 'blocked'
+  return 'megablox' if platform == 'tpu' else 'blocked'
 
 
 def dropless_dispatch(*args, grouped_matmul='auto', block_size=0, **kw):
@@ -290,10 +346,15 @@ def dropless_dispatch(*args, grouped_matmul='auto', block_size=0, **kw):
     return dense_dispatch(*args, **kw)
   kw['block_size'] = block_size
   if grouped_matmul == 'auto':
-    grouped_matmul = grouped_matmul_for(jax.default_backend())
-  fn = ragged_dropless_dispatch if grouped_matmul == 'ragged' else blocked_dropless_dispatch
-  return fn(*args, **kw)
+    grouped_matmul = grouped_matmul_for(sharding.platform())
+  return GROUPED_DISPATCHES[grouped_matmul](*args, **kw)
 
+
+GROUPED_DISPATCHES = {
+    'megablox': megablox_dropless_dispatch,
+    'ragged': ragged_dropless_dispatch,
+    'blocked': blocked_dropless_dispatch,
+}
 
 DISPATCHERS = {
     'dense': dense_dispatch,
@@ -455,38 +516,38 @@ def _mesh_axis(name: str) -> int:
 def _sharded_dispatch(dispatch, x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD):
   """Runs `dispatch` on each device's own tokens, with experts sharded over `expert`.
 
-  Without an expert axis (size 1) each device simply dispatches its own
-  tokens to all experts. With one, inside `shard_map`, each device all-gathers the tokens of its expert group
-  (the devices along `expert`), runs the dispatch on its E/ep local experts
-  (assignments to other experts are ignored by shifting them out of range),
-  and `psum_scatter` sums the partial outputs and returns each device its own
-  tokens. Expert weights keep their `tensor` sharding of F: the down
-  projection's partial sums are added over `tensor`.
+  Inside `shard_map`, each device all-gathers the tokens of its expert group (the
+  devices along `expert`; just its own without an expert axis), runs the dispatch on
+  its E/ep local experts (assignments to other experts are shifted out of range, so
+  skipped), and `psum_scatter` sums the partial outputs and returns each device its
+  own tokens.
+
+  The expert weights come in as they are stored, and their FSDP shards of D are
+  all-gathered here, in the compute dtype. Gathering them in the body rather than
+  through the in_specs is what keeps the backward pass small: the transpose of this
+  all-gather is a reduce-scatter, so each device receives only its shard of the
+  weights' gradient, where a replicated input would get the whole gradient
+  all-reduced (a [E, D, F/tensor] buffer per weight, per layer). Their `tensor`
+  sharding of F stays: the down projection's partial sums are added over `tensor`.
   """
   mesh = jax.sharding.get_abstract_mesh()
   batch = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
-  tensor = 'tensor' if 'tensor' in mesh.axis_names and mesh.shape['tensor'] > 1 else None
   E = wi_gate_EDF.shape[0]
-  F = wi_gate_EDF.shape[2]
-  if tensor and F % mesh.shape['tensor']:
-    tensor = None
   ep = mesh.shape['expert']
   if E % ep:
     raise ValueError(f'num_experts={E} is not divisible by mesh.expert={ep}')
+  _, embed, tensor = spec_EDF = sharding.current_spec(('expert', 'embed', 'mlp'), wi_gate_EDF.shape)
+  spec_EFD = P(spec_EDF[0], tensor, embed)
   tokens = P(batch, None)
-  in_specs = (
-      tokens,
-      tokens,
-      tokens,
-      P('expert', None, tensor),
-      P('expert', None, tensor),
-      P('expert', tensor, None),
-  )
+  in_specs = (tokens, tokens, tokens, spec_EDF, spec_EDF, spec_EFD)
 
   @functools.partial(
       jax.shard_map, mesh=mesh, in_specs=in_specs, out_specs=(tokens, P()), check_vma=False
   )
   def local(x_nD, weights_nK, experts_nK, wi_gate, wi_up, wo):
+    if embed:
+      wi_gate, wi_up = (jax.lax.all_gather(w, embed, axis=1, tiled=True) for w in (wi_gate, wi_up))
+      wo = jax.lax.all_gather(wo, embed, axis=2, tiled=True)
     gather = lambda a: jax.lax.all_gather(a, 'expert', axis=0, tiled=True)
     x_gD, weights_gK, experts_gK = gather(x_nD), gather(weights_nK), gather(experts_nK)
     local_E = wi_gate.shape[0]
