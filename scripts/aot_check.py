@@ -52,8 +52,9 @@ _ACCELERATOR = flags.DEFINE_enum(
 _MEMORY_BUDGET = flags.DEFINE_float(
     'memory_budget',
     aot.FIT_FRACTION,
-    'With a TPU --topology: the fraction of the chip memory the compiler may plan for (given '
-    'all of it, it spends the spare on speed); a program that compiles fits within it.',
+    'With a TPU --topology: the fraction of the chip memory the compiler may plan for, '
+    'arguments included (given all of it, it spends the spare on speed). Its plan is a target '
+    'it can overshoot: the verdict is the compiled footprint against 90% of the chip.',
     lower_bound=0.01,
     upper_bound=1.0,
 )

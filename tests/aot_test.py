@@ -263,6 +263,32 @@ def test_the_tpu_compilers_limit_covers_the_arguments():
   assert probe['needed'] == pytest.approx(probe['footprint'], rel=0.01)
 
 
+_KERNEL_PROBE = """
+import sys
+sys.path.insert(0, 'tests')
+from llama4_jax import sharding
+from llama4_jax.tools import aot
+import small_run
+target = aot.compile_target('v5p-8')
+config = aot.truncate_layers(small_run.config(), 2)
+mesh = sharding.make_mesh(dict(config.mesh), target.devices)
+compiled = aot.compile_train_step(config, mesh, None, target.fit_options['budget_bytes'])
+print(compiled.setup.cfg.moe_grouped_matmul, compiled.executable.as_text().count('tpu_custom_call'))
+"""
+
+
+@pytest.mark.slow
+def test_a_tpu_compile_takes_the_tpu_kernels():
+  """Compiled for a TPU from a CPU process, the MoE layer runs the megablox kernel (Mosaic
+  custom calls in the program): kernel choices follow the devices compiled for."""
+  result = subprocess.run(
+      [sys.executable, '-c', _KERNEL_PROBE], cwd=small_run.REPO, capture_output=True, text=True
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  grouped_matmul, custom_calls = result.stdout.split()[-2:]
+  assert grouped_matmul == 'megablox' and int(custom_calls) > 0
+
+
 @pytest.mark.slow
 def test_small_config_compiles_for_a_tpu_slice(tmp_path):
   result = run_topology_check(tmp_path, 'v5p-8')

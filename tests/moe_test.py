@@ -1,7 +1,6 @@
 """MoE dispatches against the dense reference, expert parallelism, router statistics."""
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +144,7 @@ def layer_loss_and_grads(layer, x, mesh=None):
     [
         ('dropless', dict(expert=8), 1.25),
         ('dropless', dict(data=2, expert=2, tensor=2), 1.25),
-        ('dropless', dict(fsdp=4, tensor=2), 1.25),  # Maverick's layout: FSDP-gathered experts
+        ('dropless', dict(fsdp=4, tensor=2), 1.25),  # Maverick's layout
         ('dropless/megablox', dict(fsdp=2, expert=2, tensor=2), 1.25),  # TPU's kernel, interpreted
         ('dense', dict(fsdp=2, expert=4), 1.25),
         # Capacity is per expert group: with one group the drops are those of one device.
@@ -174,39 +173,6 @@ def test_expert_parallel_layer_matches_single_device(
   jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grads, want_grads
   )
-
-
-def test_expert_weight_gradients_are_reduce_scattered_not_all_reduced(devices, moe_cfg):
-  """Under FSDP each device receives only its shard of the experts' gradient: an all-reduce of
-  the whole [E, D, F] gradient is the per-layer buffer that kept Maverick off a v5p-256."""
-  layer, x = layer_and_input(moe_cfg)
-  graphdef, state = nnx.split(layer)
-
-  def loss(state, x):
-    y, _ = nnx.merge(graphdef, state)(x)
-    return jnp.sum(jnp.sin(y))
-
-  mesh = sharding.make_mesh(dict(fsdp=8))
-  with sharding.mesh_context(mesh):
-    state = jax.device_put(state, sharding.state_shardings(state, mesh))
-    x = jax.device_put(x, sharding.batch_sharding(mesh, ndim=3))
-    hlo = jax.jit(jax.grad(loss)).lower(state, x).compile().as_text()
-  E, D, F = moe_cfg.num_experts, moe_cfg.hidden_size, moe_cfg.intermediate_size
-  whole = sorted((E, D, F))
-  reduced_whole = [
-      line
-      for line in hlo.splitlines()
-      if re.search(r' all-reduce(-start)?\(', line)
-      and 'replica_groups={{0},{1}' not in line  # one device per group: nothing is summed
-      and any(
-          sorted(map(int, dims.split(','))) == whole
-          for dims in re.findall(r'f32\[([\d,]+)\]', line.split(' all-reduce')[0])
-      )
-  ]
-  assert not reduced_whole, reduced_whole
-  scattered = re.findall(r'f32\[([\d,]+)\]\S* reduce-scatter\(', hlo)
-  shard = sorted((E, D // 8, F))
-  assert sum(sorted(map(int, d.split(','))) == shard for d in scattered) == 3, scattered
 
 
 @pytest.mark.slow

@@ -75,16 +75,30 @@ def _as_matrices(x, w, contracted):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _project_cpu(x, w, contracted):
+def project(x: jax.Array, w: jax.Array, contracted: int = 1) -> jax.Array:
+  """Contracts the last `contracted` axes of x with the first of w (`tensordot`).
+
+  It runs as one 2-D matmul with a hand-written backward pass, on every backend:
+  - CPU: XLA otherwise (a) re-lays out w on every call when two axes are contracted
+    (o_proj's N, H: 7x slower at decode) and (b) computes the weight gradient x^T @ dy
+    by transposing dy, the wide activation, inside an elementwise fusion at one cache
+    miss per element; transposing x as its own op instead makes an MLP's forward +
+    backward 1.8x faster (4096 x 512 -> 2048, measured).
+  - GPU: the CUDA compiler's plan for Scout's train step on 256 H100s (3 x 8192 tokens
+    per GPU) is 71 GiB per GPU with it, 87 GiB with XLA's own backward of the same matmul.
+  - TPU: as little memory as XLA's own backward of the 2-D matmul, and 3.2 GiB less per
+    chip than a `tensordot` over [B, T, D] (Maverick on a v5p-256 at 4 x 8192 tokens per
+    chip: 85.42 against 88.66 GiB).
+  """
   x_MK, w_KO = _as_matrices(x, w, contracted)
   return (x_MK @ w_KO).reshape(x.shape[: x.ndim - contracted] + w.shape[contracted:])
 
 
-def _project_cpu_fwd(x, w, contracted):
-  return _project_cpu(x, w, contracted), (x, w)
+def _project_fwd(x, w, contracted):
+  return project(x, w, contracted), (x, w)
 
 
-def _project_cpu_bwd(contracted, residuals, dy):
+def _project_bwd(contracted, residuals, dy):
   x, w = residuals
   x_MK, w_KO = _as_matrices(x, w, contracted)
   dy_MO = dy.reshape(x_MK.shape[0], -1)
@@ -94,27 +108,7 @@ def _project_cpu_bwd(contracted, residuals, dy):
   return dx, (xT_KM @ dy_MO).reshape(w.shape)
 
 
-_project_cpu.defvjp(_project_cpu_fwd, _project_cpu_bwd)
-
-
-def project(x: jax.Array, w: jax.Array, contracted: int = 1) -> jax.Array:
-  """Contracts the last `contracted` axes of x with the first of w (`tensordot`).
-
-  On CPU it runs as one 2-D matmul with a hand-written backward pass. XLA on
-  CPU otherwise (a) re-lays out w on every call when two axes are contracted
-  (o_proj's N, H: 7x slower at decode) and (b) computes the weight gradient
-  x^T @ dy by transposing dy, the wide activation, inside an elementwise
-  fusion at one cache miss per element; transposing x as its own op instead
-  makes an MLP's forward + backward 1.8x faster (4096 x 512 -> 2048, measured).
-  Elsewhere it is the same 2-D matmul with XLA's own backward pass: for the TPU
-  compiler, Maverick's train step at 4 x 8192 tokens per chip needs 3.2 GiB less
-  per chip this way than as a `tensordot` over [B, T, D] (85.42 against 88.66 GiB).
-  The platform is the one compiled for (`sharding.platform`), not this process's.
-  """
-  if sharding.platform() == 'cpu':
-    return _project_cpu(x, w, contracted)
-  x_MK, w_KO = _as_matrices(x, w, contracted)
-  return (x_MK @ w_KO).reshape(x.shape[: x.ndim - contracted] + w.shape[contracted:])
+project.defvjp(_project_fwd, _project_bwd)
 
 
 class Einsum(nnx.Module):
