@@ -100,7 +100,7 @@ def mesh_context(mesh: jax.sharding.Mesh):
 def platform() -> str:
   """The platform the code being traced is compiled for: the current mesh's devices' ('tpu'
   for a TPU topology the fit check compiles for on a CPU machine), else JAX's default backend.
-  Kernel choices (`layers.project`, the MoE grouped matmul) follow it."""
+  Kernel choices (the MoE grouped matmul and its interpret mode) follow it."""
   return _platform.get() or jax.default_backend()
 
 

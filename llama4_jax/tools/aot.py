@@ -140,6 +140,10 @@ def tpu_slice(name: str) -> TpuSlice:
 
 def tpu_devices(target: TpuSlice, num_slices: int = 1) -> list:
   """The devices of `num_slices` such slices, from libtpu's topology description."""
+  # libtpu's lockfile keeps two processes off one machine's TPUs. The fit check opens none, it
+  # only compiles, so several may run at once (a test suite on two workers, a sweep of layouts);
+  # without this the second fails with "ABORTED: ... libtpu multi-process lockfile".
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     from jax.experimental import topologies
 
