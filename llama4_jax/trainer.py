@@ -34,7 +34,6 @@ from llama4_jax import model as model_lib
 from llama4_jax import workdir as workdir_lib
 from llama4_jax.data import image_text, pipeline
 from llama4_jax.data import tokenizer as tokenizer_lib
-from llama4_jax.model import moe
 
 
 class TrainingError(ValueError):
@@ -57,9 +56,6 @@ class Setup:
 
 def make_setup(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   cfg = config_lib.model_config(config)
-  if cfg.moe_grouped_matmul == 'auto':  # for the mesh's devices, which the fit check compiles
-    platform = mesh.devices.flat[0].platform  # for without having them
-    cfg = cfg.replace(moe_grouped_matmul=moe.grouped_matmul_for(platform))
   graphdef, abstract_params = nnx.split(model_lib.abstract_model(cfg))
   tx = optim.make_optimizer(
       config.optim, config.train.steps, abstract_params, config.train.get('freeze', '')

@@ -10,7 +10,7 @@ compile.txt): for a TPU slice (v4-N, v5p-N, v5e-N, v6e-N) with the TPU compiler 
 NVIDIA GPUs (h100-HxG, h200-HxG: H hosts of G GPUs; h100-8 is one host of 8) with the CUDA
 compiler of jax-cuda12-plugin and nvidia-cuda-nvcc-cu12's ptxas. Its memory figures are the ones a
 run on those devices gets, and a program that does not fit is reported as "needs X GiB of Y" with
-exit status 1: the TPU compiler, told to plan for --memory_budget of the chip (default 90%),
+exit status 1: the TPU compiler, told to plan for --memory_budget of the chip (default 80%),
 refuses it; the CUDA compiler compiles it, and its footprint (arguments + outputs - donated +
 temporaries) is compared with the GPU's memory.
 --devices compiles for that many fake CPU devices on any machine: exact for parameters,
@@ -51,7 +51,7 @@ _ACCELERATOR = flags.DEFINE_enum(
 )
 _MEMORY_BUDGET = flags.DEFINE_float(
     'memory_budget',
-    aot.FIT_FRACTION,
+    aot.TPU_PLAN_FRACTION,
     'With a TPU --topology: the fraction of the chip memory the compiler may plan for, '
     'arguments included (given all of it, it spends the spare on speed). Its plan is a target '
     'it can overshoot: the verdict is the compiled footprint against 90% of the chip.',

@@ -6,7 +6,7 @@
 
 moe: forward + backward time of one top-1 MoE layer for E = 4, 16, 64 experts at
 fixed active parameters, for the dropless and capacity dispatches and the
-run-every-expert reference (`dense`, what transformers does).
+run-every-expert reference (`dense`, what transformers does), all timed in turns.
 decode: generation tokens/s at batch 1 and 8 (prompt 128, 128 new tokens) for
 the tiny config and a ~95M-parameter config, with transformers' generate on the
 same converted model in the same run; and one decode step's time at several

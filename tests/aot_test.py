@@ -273,7 +273,7 @@ target = aot.compile_target('v5p-8')
 config = aot.truncate_layers(small_run.config(), 2)
 mesh = sharding.make_mesh(dict(config.mesh), target.devices)
 compiled = aot.compile_train_step(config, mesh, None, target.fit_options['budget_bytes'])
-print(compiled.setup.cfg.moe_grouped_matmul, compiled.executable.as_text().count('tpu_custom_call'))
+print(compiled.executable.as_text().count('tpu_custom_call'))
 """
 
 
@@ -285,8 +285,7 @@ def test_a_tpu_compile_takes_the_tpu_kernels():
       [sys.executable, '-c', _KERNEL_PROBE], cwd=small_run.REPO, capture_output=True, text=True
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  grouped_matmul, custom_calls = result.stdout.split()[-2:]
-  assert grouped_matmul == 'megablox' and int(custom_calls) > 0
+  assert int(result.stdout.split()[-1]) > 0
 
 
 @pytest.mark.slow

@@ -41,6 +41,7 @@ def loss_and_grads(dispatch, args):
 
 DISPATCHES = {
     'blocked': functools.partial(moe.blocked_dropless_dispatch, block_size=8),
+    'looped': moe.looped_dropless_dispatch,
     'ragged': moe.ragged_dropless_dispatch,
     'megablox': moe.megablox_dropless_dispatch,  # Pallas interpret mode on CPU
     'capacity_ample': functools.partial(moe.capacity_dispatch, capacity_factor=8.0),
@@ -144,7 +145,7 @@ def layer_loss_and_grads(layer, x, mesh=None):
     [
         ('dropless', dict(expert=8), 1.25),
         ('dropless', dict(data=2, expert=2, tensor=2), 1.25),
-        ('dropless', dict(fsdp=4, tensor=2), 1.25),  # Maverick's layout
+        ('dropless/blocked', dict(fsdp=4, tensor=2), 1.25),  # Maverick's layout; GPUs' kernel
         ('dropless/megablox', dict(fsdp=2, expert=2, tensor=2), 1.25),  # TPU's kernel, interpreted
         ('dense', dict(fsdp=2, expert=4), 1.25),
         # Capacity is per expert group: with one group the drops are those of one device.

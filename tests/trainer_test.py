@@ -97,8 +97,7 @@ def test_bf16_compute_with_remat_trains(devices, batches):
 
 
 def final_params(workdir):
-  path = checkpoint.step_path(str(workdir), checkpoint.latest_step(str(workdir)))
-  return {name: checkpoint.read_param(path, name) for name in checkpoint.param_names(path)}
+  return small_run.saved_params(workdir, checkpoint.latest_step(str(workdir)))
 
 
 @pytest.mark.slow
@@ -197,6 +196,4 @@ def test_init_from_another_run_and_keep_last_checkpoints(tmp_path):
   )
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'initialised from' in second.stdout
-  start, end = final_params(tmp_path / 'first'), final_params(tmp_path / 'second')
-  for name in start:
-    assert np.array_equal(start[name], end[name]), name
+  small_run.assert_same_params(final_params(tmp_path / 'first'), final_params(tmp_path / 'second'))

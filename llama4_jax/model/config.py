@@ -57,9 +57,9 @@ class ModelConfig:
   dtype: str = 'float32'  # compute dtype
   param_dtype: str = 'float32'  # parameter (and optimizer state) dtype
   moe_dispatch: str = 'dropless'  # 'dropless', 'capacity' or 'dense' (see moe.py)
-  moe_grouped_matmul: str = (
-      'auto'  # dropless: 'megablox', 'ragged', 'blocked', 'auto' (TPU megablox, else blocked)
-  )
+  # dropless: 'looped', 'megablox', 'ragged', 'blocked'; 'auto': CPU looped, TPU megablox,
+  # GPU blocked (moe.grouped_matmul_for)
+  moe_grouped_matmul: str = 'auto'
   moe_block_size: int = 0  # blocked dropless: rows per block (0 = auto, moe.py)
   moe_capacity_factor: float = 1.25  # capacity: slots per expert = cf * tokens * k / E
   remat: str = 'none'  # see REMAT_POLICIES

@@ -6,12 +6,17 @@ They differ in how tokens reach their experts and what that costs:
 
   dense     every expert on every token (HF's way; E times the active cost).
             Kept as the reference for tests.
-  dropless  tokens sorted by expert and multiplied group by group. The grouped
-            matmul is `jax.lax.ragged_dot` on GPU/TPU; on CPU, where ragged_dot
-            runs densely, each group is padded to a multiple of `moe_block_size`
-            rows (by default sized from the token and expert counts) and the
-            blocks are multiplied as one batched einsum against their experts'
-            weights, so the cost follows the active parameters.
+  dropless  tokens sorted by expert and multiplied group by group by a grouped
+            matmul (`moe_grouped_matmul`; 'auto' follows the platform compiled
+            for, `grouped_matmul_for`):
+              looped    (CPU) each group cut into blocks looped over, as many as
+                        the routing made (`grouped_swiglu.py`): cost flat in E;
+              megablox  (TPU) the Pallas grouped matmul, grouped backward too;
+              blocked   (GPU; any backend) groups padded to blocks of
+                        `moe_block_size` rows, one batched einsum over a static
+                        worst case of blocks;
+              ragged    `jax.lax.ragged_dot` (dense on CPU and on this jaxlib's
+                        GPU, an E-times-dense weight gradient on TPU).
             With fewer assignments than experts (decoding), each assignment
             gathers its expert's weights instead; with fewer tokens than a
             block, every expert runs on the few tokens (dense, exact).
@@ -40,10 +45,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from llama4_jax import sharding
-from llama4_jax.model import layers
+from llama4_jax.model import grouped_swiglu, layers
 
 DISPATCHES = ('dropless', 'capacity', 'dense')
-GROUPED_MATMULS = ('auto', 'megablox', 'ragged', 'blocked')
+GROUPED_MATMULS = ('auto', 'looped', 'megablox', 'ragged', 'blocked')
 
 
 # Dispatches: (x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD) -> (y_ND, dropped)
@@ -111,6 +116,15 @@ def ragged_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_ED
     matmul = lambda x, w: jax.lax.ragged_dot(x, w, sizes_E)
     return _swiglu_grouped(x_AD, wi_gate_EDF, wi_up_EDF, wo_EFD, matmul)
 
+  return _sorted_dropless(x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], swiglu)
+
+
+def looped_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+  """Dropless with the CPU grouped SwiGLU (`grouped_swiglu.py`): each expert's rows in
+  blocks looped over, as many as the routing made; cost flat in E."""
+  swiglu = functools.partial(
+      grouped_swiglu.grouped_swiglu, wi_gate_EDF=wi_gate_EDF, wi_up_EDF=wi_up_EDF, wo_EFD=wo_EFD
+  )
   return _sorted_dropless(x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], swiglu)
 
 
@@ -331,10 +345,12 @@ def grouped_matmul_for(platform: str) -> str:
   """What `moe_grouped_matmul='auto'` means on a platform.
 
   TPU: the megablox kernel, grouped forward and backward (`ragged_dot`'s weight gradient
-  compiles there as a masked dense product). CPU runs `ragged_dot` densely (cost grows with
-  E) and this jaxlib expands it densely on GPU too, so both take the blocked form.
+  compiles there as a masked dense product). CPU: the looped grouped SwiGLU, whose cost
+  follows the routing (`ragged_dot` runs densely there, the blocked form multiplies its
+  worst-case padding). GPU: the blocked form, one batched matmul (this jaxlib expands
+  `ragged_dot` densely, and a loop of small matmuls would launch a kernel per block).
   """
-  return 'megablox' if platform == 'tpu' else 'blocked'
+  return {'tpu': 'megablox', 'cpu': 'looped'}.get(platform, 'blocked')
 
 
 def dropless_dispatch(*args, grouped_matmul='auto', block_size=0, **kw):
@@ -352,6 +368,7 @@ def dropless_dispatch(*args, grouped_matmul='auto', block_size=0, **kw):
 
 
 GROUPED_DISPATCHES = {
+    'looped': looped_dropless_dispatch,
     'megablox': megablox_dropless_dispatch,
     'ragged': ragged_dropless_dispatch,
     'blocked': blocked_dropless_dispatch,

@@ -10,6 +10,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,11 +64,16 @@ def moe_scaling(
     seq_len=1024,
     hidden=128,
     expert_width=256,
-    repeats=5,
+    repeats=7,
     reference_repeats=2,
 ) -> list[MoERow]:
-  """Forward + backward time of a top-1 MoE layer as E grows at fixed active parameters."""
-  rows = []
+  """Forward + backward time of a top-1 MoE layer as E grows at fixed active parameters.
+
+  All layers are compiled first, then timed in turns (`alternating_medians`), so that the
+  machine's drift over the minutes of a run hits every E alike; the dense reference, seconds
+  per call at E = 64, takes its own fewer turns.
+  """
+  runs = {}
   for E in expert_counts:
     for mode in modes:
       cfg = model_lib.PRESETS['tiny'].replace(
@@ -77,10 +83,14 @@ def moe_scaling(
           num_experts_per_tok=1,
           moe_dispatch=mode,
       )
-      run = moe_layer_step(cfg, tokens, seq_len)
-      seconds = median_seconds(run, reference_repeats if mode == 'dense' else repeats)
-      rows.append(MoERow(E, mode, seconds, float(run()[1])))
-  return rows
+      runs[E, mode] = moe_layer_step(cfg, tokens, seq_len)
+      jax.block_until_ready(runs[E, mode]())  # compile and warm up
+  is_dense = lambda key: key[1] == 'dense'
+  seconds = alternating_medians({k: run for k, run in runs.items() if not is_dense(k)}, repeats)
+  seconds |= alternating_medians(
+      {k: run for k, run in runs.items() if is_dense(k)}, reference_repeats
+  )
+  return [MoERow(E, mode, seconds[E, mode], float(runs[E, mode]()[1])) for E, mode in runs]
 
 
 # Decoding ------------------------------------------------------------------------------
@@ -339,7 +349,7 @@ def transformers_train_step(cfg: model_lib.ModelConfig, tokens):
   return step
 
 
-def alternating_medians(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def alternating_medians(fns: dict[Any, Callable[[], object]], repeats: int) -> dict[Any, float]:
   """Median seconds of each fn, run in turns so that machine noise hits all alike."""
   times = {name: [] for name in fns}
   for _ in range(repeats):
