@@ -12,8 +12,9 @@ holding what is left, rounded up to a multiple of `min_rows` (the only padding: 
 `min_rows` rows per expert). Blocks of one size are looped over with `lax.fori_loop`, for as
 many as the routing made (a dynamic trip count), reading their rows and their expert's weights
 in place, and one block's gate and up projections (one matmul against the two weights side by
-side) and down projection run together while its rows are in cache. So the work is the assignments' plus at most E * min_rows rows, whatever E is, and
-the blocks' expert weights are never gathered into one [blocks, D, F] array.
+side) and down projection run together while its rows are in cache. So the work is the
+assignments' plus at most E * min_rows rows, whatever E is, and the blocks' expert weights
+are never gathered into one [blocks, D, F] array.
 
 The backward pass is hand-written (`jax.custom_vjp`): a loop cannot be differentiated in
 reverse with a dynamic trip count, and JAX's transpose of the weights' indexing would add a

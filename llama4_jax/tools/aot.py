@@ -293,8 +293,9 @@ def tpu_memory_budget(target: TpuSlice, budget: float = TPU_PLAN_FRACTION) -> in
 
   Given the whole chip, the TPU compiler spends spare memory on speed (prefetching,
   overlapping collectives, less rematerialisation), so a program's footprint says little
-  about what it needs. Given 80% of it (TPU_PLAN_FRACTION), it plans to leave 20%; whether the compiled
-  program did is the report's verdict (its memory analysis against 90% of the chip).
+  about what it needs. Given 80% of it (TPU_PLAN_FRACTION), it plans to leave 20%; whether
+  the compiled program did is the report's verdict (its memory analysis against 90% of the
+  chip).
   """
   return int(budget * ACCELERATORS[target.accelerator] * GiB)
 
