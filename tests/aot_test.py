@@ -15,6 +15,7 @@ from llama4_jax import cli, config_lib, flops, sharding
 from llama4_jax.tools import aot
 
 import small_run
+import xla_env
 
 # Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
 pytestmark = pytest.mark.xdist_group(__name__)
@@ -40,7 +41,7 @@ def attention_params() -> int:
 def start_maverick_script(output) -> subprocess.Popen:
   """Two Maverick layers (dense, then 128-expert MoE) on 16 devices: experts over 8, FSDP over 2.
 
-  The script runs without the tests' XLA_FLAGS, so it makes its 16 devices itself.
+  The script gets the fast-compile flag, not the tests' 8 devices: it makes its 16 itself.
   """
   return subprocess.Popen(
       [
@@ -58,7 +59,7 @@ def start_maverick_script(output) -> subprocess.Popen:
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,
-      env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+      env=dict(os.environ, XLA_FLAGS=xla_env.FAST_COMPILE),
   )
 
 

@@ -26,6 +26,7 @@ import pytest
 from llama4_jax import checkpoint, sharding, trainer
 
 import small_run
+import xla_env
 
 # Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
 pytestmark = pytest.mark.xdist_group(__name__)
@@ -47,7 +48,7 @@ def launch(workdir, tokenizer_cache, devices=1, fault_env=None, **overrides) -> 
   flags = small_run.flag_list(**{**RUN, 'data__tokenizer_cache': tokenizer_cache, **overrides})
   env = dict(
       os.environ,
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+      XLA_FLAGS=xla_env.xla_flags(devices),
       PYTHONUNBUFFERED='1',
       **(fault_env or {}),
   )
@@ -619,7 +620,7 @@ def test_two_jax_processes_agree_through_their_collectives(tmp_path):
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags(2), JAX_PLATFORMS='cpu')
   processes = [
       subprocess.Popen(
           [sys.executable, '-c', AGREE_IN_A_PROCESS, str(port), str(i), str(tmp_path)],

@@ -7,10 +7,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from llama4_jax import checkpoint
+from llama4_jax import checkpoint, sampling, sharding
+from llama4_jax import workdir as workdir_lib
+from llama4_jax.data import tokenizer as tokenizer_lib
 
 import small_run
 
@@ -136,3 +139,36 @@ def test_fine_tune_killed_resumes_bit_exact(base, fine_tuned, tmp_path):
   expected = losses(whole)
   assert losses(killed) == expected
   small_run.assert_same_params(small_run.saved_params(whole, 6), small_run.saved_params(killed, 6))
+
+
+def test_generate_chat_answers_the_user_turn_until_eot(fine_tuned, tmp_path):
+  """generate.py --chat: the prompt is a user turn in the chat format, and the answer is
+  greedy generation from the assistant's header, cut at `<|eot|>`."""
+  workdir, question, max_new = fine_tuned[0], 'How old is omar?', 24
+  result = run(
+      [
+          sys.executable,
+          os.path.join(small_run.REPO, 'scripts', 'generate.py'),
+          f'--workdir={workdir}',
+          '--chat',
+          f'--prompt={question}',
+          f'--max_new_tokens={max_new}',
+          f'--output={tmp_path}/ids.json',
+      ]
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  [answer] = json.loads((tmp_path / 'ids.json').read_text())['ids']
+
+  one_device = sharding.make_mesh({}, devices=jax.devices()[:1])  # the script's one device
+  model, config, _ = workdir_lib.load_model(str(workdir), mesh=one_device)
+  tokenizer = tokenizer_lib.run_tokenizer(str(workdir), config, '')
+  prompt = tokenizer.format_chat([{'role': 'user', 'content': question}])
+  assert prompt[-1] != tokenizer.eot_id  # it ends with the assistant's header, not a turn
+  [expected] = sampling.generate(
+      model,
+      [prompt],
+      max_new_tokens=max_new,
+      eos_ids=[*model.cfg.eos_token_ids, tokenizer.eot_id],
+      pad_id=model.cfg.pad_token_id,
+  )
+  assert answer == expected

@@ -12,6 +12,8 @@ from ml_collections import config_flags
 
 from llama4_jax import checkpoint
 
+import xla_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL = {
@@ -78,7 +80,7 @@ def script_env(devices: int = 1) -> dict[str, str]:
   devices in process (trainer_test.py, moe_test.py, model_test.py) and by the scripts' tests
   that ask for them.
   """
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return dict(os.environ, XLA_FLAGS=xla_env.xla_flags(devices))
 
 
 def run_script(name, *args, devices: int = 1) -> subprocess.CompletedProcess:

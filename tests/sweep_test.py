@@ -17,6 +17,7 @@ from llama4_jax import checkpoint, config_lib
 from llama4_jax.tools import sweep
 
 import small_run
+import xla_env
 
 TINY = os.path.join(small_run.REPO, 'configs', 'tiny.py')
 
@@ -144,7 +145,7 @@ def read_csv(path):
 @pytest.mark.slow
 def test_small_sweep_end_to_end(tmp_path, monkeypatch):
   """Two runs two at a time; the SLURM script; skip a finished run, resume a cut one; summary."""
-  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=1')  # cheapest runs
+  monkeypatch.setenv('XLA_FLAGS', xla_env.xla_flags(1))  # cheapest runs
   root = tmp_path / 'root'
   config = sweep_file(tmp_path, "  for lr in (3e-3, 1e-2):\n    add(**{'optim.lr': lr})\n")
   runs = sweep.plan(config, str(root), SMALL)
