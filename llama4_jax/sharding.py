@@ -37,7 +37,11 @@ LOGICAL_RULES = (
     # Activations.
     ('act_batch', BATCH_AXES),
     ('act_seq', None),
-    ('act_embed', None),
+    # The residual stream between layers, split over `tensor` as MaxText does: each tensor
+    # shard would otherwise hold its batch rows whole (Maverick at 4 sequences per chip and
+    # tensor 4: 16 sequences of [8192, 5120]). A layer gathers it for its projections and
+    # reduce-scatters its output (Megatron's sequence parallelism, on the model dimension).
+    ('act_embed', 'tensor'),
     ('act_heads', 'tensor'),
     ('act_kv_heads', 'tensor'),
     ('act_mlp', 'tensor'),
