@@ -297,6 +297,7 @@ def test_small_config_compiles_for_a_tpu_slice(tmp_path):
   report = json.loads((tmp_path / 'report.json').read_text())
   assert report['devices'] == 4 and report['mesh']['fsdp'] == 4
   assert report['temporaries'] > 0 and report['xla_flops'] > 0
+  assert 0 < report['compiler_peak'] and 'compiler peak' in result.stdout
   assert 'tpu-v5p   95 GiB  fits' in result.stdout
 
 

@@ -485,6 +485,10 @@ class Report:
   xla_flops: float | None  # XLA's count for one device's program; None: none given (GPU)
   model_flops: float  # flops.py: 6 x active params + attention, per device per step
   host_temporaries: int = 0  # in the host's memory, not the device's (offloaded activations)
+  # The compiler's own peak (`peak_memory_in_bytes`); 0 where it gives none. Beside `total`
+  # because libtpu's temporaries were seen to include the host buffer of offloaded activations
+  # (docs/fit_check.md), which `total` then counts as the device's.
+  compiler_peak: int = 0
 
   @property
   def total(self) -> int:
@@ -514,6 +518,7 @@ def report(compiled: Compiled) -> Report:
       xla_flops=float(cost['flops']) if 'flops' in cost else None,
       model_flops=model_flops / setup.mesh.size,
       host_temporaries=getattr(memory, 'host_temp_size_in_bytes', 0),
+      compiler_peak=getattr(memory, 'peak_memory_in_bytes', 0),
   )
 
 
@@ -552,6 +557,7 @@ def format_report(r: Report, accelerators: Sequence[str] = tuple(ACCELERATORS)) 
           if r.host_temporaries
           else []
       ),
+      *([f'  compiler peak    {gib(r.compiler_peak)}  (its own count)'] if r.compiler_peak else []),
       f'FLOPs per step per device: {r.model_flops:.4g} (model: 6 x active parameters + '
       f'attention); XLA counts {xla_flops}',
       'fit:',
