@@ -557,7 +557,13 @@ def format_report(r: Report, accelerators: Sequence[str] = tuple(ACCELERATORS)) 
           if r.host_temporaries
           else []
       ),
-      *([f'  compiler peak    {gib(r.compiler_peak)}  (its own count)'] if r.compiler_peak else []),
+      *(
+          [
+              f'  compiler peak    {gib(r.compiler_peak)}  (live buffers at their peak; allocated: total)'
+          ]
+          if r.compiler_peak
+          else []
+      ),
       f'FLOPs per step per device: {r.model_flops:.4g} (model: 6 x active parameters + '
       f'attention); XLA counts {xla_flops}',
       'fit:',
