@@ -26,7 +26,6 @@ import pytest
 from llama4_jax import checkpoint, sharding, trainer
 
 import small_run
-import xla_env
 
 # Its module fixtures are expensive: one test worker runs the whole file (pyproject.toml).
 pytestmark = pytest.mark.xdist_group(__name__)
@@ -46,12 +45,7 @@ def tokenizer_cache(tmp_path_factory):
 def launch(workdir, tokenizer_cache, devices=1, fault_env=None, **overrides) -> subprocess.Popen:
   """Starts a run printing to <workdir>.log (a file keeps what a killed run said)."""
   flags = small_run.flag_list(**{**RUN, 'data__tokenizer_cache': tokenizer_cache, **overrides})
-  env = dict(
-      os.environ,
-      XLA_FLAGS=xla_env.xla_flags(devices),
-      PYTHONUNBUFFERED='1',
-      **(fault_env or {}),
-  )
+  env = dict(small_run.script_env(devices), PYTHONUNBUFFERED='1', **(fault_env or {}))
   with open(f'{workdir}.log', 'a') as log:
     return subprocess.Popen(
         [
@@ -620,7 +614,7 @@ def test_two_jax_processes_agree_through_their_collectives(tmp_path):
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS=xla_env.xla_flags(2), JAX_PLATFORMS='cpu')
+  env = dict(small_run.script_env(2), JAX_PLATFORMS='cpu')
   processes = [
       subprocess.Popen(
           [sys.executable, '-c', AGREE_IN_A_PROCESS, str(port), str(i), str(tmp_path)],
