@@ -15,8 +15,9 @@ refuses it; the CUDA compiler compiles it, and its footprint (arguments + output
 temporaries) is compared with the GPU's memory.
 --devices compiles for that many fake CPU devices on any machine: exact for parameters,
 optimizer state and batch, an estimate for the temporaries. See llama4_jax/tools/aot.py.
-Prints per-device memory (parameters, optimizer state, batch, temporaries, total), FLOPs per step
-(XLA's count: n/a for GPUs) and the fit. --accelerator checks one accelerator and exits 1 if the
+Prints per-device memory (parameters, optimizer state, batch, temporaries, total; for a TPU also
+the compiler's own HBM total, by which the fit is then judged), FLOPs per step (XLA's count: n/a
+for GPUs) and the fit. --accelerator checks one accelerator and exits 1 if the
 config does not fit it. --num_layers keeps the first N layers (real widths), for quick checks.
 """
 
@@ -53,8 +54,8 @@ _MEMORY_BUDGET = flags.DEFINE_float(
     'memory_budget',
     aot.TPU_PLAN_FRACTION,
     'With a TPU --topology: the fraction of the chip memory the compiler may plan for, '
-    'arguments included (given all of it, it spends the spare on speed). Its plan is a target '
-    'it can overshoot: the verdict is the compiled footprint against 90% of the chip.',
+    'arguments included (given all of it, it spends the spare on speed). The verdict is what '
+    'the compiled program holds in HBM against 90% of the chip.',
     lower_bound=0.01,
     upper_bound=1.0,
 )
@@ -104,7 +105,7 @@ def main(argv):
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'w') as f:
       json.dump(aot.to_dict(report), f, indent=2)
-  if accelerator and not aot.fits(report.total, accelerator):
+  if accelerator and not aot.fits(report.footprint, accelerator):
     sys.exit(1)
 
 
