@@ -13,6 +13,17 @@ import pytest  # noqa: E402
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 
+def pytest_configure(config):
+  """xdist sends a group's tests to one worker by the "@group" it appends to their ids; pytest
+  9.2 ignores that with xdist 3.8 (pytest-xdist#1386), so each grouped module's costly fixtures
+  were built on both workers: minutes more for the suite, and nothing failing."""
+  if config.getoption('dist', 'no') == 'loadgroup' and pytest.version_tuple[:2] >= (9, 2):
+    raise pytest.UsageError(
+        f"pytest {pytest.__version__} loses --dist loadgroup's groups (pytest-xdist#1386): "
+        'install requirements-dev.txt (pytest 9.1.1)'
+    )
+
+
 @pytest.fixture(scope='session')
 def devices():
   assert len(jax.devices()) == 8, 'tests expect 8 fake CPU devices'

@@ -2,8 +2,14 @@
 
 import io
 import json
+import subprocess
+import sys
 
 from llama4_jax import metrics
+
+import small_run
+
+REPO = small_run.REPO
 
 
 class Terminal(io.StringIO):
@@ -71,3 +77,19 @@ def test_metrics_and_tensorboard_go_to_a_non_local_workdir(fake_gcs):
   assert [json.loads(line)['step'] for line in lines] == [1, 2, 3]
   events = fake_gcs.ls(f'{workdir}/{metrics.TENSORBOARD_DIR}', detail=False)
   assert events and all(fake_gcs.size(e) > 0 for e in events)
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+  """tensorboardX imports torch where it is installed (as in the tests' environment), seconds
+  of every run's start; the writer leaves it out, and torch still imports afterwards."""
+  probe = (
+      'import sys; from llama4_jax import metrics\n'
+      f'metrics.tensorboard_writer({str(tmp_path)!r}).close()\n'
+      'assert "torch" not in sys.modules, "tensorboardX imported torch"\n'
+      'import torch; print(torch.__name__)\n'
+  )
+  result = subprocess.run(
+      [sys.executable, '-c', probe], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split() == ['torch']
