@@ -451,12 +451,18 @@ def hbm_report_bytes(dump_dir: str) -> int:
   as 55.84) and not in small programs (docs/fit_check.md).
   """
   reports = glob.glob(os.path.join(dump_dir, '*jit_train_step*memory-usage-report.txt'))
-  if len(reports) != 1:
-    raise RuntimeError(f'expected one memory-usage report of the train step in {dump_dir}')
+  if len(reports) != 1:  # the directory is the compile's temporary one: name what was found
+    raise RuntimeError(
+        f'expected one memory-usage report of the train step from the TPU compiler, found '
+        f'{len(reports)} (libtpu writes it with xla_dump_to; requirements-compile.txt pins it)'
+    )
   with open(reports[0]) as f:
     found = _HBM_TOTAL.search(f.read())
   if found is None:
-    raise RuntimeError(f'{reports[0]}: no total for memory space default')
+    raise RuntimeError(
+        f"the TPU compiler's memory-usage report {os.path.basename(reports[0])} has no total "
+        'for memory space default (HBM)'
+    )
   return int(found.group(1))
 
 
