@@ -3,8 +3,10 @@
   python scripts/train.py --config=configs/maverick.py --workdir=$WORKDIR
   python scripts/train.py --config=configs/maverick.py:vision ...   # with the vision tower (maverick_mm)
 
-Experts sharded over the `expert` axis (8) and weights over `fsdp` (the rest);
-bf16 compute, each layer rematerialised from its input in host memory.
+Weights (experts included) sharded over `fsdp` (the rest) and `tensor` (4), MaxText's
+layout: on a v5p-256, fsdp 32 x tensor 4 fits 4 sequences per chip (README; expert 8 x fsdp 16
+does not: docs/fit_check.md). bf16 compute, each layer rematerialised from its input in host
+memory.
 """
 
 from llama4_jax import config_lib
@@ -14,7 +16,7 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, vision=False)
   config = config_lib.base_config()
   config.model = config_lib.model_preset('maverick_mm' if args.vision else 'maverick')
-  config.mesh.expert = 8
+  config.mesh.tensor = 4
   config.mesh.fsdp = -1
   config.data.seq_len = 8192
   config.train.loss_chunk = 512  # [rows, 512, V] float32 logits at a time, not [rows, 8192, V]

@@ -49,6 +49,8 @@ def start_maverick_script(output) -> subprocess.Popen:
           'scripts/aot_check.py',
           '--config=configs/maverick.py',
           '--devices=16',
+          '--config.mesh.expert=8',  # the preset's mesh is fsdp x tensor 4
+          '--config.mesh.tensor=1',
           '--num_layers=2',
           f'--config.train.batch_size={2 * BATCH}',
           f'--config.data.seq_len={SEQ_LEN}',
