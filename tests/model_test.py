@@ -38,7 +38,8 @@ def assert_matches_hf(ours, ref, mask):
   np.testing.assert_allclose(ours[valid], ref[valid], atol=ATOL, rtol=ATOL)
 
 
-# 64 tokens are 8 whole chunks: the chunked layers take the banded path.
+# 64 tokens are 8 whole chunks: the chunked layers take the banded path (and the global
+# layers the triangular one, as 40 and 64 tokens do everywhere below).
 @pytest.mark.reference
 @pytest.mark.slow
 @pytest.mark.parametrize('top_k, length', [(1, 60), (2, 64)])
@@ -122,6 +123,30 @@ def test_banded_attention_equals_masked_attention_with_packing():
   banded = attention.banded_attention(q, k, v, inputs_.chunked_mask_BTS, C)
   valid = segments != 0  # padding queries attend to nothing; their output is unused
   np.testing.assert_allclose(np.asarray(banded)[valid], np.asarray(full)[valid], atol=1e-6)
+
+
+def test_triangular_attention_equals_masked_attention_with_packing():
+  """Values and gradients of the global layers' path without a cache, packed and padded."""
+  B, T, N, K, H = 2, 64, 4, 2, 8
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
+  segments = np.ones((B, T), np.int32)
+  segments[0, :5] = 0  # left padding
+  segments[1, 20:], segments[1, 41:], segments[1, 60:] = 2, 3, 0  # packed, then right padding
+  mask = attention.make_attention_inputs(jnp.asarray(segments), 0, T, None).causal_mask_BTS
+  valid = segments != 0  # padding queries attend to nothing; their output is unused
+  weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * valid[:, :, None, None]
+  full = lambda q, k, v: attention.dot_product_attention(q, k, v, mask)
+  triangular = lambda q, k, v: attention.triangular_attention(q, k, v, mask)
+  np.testing.assert_allclose(
+      np.asarray(triangular(q, k, v))[valid], np.asarray(full(q, k, v))[valid], atol=1e-6
+  )
+  loss = lambda attend, q, k, v: jnp.sum(attend(q, k, v) * weights)
+  grads_full = jax.grad(loss, argnums=(1, 2, 3))(full, q, k, v)
+  grads_triangular = jax.grad(loss, argnums=(1, 2, 3))(triangular, q, k, v)
+  for got, want in zip(grads_triangular, grads_full):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize('kernel', ['blocked', 'flash'])
