@@ -1,5 +1,7 @@
 """The step profiler attributes executed ops to the model's named scopes."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 
@@ -24,6 +26,22 @@ def test_step_breakdown_groups_ops_by_named_scope():
   } <= set(breakdown)
   assert all(seconds >= 0 for seconds in breakdown.values())
   assert sum(breakdown.values()) > 0
+
+
+def test_loops_are_not_counted_twice():
+  """A loop's own event spans its body's ops, which are timed themselves."""
+
+  @jax.jit
+  def step(x, n):
+    return jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(y @ x), x)
+
+  x = jnp.ones((64, 64))
+  text = step.lower(x, 3).compile().as_text()
+  loops = re.findall(r'%([\w.]+) = .* while\(%', text)
+  assert loops
+  paths = profiling._op_paths(text)
+  assert not set(loops) & set(paths)
+  assert [path for path in paths.values() if path.endswith('while/body/dot_general')]
 
 
 def test_categorize_falls_back_to_the_op_kind():

@@ -29,12 +29,19 @@ DENSE_MATMULS = 'matmuls (projections, dense and shared-expert MLPs, lm_head)'
 OTHER = 'other (norms, RoPE, loss, residuals, layout copies)'
 
 
+# A loop's or a branch's own event spans the ops of its body, which are traced as well.
+_CONTROL_FLOW = re.compile(r' (?:while|conditional|call)\(%')
+
+
 def _op_paths(compiled_text: str) -> dict[str, str]:
-  """Compiled HLO instruction name -> the JAX name path in its metadata ('' if none)."""
+  """Compiled HLO instruction name -> the JAX name path in its metadata ('' if none).
+
+  Control flow (while, conditional, call) is left out: counting it would count its body twice.
+  """
   paths = {}
   for line in compiled_text.splitlines():
     match = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = ', line)
-    if match:
+    if match and not _CONTROL_FLOW.search(line):
       path = re.search(r'op_name="([^"]*)"', line)
       paths[match.group(1)] = path.group(1) if path else ''
   return paths
