@@ -29,8 +29,10 @@ import jax
 import jax.numpy as jnp
 
 # Block rows: the largest blocks amortise the loop's per-block cost; the smallest bound the
-# padding. Measured on a 2-core AMD EPYC (forward + backward, 16,384 rows, D=128, F=256, 4 to 64
-# experts): 512 / 32 against 256 / 32, 512 / 16 and 1024 / 32 were within the machine's noise.
+# padding. Not tuned to one CPU: the cost barely depends on them. One MoE layer's forward +
+# backward (16,384 rows, D=128, F=256, 4 to 64 experts) ran within the machines' noise with
+# 512 / 32 against 256 / 32, 512 / 16 and 1024 / 32 on a 2-core AMD EPYC without AVX-512, and
+# within 8% with 256 to 2048 / 16 to 64 on one with AVX-512 (PERFORMANCE.md, change 6).
 MAX_ROWS = 512
 MIN_ROWS = 32
 
@@ -86,8 +88,8 @@ def _put(a, block, start, mask):
   return jax.lax.dynamic_update_slice_in_dim(a, block, start, 0)
 
 
-# Jitted so that the MoE layers of one shape share one trace: a loop per block size, forward
-# and backward, takes about half a second to trace, which each layer would otherwise pay again.
+# Jitted so that the MoE layers of one shape share one trace and lowering of its loops (one per
+# block size, forward and backward) instead of each layer paying for its own.
 @functools.partial(jax.jit, static_argnames=('max_rows', 'min_rows'))
 def grouped_swiglu(
     x_AD, sizes_E, wi_gate_EDF, wi_up_EDF, wo_EFD, max_rows=MAX_ROWS, min_rows=MIN_ROWS
