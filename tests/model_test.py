@@ -137,14 +137,14 @@ def test_triangular_attention_equals_masked_attention_with_packing():
   mask = attention.make_attention_inputs(jnp.asarray(segments), 0, T, None).causal_mask_BTS
   valid = segments != 0  # padding queries attend to nothing; their output is unused
   weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * valid[:, :, None, None]
-  full = lambda q, k, v: attention.dot_product_attention(q, k, v, mask)
-  triangular = lambda q, k, v: attention.triangular_attention(q, k, v, mask)
+  full = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, mask))
+  triangular = jax.jit(lambda q, k, v: attention.triangular_attention(q, k, v, mask))
   np.testing.assert_allclose(
       np.asarray(triangular(q, k, v))[valid], np.asarray(full(q, k, v))[valid], atol=1e-6
   )
   loss = lambda attend, q, k, v: jnp.sum(attend(q, k, v) * weights)
-  grads_full = jax.grad(loss, argnums=(1, 2, 3))(full, q, k, v)
-  grads_triangular = jax.grad(loss, argnums=(1, 2, 3))(triangular, q, k, v)
+  gradients = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)
+  grads_full, grads_triangular = gradients(full, q, k, v), gradients(triangular, q, k, v)
   for got, want in zip(grads_triangular, grads_full):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
