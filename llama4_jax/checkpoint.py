@@ -9,8 +9,6 @@ readable, let one leaf be loaded alone, and let a converter write a checkpoint
 one tensor at a time (`write_params_streaming`).
 """
 
-import ctypes
-import gc
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -22,6 +20,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.experimental import v1 as ocp
+
+from llama4_jax import host_memory
 
 CHECKPOINT_DIR = 'checkpoints'
 STATE = 'state'  # the checkpointable holding the pytree (Orbax's default name)
@@ -351,7 +351,7 @@ def write_params_streaming(
     if group:
       ocp.partial.save(path, {'params': group})
       group, size = {}, 0
-      release_freed_memory()
+      host_memory.release_freed_memory()
 
   for name, array in named_arrays:
     group[name] = array
@@ -361,16 +361,6 @@ def write_params_streaming(
       flush()
   flush()
   ocp.partial.finalize(path)
-
-
-def release_freed_memory():
-  """Hands freed heap pages back to the OS (glibc keeps them otherwise, so RSS
-  would grow towards the model size although only one tensor is alive)."""
-  gc.collect()
-  try:
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except OSError:  # not glibc
-    pass
 
 
 # Training checkpoints -------------------------------------------------------------

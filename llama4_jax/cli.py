@@ -15,6 +15,8 @@ from collections.abc import Callable
 import jax
 from absl import app, flags, logging
 
+from llama4_jax import host_memory
+
 
 def define_config_flag(name: str = 'config'):
   """`--config=FILE[:arg]` with `--config.a.b=value` overrides (keys locked, types checked).
@@ -73,16 +75,9 @@ def _flag_error(e: Exception) -> str:
   return ' '.join(text.split())
 
 
-def _skip_absent_accelerators():
-  """Leaves out the TPU and CUDA backends whose library is installed but whose devices are absent.
-
-  libtpu and the CUDA plugin may be installed for the fit check's compilers alone
-  (requirements-compile.txt); JAX would still try their backends first and print their start-up
-  errors (the CUDA plugin: a traceback, "Unable to load cuDNN"). JAX_PLATFORMS, when set, decides.
-  """
-  if os.environ.get('JAX_PLATFORMS'):
-    return
-  backends = {  # name: (installed, its devices present)
+def _accelerators() -> dict[str, tuple[bool, bool]]:
+  """{backend: (its library installed, its devices present)} for the TPU and CUDA backends."""
+  return {
       'tpu': (
           _installed('libtpu'),
           bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')),  # a TPU VM's chips
@@ -92,10 +87,30 @@ def _skip_absent_accelerators():
           bool(glob.glob('/dev/nvidia[0-9]*')),
       ),
   }
+
+
+def _skip_absent_accelerators():
+  """Leaves out the TPU and CUDA backends whose library is installed but whose devices are absent.
+
+  libtpu and the CUDA plugin may be installed for the fit check's compilers alone
+  (requirements-compile.txt); JAX would still try their backends first and print their start-up
+  errors (the CUDA plugin: a traceback, "Unable to load cuDNN"). JAX_PLATFORMS, when set, decides.
+  """
+  if os.environ.get('JAX_PLATFORMS'):
+    return
+  backends = _accelerators()
   if all(present for installed, present in backends.values() if installed):
     return
   usable = [name for name, (installed, present) in backends.items() if installed and present]
   jax.config.update('jax_platforms', ','.join([*usable, 'cpu']))
+
+
+def _on_cpu_alone() -> bool:
+  """Whether JAX will run on the CPU alone: JAX_PLATFORMS, or the choice above, says so; or no
+  accelerator's library is installed."""
+  if jax.config.jax_platforms:
+    return set(jax.config.jax_platforms.split(',')) == {'cpu'}
+  return not any(installed for installed, _ in _accelerators().values())
 
 
 def _installed(module: str) -> bool:
@@ -105,9 +120,16 @@ def _installed(module: str) -> bool:
     return False
 
 
-def run_main(main: Callable):
-  """absl app.run, but errors about the user's input print one line and exit 1."""
+def run_main(main: Callable, *, repeats_steps: bool = False):
+  """absl app.run, but errors about the user's input print one line and exit 1.
+
+  A script that runs a jitted step over and over (`repeats_steps`: training, evaluation,
+  generation) keeps freed host memory for the next step when it runs on the CPU alone
+  (`host_memory.keep_freed_memory`).
+  """
   _skip_absent_accelerators()
+  if repeats_steps and _on_cpu_alone():  # before JAX's backend starts its threads
+    host_memory.keep_freed_memory()
 
   def wrapped(argv):
     if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):

@@ -71,4 +71,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run_main(main)
+  cli.run_main(main, repeats_steps=True)

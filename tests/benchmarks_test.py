@@ -1,4 +1,5 @@
-"""The decode benchmark runs end to end on a small case (its numbers are in BENCHMARKS.md)."""
+"""The decode and train benchmarks run end to end on small cases (their numbers are in
+BENCHMARKS.md and PERFORMANCE.md)."""
 
 import pytest
 
@@ -23,3 +24,13 @@ def test_decode_step_time_by_position():
       'tiny', positions=(4, 60), cache_len=64, repeats=1
   )
   assert set(by_position) == {4, 60} and all(s > 0 for s in by_position.values())
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_train_speed_steps_transformers_in_its_own_process_in_turns():
+  (row,) = benchmarks.train_speed(names=('tiny',), repeats=1)
+  assert row.config == 'tiny' and row.tokens_per_step == 16 * 256
+  assert row.ours_step_seconds > 0 and row.transformers_step_seconds > 0 and row.peak_flops > 0
+  assert abs(row.ratio - row.transformers_step_seconds / row.ours_step_seconds) < 1e-9
+  assert row.ours_step_memory_mib > 10 and row.transformers_step_memory_mib > 10

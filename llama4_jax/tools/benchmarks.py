@@ -1,7 +1,7 @@
 """Benchmarks (run by scripts/benchmark.py): timings with a baseline measured in the same run.
 
 Timings are medians over repetitions after a warm-up call; ratios compare
-numbers taken in the same process, on the same machine, minutes apart.
+numbers taken in the same run, on the same machine, minutes apart.
 """
 
 import dataclasses
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama4_jax import checkpoint
+from llama4_jax import host_memory
 from llama4_jax import model as model_lib
 from llama4_jax.model import moe
 
@@ -272,7 +272,7 @@ def step_memory_bytes(fn: Callable[[], object]) -> int:
   Freed heap pages are handed back first, so what was resident before fn is
   what it keeps alive (parameters, optimizer state); the rest is the step's.
   """
-  checkpoint.release_freed_memory()
+  host_memory.release_freed_memory()
   before, peak, running = _rss_bytes(), [0], [True]
 
   def sample():
@@ -325,17 +325,13 @@ def ours_train_step(name: str, dtype: str):
   return setup.cfg, step, tokens, compiled_text
 
 
-def transformers_train_step(cfg: model_lib.ModelConfig, tokens):
+def transformers_train_step(hf_config: dict[str, Any], tokens):
   """transformers' Llama4ForCausalLM: loss, backward and torch AdamW, in float32 on CPU."""
   import torch
   import transformers
 
-  from llama4_jax.tools import hf_convert
-
   torch.manual_seed(0)
-  hf = transformers.Llama4ForCausalLM(
-      transformers.Llama4TextConfig(**hf_convert.hf_text_config(cfg))
-  ).train()
+  hf = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**hf_config)).train()
   optimizer = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
   ids = torch.as_tensor(tokens, dtype=torch.long)
 
@@ -349,15 +345,79 @@ def transformers_train_step(cfg: model_lib.ModelConfig, tokens):
   return step
 
 
-def alternating_medians(fns: dict[Any, Callable[[], object]], repeats: int) -> dict[Any, float]:
-  """Median seconds of each fn, run in turns so that machine noise hits all alike."""
+def _transformers_worker(connection, hf_config, tokens, keep_freed_memory: bool):
+  """The child's loop: 'step' runs one train step, 'memory' measures one; 'stop' ends it."""
+  if keep_freed_memory:
+    host_memory.keep_freed_memory()  # before PyTorch starts its threads
+  step = transformers_train_step(hf_config, tokens)
+  for request in iter(connection.recv, 'stop'):
+    try:
+      connection.send(step() if request == 'step' else step_memory_bytes(step))
+    except Exception as e:  # pylint: disable=broad-except  (raised again in the parent)
+      connection.send(e)
+
+
+class TransformersProcess:
+  """transformers' train step in a process of its own, run step by step from this one.
+
+  In one process the two frameworks' allocations share glibc's heap. With freed memory kept
+  (`host_memory`), `benchmark.py train` reached 23 GB resident and ours' step gained nothing
+  (PERFORMANCE.md, change 9): one's freed blocks did not fit the other's next step. The child
+  runs as transformers does out of the box, or keeps freed memory too (`keep_freed_memory`).
+  """
+
+  def __init__(self, cfg: model_lib.ModelConfig, tokens, keep_freed_memory: bool = False):
+    import multiprocessing
+
+    from llama4_jax.tools import hf_convert
+
+    context = multiprocessing.get_context('spawn')  # a fresh interpreter: its own heap
+    self._connection, child_connection = context.Pipe()
+    self._process = context.Process(
+        target=_transformers_worker,
+        args=(
+            child_connection,
+            hf_convert.hf_text_config(cfg),
+            tokens,
+            keep_freed_memory,
+        ),
+        daemon=True,
+    )
+    self._process.start()
+    child_connection.close()
+
+  def _ask(self, request: str):
+    self._connection.send(request)
+    reply = self._connection.recv()
+    if isinstance(reply, Exception):
+      raise reply
+    return reply
+
+  def step(self) -> float:
+    return self._ask('step')
+
+  def step_memory_bytes(self) -> int:
+    return self._ask('memory')
+
+  def close(self):
+    self._connection.send('stop')
+    self._process.join()
+
+
+def alternating_times(fns: dict[Any, Callable[[], object]], repeats: int) -> dict[Any, list[float]]:
+  """Seconds of each fn's calls, run in turns so that machine noise hits all alike."""
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+  return times
+
+
+def alternating_medians(fns: dict[Any, Callable[[], object]], repeats: int) -> dict[Any, float]:
+  """Median seconds of each fn, run in turns (`alternating_times`)."""
+  return {name: statistics.median(t) for name, t in alternating_times(fns, repeats).items()}
 
 
 def train_speed(
@@ -365,35 +425,50 @@ def train_speed(
     repeats=3,
     with_transformers: bool = True,
     profile: bool = False,
+    transformers_keeps_freed_memory: bool = False,
 ) -> list[TrainRow]:
   """Step time, tokens/s, MFU and step memory of both implementations.
 
-  On CPU both run in float32, and the matmul peak is measured in turns with
-  the two steps; on an accelerator ours computes in bfloat16 against the
-  data-sheet peak, and transformers is left out. MFU counts model FLOPs
-  (flops.train_flops_per_token: active parameters, attention under its masks).
-  With `profile`, each row also gets ours' seconds per part of the step
-  (profiling.step_breakdown).
+  On CPU both run in float32, one after the other: ours' steps, then transformers' in a process
+  of its own (`TransformersProcess`), each timed in turns with a matmul peak probe. This process
+  keeps its freed memory for its next step when `benchmark.py` runs it (`host_memory`), and
+  transformers' does with `transformers_keeps_freed_memory`; then at 80m-e32 the two would not
+  fit a 24 GB machine at once, so ours' is handed back before transformers starts. The peak is
+  the probe's median over both. On an accelerator ours computes in bfloat16
+  against the data-sheet peak, and transformers is left out. MFU counts model FLOPs
+  (flops.train_flops_per_token: active parameters, attention under its masks). With `profile`,
+  each row also gets ours' seconds per part of the step (profiling.step_breakdown).
   """
   from llama4_jax import flops
   from llama4_jax.tools import profiling
 
   on_cpu = jax.default_backend() == 'cpu'
+  peak_probe = {}
+  if on_cpu:
+    probe, probe_flops = flops.matmul_probe()
+    peak_probe = {'peak': lambda: [probe() for _ in range(5)]}
   rows = []
   for name in names:
     cfg, ours, tokens, compiled_text = ours_train_step(name, 'float32' if on_cpu else 'bfloat16')
-    fns = {'ours': ours}
-    if with_transformers and on_cpu:
-      fns['hf'] = transformers_train_step(cfg, tokens)
     jax.block_until_ready(ours())  # compile and warm up
-    memory = {key: step_memory_bytes(fn) / 2**20 for key, fn in fns.items()}
+    memory = {'ours': step_memory_bytes(ours) / 2**20}
+    times = alternating_times({'ours': ours, **peak_probe}, repeats)
+    breakdown = profiling.step_breakdown(ours, compiled_text()) if profile else None
+    if with_transformers and on_cpu:
+      host_memory.release_freed_memory()  # ours' kept memory, before transformers' grows
+      hf = TransformersProcess(cfg, tokens, transformers_keeps_freed_memory)
+      try:
+        memory['hf'] = hf.step_memory_bytes() / 2**20  # also its warm-up
+        hf_times = alternating_times({'hf': hf.step, **peak_probe}, repeats)
+      finally:
+        hf.close()
+      times['hf'] = hf_times['hf']
+      times['peak'] += hf_times['peak']
+    medians = {key: statistics.median(t) for key, t in times.items()}
     if on_cpu:
-      probe, probe_flops = flops.matmul_probe()
-      medians = alternating_medians({**fns, 'peak': lambda: [probe() for _ in range(5)]}, repeats)
       peak = 5 * probe_flops / medians['peak']
-      peak_source = 'float32 matmul peak, measured in turns with the steps'
+      peak_source = 'float32 matmul peak, measured in turns with each step'
     else:
-      medians = alternating_medians(fns, repeats)
       peak, peak_source = flops.device_peak_flops()
     tokens_per_step = tokens.shape[0] * (tokens.shape[1] - 1)
     step_flops = flops.train_flops_per_token(cfg, tokens.shape[1] - 1) * tokens_per_step
@@ -417,8 +492,7 @@ def train_speed(
             hf_s / medians['ours'] if hf_s else None,
             peak,
             peak_source,
+            breakdown,
         )
     )
-    if profile:
-      rows[-1].ours_breakdown = profiling.step_breakdown(ours, compiled_text())
   return rows
