@@ -131,7 +131,7 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in BENCHMARKS:
     raise ValueError(f'usage: benchmark.py {{{",".join(BENCHMARKS)}}} [--output=FILE]')
   result = BENCHMARKS[argv[1]]()
-  result['freed_memory_kept'] = host_memory.freed_memory_kept()  # 15-20% of a CPU step
+  result['freed_memory_kept'] = host_memory.freed_memory_kept()  # CPU speed depends on it
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'w') as f:
       json.dump(result, f, indent=2)

@@ -28,7 +28,7 @@ def test_decode_step_time_by_position():
 
 @pytest.mark.reference
 @pytest.mark.slow
-def test_train_speed_steps_transformers_in_its_own_process_in_turns():
+def test_train_speed_times_ours_then_transformers_in_a_process_of_its_own():
   (row,) = benchmarks.train_speed(names=('tiny',), repeats=1)
   assert row.config == 'tiny' and row.tokens_per_step == 16 * 256
   assert row.ours_step_seconds > 0 and row.transformers_step_seconds > 0 and row.peak_flops > 0
