@@ -155,6 +155,11 @@ def tpu_devices(target: TpuSlice, num_slices: int = 1) -> list:
   # only compiles, so several may run at once (a test suite on two workers, a sweep of layouts);
   # without this the second fails with "ABORTED: ... libtpu multi-process lockfile".
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  # Off a Cloud TPU VM, the TPU runtime cannot read its slice and workers from the metadata
+  # server; without these it logs "could not determine TPU accelerator type" and an
+  # INVALID_ARGUMENT error for the workers' hostnames. This process compiles for the slice alone.
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', target.name)
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   try:
     from jax.experimental import topologies
 
