@@ -102,6 +102,17 @@ def _moe_terms(stats, train: mlc.ConfigDict):
   return train.load_balance_coef * load_balance + train.router_z_coef * z_loss, logged
 
 
+def update_if(finite, update, *state):
+  """update(*state) where `finite` is True, else the state as it was."""
+  if sharding.platform() == 'cpu':
+    # A branch: on CPU a select of the new and old values is a pass of its own over the
+    # whole state (AdamW on 200M parameters: 0.42 s with the select, 0.28 s as a branch).
+    return jax.lax.cond(finite, update, lambda *old: old, *state)
+  # A select: the TPU compiler fuses it into the update, and plans a branch with the old and
+  # new state apart (Maverick on a v5p-256: 77.08 GiB per chip, 75.72 as a select).
+  return jax.tree.map(lambda new, old: jnp.where(finite, new, old), update(*state), state)
+
+
 def train_step(state, batch, *, setup: Setup):
   """One optimizer update over the global batch (split into grad_accum_steps micro-batches)."""
   train = setup.config.train
@@ -146,15 +157,7 @@ def train_step(state, batch, *, setup: Setup):
     return optax.apply_updates(params, updates), opt_state
 
   with jax.named_scope('optimizer'):
-    old = state['params'], state['opt_state']
-    if sharding.platform() == 'cpu':
-      # A branch: on CPU a select of the new and old values is a pass of its own over the
-      # whole state (AdamW on 200M parameters: 0.42 s with the select, 0.28 s as a branch).
-      params, opt_state = jax.lax.cond(finite, update, lambda *old: old, *old)
-    else:
-      # A select: the TPU compiler fuses it into the update, and plans a branch with the old
-      # and new state apart (Maverick on a v5p-256: 77.08 GiB per chip, 75.72 as a select).
-      params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), update(*old), old)
+    params, opt_state = update_if(finite, update, state['params'], state['opt_state'])
     new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
   lr = optim.learning_rate_schedule(setup.config.optim, train.steps)(state['step'])
   metrics = {

@@ -9,6 +9,7 @@ import socket
 import subprocess
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -96,6 +97,23 @@ def test_bf16_compute_with_remat_trains(devices, batches):
   )
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert jax.tree.leaves(state['params'])[0].dtype == np.float32
+
+
+@pytest.mark.parametrize('platform', ['cpu', 'tpu'])
+def test_a_nonfinite_step_leaves_the_state_as_it_was(monkeypatch, platform):
+  """CPUs skip the update as a branch, TPUs and GPUs select the old state after it."""
+  monkeypatch.setattr(sharding, 'platform', lambda: platform)
+  state = ({'w': jnp.arange(4.0)}, (jnp.ones(3), jnp.int32(7)))
+  update = lambda params, opt: (
+      {'w': params['w'] - 1},
+      (opt[0] * 2, opt[1] + 1),
+  )
+  step = jax.jit(lambda finite, state: trainer.update_if(finite, update, *state))
+  for finite, want in ((True, update(*state)), (False, state)):
+    got = step(finite, state)
+    assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(a, b), got, want))
+  lowered = step.lower(True, state).as_text()
+  assert ('stablehlo.case' in lowered) == (platform == 'cpu')
 
 
 def test_the_whole_state_update_is_in_the_optimizer_scope(batches):
