@@ -104,10 +104,7 @@ def test_a_nonfinite_step_leaves_the_state_as_it_was(monkeypatch, platform):
   """CPUs skip the update as a branch, TPUs and GPUs select the old state after it."""
   monkeypatch.setattr(sharding, 'platform', lambda: platform)
   state = ({'w': jnp.arange(4.0)}, (jnp.ones(3), jnp.int32(7)))
-  update = lambda params, opt: (
-      {'w': params['w'] - 1},
-      (opt[0] * 2, opt[1] + 1),
-  )
+  update = lambda params, opt: ({'w': params['w'] - 1}, (opt[0] * 2, opt[1] + 1))
   step = jax.jit(lambda finite, state: trainer.update_if(finite, update, *state))
   for finite, want in ((True, update(*state)), (False, state)):
     got = step(finite, state)
