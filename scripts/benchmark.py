@@ -118,9 +118,14 @@ def train():
   for r in rows:
     if r.ours_breakdown:
       total = sum(r.ours_breakdown.values())
-      print(f'{r.config}: one step of llama4_jax by part ({total:.2f} s of op time)')
+      print(
+          f'{r.config}: one step of llama4_jax by part ({total:.2f} s of op time; matmul GFLOP/s '
+          'per second of op time, against the peak when run on one core)'
+      )
       for part, seconds in r.ours_breakdown.items():
-        print(f'  {seconds:7.2f} s {seconds / total:5.1%}  {part}')
+        gflop = r.ours_breakdown_matmul_gflop[part]
+        rate = f'{gflop / seconds:6.1f} GFLOP/s' if gflop and seconds else ' ' * 13
+        print(f'  {seconds:7.2f} s {seconds / total:5.1%} {rate}  {part}')
   return {'rows': [dataclasses.asdict(r) for r in rows]}
 
 

@@ -109,20 +109,29 @@ def test_sharded_logits_match_transformers(tmp_path, devices, mesh_shape):
   assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens, mask), mask)
 
 
-@pytest.mark.slow
-def test_banded_attention_equals_masked_attention_with_packing():
+@pytest.mark.parametrize('blocks_per_chunk', [1, attention.BAND_BLOCKS_PER_CHUNK, 4, 3])
+def test_banded_attention_equals_masked_attention_with_packing(blocks_per_chunk):
+  """Values and gradients of the chunked layers' path without a cache, packed and padded,
+  with 1, 2 and 4 query blocks per chunk (3 does not divide the chunk: whole-chunk blocks)."""
   B, T, N, K, H, C = 2, 64, 4, 2, 8, 16
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
   k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
   segments = np.ones((B, T), np.int32)
   segments[0, :5] = 0  # left padding
-  segments[1, 20:], segments[1, 41:] = 2, 3  # packed documents, chunks not block-aligned
-  inputs_ = attention.make_attention_inputs(jnp.asarray(segments), 0, T, C)
-  full = attention.dot_product_attention(q, k, v, inputs_.chunked_mask_BTS)
-  banded = attention.banded_attention(q, k, v, inputs_.chunked_mask_BTS, C)
+  segments[1, 20:], segments[1, 41:], segments[1, 60:] = 2, 3, 0  # packed, chunks not block-aligned
+  mask = attention.make_attention_inputs(jnp.asarray(segments), 0, T, C).chunked_mask_BTS
   valid = segments != 0  # padding queries attend to nothing; their output is unused
-  np.testing.assert_allclose(np.asarray(banded)[valid], np.asarray(full)[valid], atol=1e-6)
+  weights = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) * valid[:, :, None, None]
+  full = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, mask))
+  banded = jax.jit(lambda q, k, v: attention.banded_attention(q, k, v, mask, C, blocks_per_chunk))
+  np.testing.assert_allclose(
+      np.asarray(banded(q, k, v))[valid], np.asarray(full(q, k, v))[valid], atol=1e-6
+  )
+  loss = lambda attend, q, k, v: jnp.sum(attend(q, k, v) * weights)
+  gradients = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)
+  for got, want in zip(gradients(banded, q, k, v), gradients(full, q, k, v)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_triangular_attention_equals_masked_attention_with_packing():

@@ -19,13 +19,33 @@ def test_step_breakdown_groups_ops_by_named_scope():
 
   x = jnp.ones((256, 256))
   step(x).block_until_ready()
-  breakdown = profiling.step_breakdown(lambda: step(x), step.lower(x).compile().as_text())
+  breakdown, _ = profiling.step_breakdown(lambda: step(x), step.lower(x).compile().as_text())
   assert {
       'attention core (scores, mask, softmax, values)',
       'optimizer (AdamW update, clipping)',
   } <= set(breakdown)
   assert all(seconds >= 0 for seconds in breakdown.values())
   assert sum(breakdown.values()) > 0
+
+
+def test_step_breakdown_counts_the_matmul_flops_each_part_ran():
+  """Fused or not, in a loop's body once per iteration; none in ops without a dot."""
+
+  @jax.jit
+  def step(x, w, s):
+    with jax.named_scope('attention_core'):
+      y = jnp.tanh(x @ w)  # [128, 256] @ [256, 64]
+    return jax.lax.fori_loop(0, 3, lambda i, y: jnp.tanh(y @ s) + i, y)  # [128, 64] @ [64, 64]
+
+  x, w, s = jnp.ones((128, 256)), jnp.ones((256, 64)) / 256, jnp.ones((64, 64)) / 64
+  step(x, w, s).block_until_ready()
+  seconds, matmul_flops = profiling.step_breakdown(
+      lambda: step(x, w, s), step.lower(x, w, s).compile().as_text()
+  )
+  assert set(matmul_flops) == set(seconds)
+  assert matmul_flops['attention core (scores, mask, softmax, values)'] == 2 * 128 * 256 * 64
+  assert matmul_flops[profiling.DENSE_MATMULS] == 3 * 2 * 128 * 64 * 64
+  assert matmul_flops.get(profiling.OTHER, 0) == 0
 
 
 def test_loops_are_not_counted_twice():

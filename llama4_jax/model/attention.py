@@ -19,7 +19,7 @@ long sequence needs (8192 tokens: 40 heads x 8192^2 scores per sequence otherwis
 With `attention_key_block` too, an online softmax over key blocks (`flash_attention`)
 holds [B, N, block, key block] and skips the blocks the mask leaves empty.
 Without a cache, both flavours skip the keys their mask rules out by construction:
-chunked layers attend within a band of two chunks (`banded_attention`), global layers
+chunked layers attend within a band of one and a half chunks (`banded_attention`), global layers
 per block of queries up to its last key (`triangular_attention`).
 """
 
@@ -544,34 +544,55 @@ def triangular_attention(q_BTNH, k_BTKH, v_BTKH, causal_mask_BTS, blocks: int = 
   return jnp.concatenate(y_nBQNH, axis=1)
 
 
-def banded_attention(q_BTNH, k_BTKH, v_BTKH, chunked_mask_BTS, chunk: int):
+# Query blocks per chunk in banded_attention: with r blocks of C / r queries, each block needs
+# (r + 1) C / r keys. r = 2 computes 3/4 of the scores of whole-chunk blocks (r = 1); r = 4's
+# smaller blocks, 5/8, ran no faster on a CPU (PERFORMANCE.md, change 11).
+BAND_BLOCKS_PER_CHUNK = 2
+
+
+def banded_attention(
+    q_BTNH,
+    k_BTKH,
+    v_BTKH,
+    chunked_mask_BTS,
+    chunk: int,
+    blocks_per_chunk: int = BAND_BLOCKS_PER_CHUNK,
+):
   """Chunked attention without a cache, computing only the band the mask allows.
 
-  A query's chunk starts at most C - 1 tokens before it, so query block i
-  (C tokens) only needs keys of blocks i - 1 and i: 2C keys per query
-  instead of T. Equal to dot_product_attention under the same mask (masked
-  keys get exactly zero weight in both).
+  A query's chunk starts at most C - 1 tokens before it, so a block of Q = C / r
+  queries (r = blocks_per_chunk) only needs the keys of its own block and the r
+  blocks before it: (r + 1) Q keys per query instead of T (whole-chunk blocks,
+  r = 1, where r does not divide C). Equal to dot_product_attention under the same
+  mask (masked keys get exactly zero weight in both).
   """
   B, T, K, H = k_BTKH.shape
-  n = T // chunk
+  r = blocks_per_chunk if chunk % blocks_per_chunk == 0 else 1
+  Q = chunk // r
+  n = T // Q
 
-  def with_previous_block(x_BnC):  # [B, n, C, ...] -> [B, n, 2C, ...]
-    previous = jnp.concatenate([jnp.zeros_like(x_BnC[:, :1]), x_BnC[:, :-1]], axis=1)
-    return jnp.concatenate([previous, x_BnC], axis=2)
+  def shifted(x_Bn, s: int):  # block i of the result is block i - s of x (zeros before the first)
+    return jnp.pad(x_Bn[:, : n - s], [(0, 0), (s, 0)] + [(0, 0)] * (x_Bn.ndim - 2))
 
-  k_BnRKH = with_previous_block(k_BTKH.reshape(B, n, chunk, K, H))
-  v_BnRKH = with_previous_block(v_BTKH.reshape(B, n, chunk, K, H))
-  # The mask's diagonal blocks (query block i, key block i) and the ones below them.
-  mask_BiCjC = chunked_mask_BTS.reshape(B, n, chunk, n, chunk)  # query block i, key block j
-  diagonal_BCCn = jnp.diagonal(mask_BiCjC, axis1=1, axis2=3)
-  below_BCCm = jnp.diagonal(mask_BiCjC, offset=-1, axis1=1, axis2=3)  # m = n - 1
-  below_BCCn = jnp.pad(below_BCCm, ((0, 0), (0, 0), (0, 0), (1, 0)))
-  mask_BnCR = jnp.concatenate([below_BCCn, diagonal_BCCn], axis=2).transpose(0, 3, 1, 2)
-  q_BnCNH = q_BTNH.reshape(B * n, chunk, *q_BTNH.shape[2:])
+  def band(x_BnQ):  # [B, n, Q, ...] -> [B, n, (r + 1) Q, ...]: key blocks i - r, ..., i
+    return jnp.concatenate([shifted(x_BnQ, s) for s in range(r, -1, -1)], axis=2)
+
+  k_BnWKH = band(k_BTKH.reshape(B, n, Q, K, H))
+  v_BnWKH = band(v_BTKH.reshape(B, n, Q, K, H))
+  # The mask's blocks (query block i, key block i - s) for s = r, ..., 0.
+  mask_BiQjQ = chunked_mask_BTS.reshape(B, n, Q, n, Q)
+  mask_BnQW = jnp.concatenate(
+      [
+          shifted(jnp.diagonal(mask_BiQjQ, offset=-s, axis1=1, axis2=3).transpose(0, 3, 1, 2), s)
+          for s in range(r, -1, -1)
+      ],
+      axis=3,
+  )
+  q_BnQNH = q_BTNH.reshape(B * n, Q, *q_BTNH.shape[2:])
   y = dot_product_attention(
-      q_BnCNH,
-      k_BnRKH.reshape(B * n, 2 * chunk, K, H),
-      v_BnRKH.reshape(B * n, 2 * chunk, K, H),
-      mask_BnCR.reshape(B * n, chunk, 2 * chunk),
+      q_BnQNH,
+      k_BnWKH.reshape(B * n, (r + 1) * Q, K, H),
+      v_BnWKH.reshape(B * n, (r + 1) * Q, K, H),
+      mask_BnQW.reshape(B * n, Q, (r + 1) * Q),
   )
   return y.reshape(q_BTNH.shape)

@@ -259,6 +259,7 @@ class TrainRow:
   peak_flops: float
   peak_source: str
   ours_breakdown: dict[str, float] | None = None  # seconds per part of the step
+  ours_breakdown_matmul_gflop: dict[str, float] | None = None  # matmul GFLOP each part ran
 
 
 def _rss_bytes() -> int:
@@ -437,7 +438,8 @@ def train_speed(
   the probe's median over both. On an accelerator ours computes in bfloat16
   against the data-sheet peak, and transformers is left out. MFU counts model FLOPs
   (flops.train_flops_per_token: active parameters, attention under its masks). With `profile`,
-  each row also gets ours' seconds per part of the step (profiling.step_breakdown).
+  each row also gets ours' seconds per part of the step and the matmul FLOPs each part ran
+  (profiling.step_breakdown).
   """
   from llama4_jax import flops
   from llama4_jax.tools import profiling
@@ -453,7 +455,9 @@ def train_speed(
     jax.block_until_ready(ours())  # compile and warm up
     memory = {'ours': step_memory_bytes(ours) / 2**20}
     times = alternating_times({'ours': ours, **peak_probe}, repeats)
-    breakdown = profiling.step_breakdown(ours, compiled_text()) if profile else None
+    breakdown, matmul_flops = (
+        profiling.step_breakdown(ours, compiled_text()) if profile else ({}, {})
+    )
     if with_transformers and on_cpu:
       host_memory.release_freed_memory()  # ours' kept memory, before transformers' grows
       hf = TransformersProcess(cfg, tokens, transformers_keeps_freed_memory)
@@ -492,7 +496,8 @@ def train_speed(
             hf_s / medians['ours'] if hf_s else None,
             peak,
             peak_source,
-            breakdown,
+            breakdown or None,
+            {part: f / 1e9 for part, f in matmul_flops.items()} or None,
         )
     )
   return rows
