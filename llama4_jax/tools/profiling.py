@@ -34,6 +34,8 @@ OTHER = 'other (norms, RoPE, loss, residuals, layout copies)'
 
 # A loop's or a branch's own event spans the ops of its body, which are traced as well.
 _CONTROL_FLOW = re.compile(r' (?:while|conditional|call)\(%')
+# An HLO instruction's line: its name, and its dimensions where its shape is an array.
+_INSTRUCTION = re.compile(r'\s*(?:ROOT )?%([\w.\-]+) = (?:\w+\[([\d,]*)\])?')
 
 
 def _op_paths(compiled_text: str) -> dict[str, str]:
@@ -43,14 +45,11 @@ def _op_paths(compiled_text: str) -> dict[str, str]:
   """
   paths = {}
   for line in compiled_text.splitlines():
-    match = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = ', line)
+    match = _INSTRUCTION.match(line)
     if match and not _CONTROL_FLOW.search(line):
       path = re.search(r'op_name="([^"]*)"', line)
       paths[match.group(1)] = path.group(1) if path else ''
   return paths
-
-
-_INSTRUCTION = re.compile(r'\s*(?:ROOT )?%([\w.\-]+) = (?:\w+\[([\d,]*)\])?')
 
 
 def _dot_flops(compiled_text: str) -> dict[str, int]:
