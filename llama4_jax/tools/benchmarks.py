@@ -455,9 +455,10 @@ def train_speed(
     jax.block_until_ready(ours())  # compile and warm up
     memory = {'ours': step_memory_bytes(ours) / 2**20}
     times = alternating_times({'ours': ours, **peak_probe}, repeats)
-    breakdown, matmul_flops = (
-        profiling.step_breakdown(ours, compiled_text()) if profile else ({}, {})
-    )
+    breakdown = matmul_gflop = None
+    if profile:
+      breakdown, matmul_flops = profiling.step_breakdown(ours, compiled_text())
+      matmul_gflop = {part: f / 1e9 for part, f in matmul_flops.items()}
     if with_transformers and on_cpu:
       host_memory.release_freed_memory()  # ours' kept memory, before transformers' grows
       hf = TransformersProcess(cfg, tokens, transformers_keeps_freed_memory)
@@ -496,8 +497,8 @@ def train_speed(
             hf_s / medians['ours'] if hf_s else None,
             peak,
             peak_source,
-            breakdown or None,
-            {part: f / 1e9 for part, f in matmul_flops.items()} or None,
+            breakdown,
+            matmul_gflop,
         )
     )
   return rows
