@@ -4,8 +4,8 @@
   python scripts/train.py --config=configs/maverick.py:vision ...   # with the vision tower (maverick_mm)
 
 Weights (experts included) sharded over `fsdp` (the rest) and `tensor` (4), MaxText's
-layout: on a v5p-256, fsdp 32 x tensor 4 fits 4 sequences per chip (README; expert 8 x fsdp 16
-does not: docs/fit_check.md). bf16 compute, each layer rematerialised from its input in host
+layout: on a v5p-256, fsdp 32 x tensor 4 fits 4 sequences per chip (README,
+docs/fit_check.md). bf16 compute, each layer rematerialised from its input in host
 memory.
 """
 

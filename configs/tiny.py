@@ -24,7 +24,7 @@ def get_config(arg=None):
 
 
 def sweep(add, arg=None):
-  """Learning-rate sweep (the README's example); see llama4_jax/sweep.py.
+  """Learning-rate sweep (the README's example); see llama4_jax/tools/sweep.py.
 
   python scripts/sweep.py --config=configs/tiny.py --workdir=/tmp/tiny_lr --parallel=1
   python scripts/sweep.py --summarize=/tmp/tiny_lr

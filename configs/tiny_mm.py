@@ -4,7 +4,7 @@
 
 The tiny text model of configs/tiny.py with a 2-layer vision tower on 48-pixel
 single-tile images (8 x 8 patches of 6 pixels, 16 image tokens per image).
-The data (llama4_jax/shapes_data.py) are generated on first use: coloured
+The data (llama4_jax/data/shapes_data.py) are generated on first use: coloured
 shapes with questions about their colour, kind and count. At the end the run
 reports its held-out answer accuracy and the best a text-only model can do.
 """
@@ -27,7 +27,7 @@ def get_config(arg=None):
       projector_output_dim=128,
       vision_output_dim=128,
       max_tiles=1,
-      # The built-in tokenizer's ids (llama4_jax/tokenizer.py SPECIAL_TOKENS order).
+      # The built-in tokenizer's ids (llama4_jax/data/tokenizer.py SPECIAL_TOKENS order).
       image_token_id=12,
       boi_token_id=9,
       eoi_token_id=10,

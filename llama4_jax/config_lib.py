@@ -310,7 +310,8 @@ def base_config() -> mlc.ConfigDict:
                   seed=0,
               )
           ),
-          # image_text with train_files/eval_files '': the built-in shapes questions (llama4_jax/shapes_data.py).
+          # image_text with train_files/eval_files '': the built-in shapes questions
+          # (llama4_jax/data/shapes_data.py).
           shapes=mlc.ConfigDict(
               dict(
                   # where they are written ('' = <workdir>/shapes_data; for a gs:// workdir,
