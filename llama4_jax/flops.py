@@ -1,5 +1,6 @@
 """Model FLOPs per token (active parameters, attention with its masks) and device peaks."""
 
+import re
 import time
 
 import jax
@@ -8,20 +9,31 @@ import numpy as np
 
 from llama4_jax import model as model_lib
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets. TPUs by the `device_kind` JAX
+# gives them (a v5p is 'TPU v5', a v5e 'TPU v5 lite', a v6e 'TPU v6 lite'); GPUs by the model
+# name, a word of theirs ('NVIDIA H100 80GB HBM3', 'NVIDIA A100-SXM4-80GB'; an L40S is no L4).
 BF16_PEAK = {
+    'TPU v4': 275e12,
+    'TPU v5': 459e12,
+    'TPU v5p': 459e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v6 lite': 918e12,
+    'TPU v6e': 918e12,
     'H100': 989e12,
     'H200': 989e12,
     'A100': 312e12,
     'L4': 121e12,
     'B200': 2250e12,
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v6 lite': 918e12,
-    'TPU v6e': 918e12,
 }
+
+
+def bf16_peak(device_kind: str) -> float | None:
+  """The data-sheet peak of a device_kind (`BF16_PEAK`), or None for one not listed."""
+  if device_kind in BF16_PEAK:
+    return BF16_PEAK[device_kind]
+  words = re.split(r'[\s-]+', device_kind)
+  return next((peak for name, peak in BF16_PEAK.items() if name in words), None)
 
 
 def active_matmul_params(cfg: model_lib.ModelConfig) -> int:
@@ -90,10 +102,9 @@ def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> f
 def device_peak_flops() -> tuple[float, str]:
   """(peak FLOP/s per device, how it was obtained)."""
   device = jax.devices()[0]
-  if device.platform != 'cpu':
-    for name, peak in BF16_PEAK.items():
-      if name.lower() in device.device_kind.lower():
-        return peak, f'{device.device_kind} bf16 data-sheet peak'
+  peak = bf16_peak(device.device_kind) if device.platform != 'cpu' else None
+  if peak:
+    return peak, f'{device.device_kind} bf16 data-sheet peak'
   per_process = measure_matmul_peak()
   # Fake CPU devices share the process's cores: the machine's peak is split among them.
   return per_process / jax.local_device_count(), f'measured {device.platform} float32 matmul peak'

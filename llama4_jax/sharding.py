@@ -43,10 +43,8 @@ LOGICAL_RULES = (
     # reduce-scatters its output (Megatron's sequence parallelism, on the model dimension).
     ('act_embed', 'tensor'),
     ('act_heads', 'tensor'),
-    ('act_kv_heads', 'tensor'),
     ('act_mlp', 'tensor'),
     ('act_vocab', 'tensor'),
-    ('act_expert', 'expert'),
 )
 
 
@@ -142,7 +140,7 @@ def logical_to_spec(names: Sequence[str | None], rules=LOGICAL_RULES) -> P:
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh_shape: dict[str, int]) -> P:
-  """Drops mesh axes from dimensions they do not divide (those dims are replicated).
+  """Replicates each dimension that its mesh axes, all together, do not divide.
 
   E.g. 2 kv heads on a tensor axis of 4: the heads are replicated rather than
   making the whole layout impossible.

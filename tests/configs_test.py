@@ -77,6 +77,8 @@ def test_wrong_type_is_an_error_naming_the_key():
         ('--config.data.chat_task.train_examples=0', 'data.chat_task.train_examples'),
         ('--config.seed=-3', 'seed: must be >= 0'),
         ('--config.model.attention_query_block=-1', 'attention_query_block'),
+        ('--config.model.attention_key_block=8', 'attention_key_block: key blocks split query'),
+        ('--config.model.floor_scale=0', 'floor_scale: must be positive'),
         ('--config.train.batch_size=12', 'train.batch_size: 12 sequences .* the 8 batch shards'),
     ],
 )

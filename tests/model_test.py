@@ -196,15 +196,17 @@ def test_blocked_attention_equals_dot_product_attention(kernel, chunked, offset)
 
 @pytest.mark.reference
 @pytest.mark.parametrize('key_block', [0, 8])  # 0: blocked, 8: flash
-def test_blocked_attention_matches_transformers(tmp_path, key_block):
-  """The whole model with attention_query_block: chunked (60 tokens are no whole number of
-  chunks) and global layers take the blocked (or flash) path."""
+@pytest.mark.parametrize('length', [60, 64])
+def test_blocked_attention_matches_transformers(tmp_path, monkeypatch, key_block, length):
+  """The whole model with attention_query_block: chunked and global layers take the blocked (or
+  flash) path, also at 64 tokens, whole chunks, where the band would hold every query's scores."""
+  monkeypatch.setattr(attention, 'banded_attention', None)  # not called with query blocks
   hf = hf_reference.text_model()
   converted_model = converted(tmp_path, hf)
   cfg = converted_model.cfg.replace(attention_query_block=16, attention_key_block=key_block)
   model = model_lib.Llama4(cfg, rngs=nnx.Rngs(0))
   nnx.update(model, nnx.state(converted_model))
-  tokens, mask = inputs()
+  tokens, mask = inputs(length=length)
   ours, _ = model(jnp.asarray(tokens), jnp.asarray(mask))
   assert_matches_hf(np.asarray(ours), hf_reference.text_logits(hf, tokens, mask), mask)
 

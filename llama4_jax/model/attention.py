@@ -236,8 +236,6 @@ class Attention(nnx.Module):
     self.k_proj = layers.Einsum('BSD,DKH->BSKH', (D, K, H), ('embed', 'kv_heads', 'head_dim'), **kw)
     self.v_proj = layers.Einsum('BSD,DKH->BSKH', (D, K, H), ('embed', 'kv_heads', 'head_dim'), **kw)
     self.o_proj = layers.Einsum('BTNH,NHD->BTD', (N, H, D), ('q_heads', 'head_dim', 'embed'), **kw)
-    self.num_kv_heads = K
-    self.head_dim = H
     self.eps = cfg.rms_norm_eps
     self.use_rope = use_rope
     self.use_qk_norm = use_rope and cfg.use_qk_norm
@@ -282,7 +280,8 @@ class Attention(nnx.Module):
 
     chunk = self.cfg.attention_chunk_size
     block = self.cfg.attention_query_block
-    if self.use_chunked and cache is None and T > chunk and T % chunk == 0:
+    # Query blocks are a memory bound: the band's scores (1.5 C keys for every query) are not.
+    if self.use_chunked and cache is None and not block and T > chunk and T % chunk == 0:
       y_BTNH = banded_attention(q_BTNH, k_BSKH, v_BSKH, inputs.chunked_mask_BTS, chunk)
     elif block and T > block and self.cfg.attention_key_block:
       y_BTNH = flash_attention(

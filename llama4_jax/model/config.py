@@ -127,6 +127,10 @@ class ModelConfig:
     for key in ('attention_query_block', 'attention_key_block'):
       if getattr(self, key) < 0:
         fail(key, f'must be >= 0, got {getattr(self, key)}')
+    if self.attention_key_block and not self.attention_query_block:
+      fail('attention_key_block', 'key blocks split query blocks: set attention_query_block > 0')
+    if self.attn_temperature_tuning and self.floor_scale <= 0:
+      fail('floor_scale', f'must be positive with attn_temperature_tuning, got {self.floor_scale}')
     if self.attention_chunk_size < 0:
       fail('attention_chunk_size', f'must be >= 0, got {self.attention_chunk_size}')
     if self.rope_type not in ('default', 'llama3'):

@@ -144,7 +144,6 @@ class Einsum(nnx.Module):
           f'axes of a weight of shape {shape}'
       )
     self.contracted = n
-    self.eqn = eqn
     self.dtype = dtype
     if std is None:  # LeCun: unit-variance outputs for unit-variance inputs
       std = math.prod(shape[:n]) ** -0.5

@@ -315,8 +315,8 @@ def decode_layout(model: Llama4) -> Llama4:
   so do each expert's (`moe.MoE.split_experts`). XLA on CPU copies a slice of a
   stacked weight every time it is used: of the stacked layers, that made a
   decode step of a ~100M model 3x slower; of the selected experts, it took 2
-  of a step's 13 ms (BENCHMARKS.md). GPUs and TPUs keep the stacked experts,
-  whose prefill runs `ragged_dot` (the split layout is not measured there).
+  of a step's 13 ms (BENCHMARKS.md). GPUs and TPUs keep the stacked experts
+  and the training dispatch (`moe.grouped_matmul_for`; the split layout is not measured there).
   For inference only; `model` itself is left as it was.
   """
   model = nnx.clone(unstack_layers(model))

@@ -24,8 +24,8 @@ They differ in how tokens reach their experts and what that costs:
             tokens into an [E, C, D] buffer; later assignments are dropped
             (their routed contribution is zero; the shared expert still applies).
 
-Decoding uses an inference layout (`MoE.split_experts`) in which each expert's
-weights are arrays of their own, and `switched_dispatch`: dropless, each group
+Decoding on CPU uses an inference layout (`MoE.split_experts`) in which each
+expert's weights are arrays of their own, and `switched_dispatch`: dropless, each group
 of rows runs its expert under `lax.switch` without copying the expert's weights.
 
 When the mesh splits the tokens, `_sharded_dispatch` runs the dispatch inside
