@@ -3,7 +3,8 @@
 A workdir holds `config.json` (the resolved config) and `checkpoints/<step>/`.
 Each checkpoint's `state` pytree is a dict of flat dicts keyed by dotted
 parameter names (`stages.0.layers.1.attn.q_proj.w`):
-`{'params': {...}, 'opt_state': {...}, 'step': int}` for training runs and
+`{'params': {...}, 'opt_state': {...}, 'step': int, 'data': {process: iterator state}}`
+for training runs (the data entry: each process's input-iterator state, as JSON) and
 `{'params': {...}}` for converted checkpoints. Flat names keep checkpoints
 readable, let one leaf be loaded alone, and let a converter write a checkpoint
 one tensor at a time (`write_params_streaming`).

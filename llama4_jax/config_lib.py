@@ -226,14 +226,6 @@ def load(workdir: str) -> mlc.ConfigDict:
     raise ConfigError(f'{path}: not valid JSON ({e})') from e
 
 
-def merge_saved_model(config: mlc.ConfigDict, saved: mlc.ConfigDict) -> mlc.ConfigDict:
-  """`config` with its model section replaced by a saved run's (same keys, saved values)."""
-  config = mlc.ConfigDict(config.to_dict())
-  with config.unlocked():
-    config.model = mlc.ConfigDict(saved.model.to_dict())
-  return config
-
-
 def with_init_model(config: mlc.ConfigDict) -> mlc.ConfigDict:
   """`config` with the model of its `train.init_from` workdir, if `train.model_from_init`.
 
@@ -260,6 +252,54 @@ def diff_model(a: mlc.ConfigDict, b: mlc.ConfigDict) -> list[str]:
   return [
       k for k in sorted(model_a) if k not in model_lib.EXECUTION_FIELDS and model_a[k] != model_b[k]
   ]
+
+
+# What a resumed run must keep (`diff_resume`): the data stream that its checkpoint's iterator
+# state is a position in, and the structure of its optimizer state. Steps, learning rates,
+# logging, evaluation and where files go may change. Each key maps to what is compared.
+def _as_is(value):
+  return value
+
+
+RESUME_KEYS = {
+    'seed': _as_is,
+    'train.batch_size': _as_is,
+    'train.freeze': _as_is,
+    'optim.clip_norm': bool,  # clipping on or off (another optimizer state); its threshold may change
+    'data.modality': _as_is,
+    'data.train_files': _as_is,
+    'data.seq_len': _as_is,
+    'data.packing_bins': _as_is,
+    'data.builtin_max_bytes': _as_is,
+    'data.tiles_per_row': _as_is,
+    'data.chat_overlong': _as_is,
+    'data.chat_task.seed': _as_is,
+    'data.chat_task.train_examples': _as_is,
+    'data.shapes.seed': _as_is,
+    'data.shapes.train_examples': _as_is,
+}
+
+
+def _value(config: mlc.ConfigDict, dotted: str, default):
+  node = config
+  for part in dotted.split('.'):
+    if not hasattr(node, 'get') or part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+def diff_resume(config: mlc.ConfigDict, saved: mlc.ConfigDict) -> list[tuple[str, object, object]]:
+  """(key, saved value, new value) of each RESUME_KEYS key that differs; keys a config lacks
+  (saved before the key existed) take base_config's defaults."""
+  defaults = base_config()
+  changed = []
+  for key, compared in RESUME_KEYS.items():
+    default = _value(defaults, key, None)
+    before, after = _value(saved, key, default), _value(config, key, default)
+    if compared(before) != compared(after):
+      changed.append((key, before, after))
+  return changed
 
 
 # The keys and their defaults ----------------------------------------------------------

@@ -12,7 +12,7 @@ from flax import nnx
 from llama4_jax import evaluation, sampling
 from llama4_jax import model as model_lib
 from llama4_jax import workdir as workdir_lib
-from llama4_jax.data import chat, image_text
+from llama4_jax.data import chat, image_text, shapes_data
 from llama4_jax.data import text as text_data
 
 SAMPLE_PROMPT = 'def main('  # the built-in corpus is Python source
@@ -39,20 +39,27 @@ def report(config: mlc.ConfigDict, cfg, graphdef, params, tokenizer, workdir: st
   if config.data.modality == 'chat':
     return chat_report(config, model, tokenizer, workdir)
   return {
-      'sample': greedy_sample(model, tokenizer, config.train.sample_tokens, sample_prompt(config)),
+      'sample': greedy_sample(
+          model, tokenizer, config.train.sample_tokens, sample_prompt(config, tokenizer)
+      ),
       'unigram_loss': text_data.unigram_loss(config.data, tokenizer, seq_len=config.data.seq_len),
   }
 
 
-def sample_prompt(config: mlc.ConfigDict, max_chars: int = 40) -> str:
-  """The start of the run's first validation document (its own text, whatever it is), or
-  SAMPLE_PROMPT for the built-in corpus."""
+def sample_prompt(config: mlc.ConfigDict, tokenizer, max_chars: int = 40) -> str:
+  """The start of the run's first validation document (its own text, whatever it is; of token
+  arrays, their first tokens decoded), or SAMPLE_PROMPT for the built-in corpus."""
   data = config.data
   files = data.eval_files or data.train_files
   if not files:
     return SAMPLE_PROMPT
-  text = next((t for t in text_data.read_texts(files, 1) if t.strip()), '').lstrip()
-  return text.split('\n', 1)[0][:max_chars] or SAMPLE_PROMPT
+  first = text_data.expand_globs(files)[0]
+  if first.endswith('.npy'):
+    tokens = text_data.read_token_file(first, tokenizer.vocab_size)[:max_chars]
+    text = tokenizer.decode([int(t) for t in tokens], skip_special=True)
+  else:
+    text = next((t for t in text_data.read_texts(first, 1) if t.strip()), '')
+  return text.lstrip().split('\n', 1)[0][:max_chars] or SAMPLE_PROMPT
 
 
 def greedy_sample(model, tokenizer, num_tokens: int, prompt: str = SAMPLE_PROMPT) -> str:
@@ -70,9 +77,11 @@ def greedy_sample(model, tokenizer, num_tokens: int, prompt: str = SAMPLE_PROMPT
 
 
 def shapes_accuracy(config: mlc.ConfigDict, cfg, graphdef, params, tokenizer, workdir: str):
-  """Held-out question accuracy and the text-only best, when the data has questions."""
+  """Held-out question accuracy and the text-only best, when the data are the built-in shapes
+  questions (`shapes_data.QUESTIONS`: their answer choices are known)."""
   held_out = image_text.split_records(config, 'validation', workdir)
-  if not all(r.question and r.answer for r in held_out):
+  questions = set(shapes_data.QUESTIONS.values())
+  if not all(r.question in questions and r.answer for r in held_out):
     return {}
   train = image_text.split_records(config, 'train', workdir)
   maker = image_text.row_maker(config, cfg, tokenizer)

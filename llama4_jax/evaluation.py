@@ -32,17 +32,22 @@ STEP_TABLE = 'eval_steps'  # .md, .csv and .png of `evaluate_workdir(all_steps=T
 # The step and the loop -----------------------------------------------------------
 
 
-def make_eval_step(graphdef, param_shardings=None, batch_sharding=None):
+def make_eval_step(graphdef, param_shardings=None, batch_sharding=None, loss_chunk: int = 0):
   """Jitted (params, batch) -> (sum of weighted next-token NLL, sum of weights).
 
   With shardings (training, or a restored run on its mesh) the inputs are
-  pinned to them; without, arrays stay where they are.
+  pinned to them; without, arrays stay where they are. The logits are computed
+  `loss_chunk` positions at a time, as in training (train.loss_chunk), where that
+  divides the batch's length; else all at once.
   """
 
   def eval_step(params, batch):
     model = nnx.merge(graphdef, params)
-    logits_BTV, _ = model(batch['inputs'], batch.get('segment_ids'), batch.get('pixels'))
-    return losses.cross_entropy_sums(logits_BTV, batch['targets'], batch['weights'])
+    h_BTD, _ = model.hidden_states(batch['inputs'], batch.get('segment_ids'), batch.get('pixels'))
+    chunk = loss_chunk if loss_chunk and h_BTD.shape[1] % loss_chunk == 0 else 0
+    return losses.chunked_cross_entropy_sums(
+        model.logits, h_BTD, batch['targets'], batch['weights'], chunk
+    )
 
   if param_shardings is None:
     return jax.jit(eval_step)
@@ -116,7 +121,9 @@ class CheckpointEvaluator:
       graphdef, abstract_params = nnx.split(self._abstract_model)
       param_shardings = sharding.state_shardings(abstract_params, self.mesh)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self._eval_fn = make_eval_step(graphdef, param_shardings, self.batch_sharding)
+    self._eval_fn = make_eval_step(
+        graphdef, param_shardings, self.batch_sharding, self.config.train.get('loss_chunk', 0)
+    )
 
   def steps(self, step: int | None = None, all_steps: bool = False) -> list[int | None]:
     """The saved steps to score: all, `step`, or [None], the newest readable one; errors

@@ -96,17 +96,51 @@ def _add_scalars(writer, step: int, metrics: dict, prefix: str = ''):
       writer.add_scalar('moe/max_expert_load', max(max(row) for row in value), step)
 
 
+def _rows(text: str) -> list[dict]:
+  """The JSON lines of `text`; a last line cut short by a crash is left out."""
+  rows = []
+  for line in text.splitlines():
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      pass
+  return rows
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of <workdir>/metrics.jsonl (none before it exists), also while a run writes it."""
+  path = epath.Path(workdir) / METRICS_FILE
+  return _rows(path.read_text()) if path.exists() else []
+
+
+def _keep_rows_through(workdir: str, step: int):
+  """Leaves only whole rows of steps up to `step` in metrics.jsonl (atomically: a rename)."""
+  path = epath.Path(workdir) / METRICS_FILE
+  text = path.read_text() if path.exists() else ''
+  rows = _rows(text)
+  kept = [row for row in rows if row.get('step', 0) <= step]
+  if not text or (len(kept) == len(rows) and text.endswith('\n')):
+    return
+  tmp = path.parent / f'.{METRICS_FILE}.tmp'
+  tmp.write_text(''.join(json.dumps(row) + '\n' for row in kept))
+  tmp.replace(path)
+
+
 class MetricsWriter:
   """Appends metrics to <workdir>/metrics.jsonl and TensorBoard (process 0 only).
 
-  The workdir may be any epath path (gs://...): every file goes through epath.
+  Given the step a run resumes at, `start`, it first drops the rows of later steps, which the
+  run it resumes logged after its last checkpoint (they are logged again). The workdir may be any epath
+  path (gs://...): every file goes through epath.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, start: int | None = None):
     self.enabled = enabled
     if not enabled:
       return
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if start is not None:
+      _keep_rows_through(workdir, start)
     self._jsonl = _open_to_append(epath.Path(workdir) / METRICS_FILE)
     self._tb = tensorboard_writer(workdir)
 

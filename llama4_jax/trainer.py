@@ -5,6 +5,7 @@ The train state is one pytree, {'params': nnx.State, 'opt_state': optax state,
 sharded, donated to every step, and checkpointed as a whole.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -180,7 +181,9 @@ def compile_steps(setup: Setup):
       out_shardings=(s, None),
       donate_argnums=0,
   )
-  evaluate = evaluation.make_eval_step(setup.graphdef, s['params'], setup.batch_sharding)
+  evaluate = evaluation.make_eval_step(
+      setup.graphdef, s['params'], setup.batch_sharding, setup.config.train.get('loss_chunk', 0)
+  )
   return train, evaluate
 
 
@@ -226,6 +229,15 @@ def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_ite
   return state, 'initialised from scratch'
 
 
+def _evaluated(workdir: str, step: int) -> bool:
+  """Whether metrics.jsonl holds step's validation loss, as process 0 reads it, on every process."""
+  rows = metrics_lib.read_metrics(workdir) if jax.process_index() == 0 else []
+  found = any(row.get('step') == step and 'eval_loss' in row for row in rows)
+  if jax.process_count() > 1:
+    found = bool(multihost_utils.broadcast_one_to_all(np.array(found)))
+  return found
+
+
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics."""
   config = config_lib.with_init_model(config)
@@ -250,13 +262,13 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       ),
   )
 
-  writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   ckpt = checkpoint.TrainCheckpointer(workdir, train_cfg.keep_checkpoints)
   with sharding.mesh_context(mesh):
     setup = make_setup(config, mesh)
     state, how = _restore_or_init(setup, ckpt, train_iter)
     train_fn, eval_fn = compile_steps(setup)
     start = int(jax.device_get(state['step']))
+    writer = metrics_lib.MetricsWriter(workdir, enabled=is_main, start=start)
     peak, peak_source = flops.device_peak_flops()
     flops_per_token = (
         flops.train_flops_per_row(cfg, seq_len, image_text.tiles_per_row(config, cfg)) / seq_len
@@ -273,74 +285,84 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     progress = metrics_lib.Progress(start, train_cfg.steps, enabled=is_main)
     tokens_per_step = train_cfg.batch_size * seq_len
     window_start, window_steps, skipped, final = time.perf_counter(), 0, 0, {}
+
+    def evaluate_and_log(step: int, params, note: str = '') -> float:
+      eval_loss = evaluate(eval_fn, params, eval_batches, setup.batch_sharding)
+      writer.write(step, {'eval_loss': eval_loss})
+      progress.write(f'step {step}: validation loss {eval_loss:.4f}{note}')
+      return eval_loss
+
+    def is_eval_step(step: int) -> bool:
+      return bool(train_cfg.eval_every and step % train_cfg.eval_every == 0) or (
+          step == train_cfg.steps
+      )
+
     before = {}
     if start == 0 and train_cfg.init_from:  # what fine-tuning starts from, to compare with
-      before['eval_loss_before'] = evaluate(
-          eval_fn, state['params'], eval_batches, setup.batch_sharding
-      )
-      writer.write(0, {'eval_loss': before['eval_loss_before']})
-      progress.write(f'step 0: validation loss {before["eval_loss_before"]:.4f} ({how})')
-    unchecked = []  # (step, metrics) whose finiteness the host has not looked at yet
-    for step in range(start + 1, train_cfg.steps + 1):
-      batch = sharding.to_global_batch(next(train_iter), setup.batch_sharding)
-      state, metrics = train_fn(state, batch)
-      unchecked.append((step, metrics))
-      window_steps += 1
-      must_save = step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps
-      must_log = step % train_cfg.log_every == 0 or step == train_cfg.steps
-      # Look at finished steps while this one runs; wait for this one only before
-      # logging or saving it, so that no checkpoint follows a non-finite step.
-      to_check = unchecked if (must_save or must_log) else unchecked[:-1]
-      for s, m in to_check:
-        if not bool(m['finite']):
-          if not train_cfg.skip_nonfinite:
-            ckpt.wait()
-            progress.close()
-            raise TrainingError(
-                f'non-finite loss or gradient at step {s} (loss={float(m["loss"])}, '
-                f'grad_norm={float(m["grad_norm"])}); the update was not applied and the last '
-                f'checkpoint is step {ckpt.latest_step()}. Set train.skip_nonfinite=True to skip '
-                f'such updates instead.'
-            )
-          skipped += 1
-      unchecked = unchecked[len(to_check) :]
-      if must_log:
-        m = jax.device_get(metrics)
-        tokens_per_sec = window_steps * tokens_per_step / (time.perf_counter() - window_start)
-        final = {
-            'loss': float(m['loss']),
-            'learning_rate': float(m['learning_rate']),
-            'grad_norm': float(m['grad_norm']),
-            'tokens_per_sec': tokens_per_sec,
-            'mfu': tokens_per_sec * flops_per_token / (peak * jax.device_count()),
-            'skipped_steps': skipped,
-        }
-        for key in ('load_balance_loss', 'router_z_loss', 'dropped_fraction'):
-          if key in m:
-            final[key] = float(m[key])
-        if 'expert_load' in m:
-          final['expert_load'] = np.round(np.asarray(m['expert_load']), 4).tolist()
-        writer.write(step, final)
-        progress.log(
-            step,
-            loss=f'{final["loss"]:.3f}',
-            tok_s=f'{tokens_per_sec:,.0f}',
-            mfu=f'{100 * final["mfu"]:.1f}%',
-        )
-        window_start, window_steps = time.perf_counter(), 0
-      # Save before evaluating: no evaluation failure stands between a step and its checkpoint.
-      if must_save:
-        ckpt.save(step, state, _gather_strings(json.dumps(train_iter.get_state())))
-      if (train_cfg.eval_every and step % train_cfg.eval_every == 0) or step == train_cfg.steps:
-        try:
-          eval_loss = evaluate(eval_fn, state['params'], eval_batches, setup.batch_sharding)
-        except BaseException:
-          ckpt.wait()  # let the save in flight finish before the error ends the run
-          raise
-        final['eval_loss'] = eval_loss
-        writer.write(step, {'eval_loss': eval_loss})
-        progress.write(f'step {step}: validation loss {eval_loss:.4f}')
-      progress.update(step)
+      before['eval_loss_before'] = evaluate_and_log(0, state['params'], f' ({how})')
+    if start and is_eval_step(start) and not _evaluated(workdir, start):
+      # The run it resumes stopped between this step's checkpoint and its evaluation.
+      final['eval_loss'] = evaluate_and_log(start, state['params'])
+    try:
+      unchecked = []  # (step, metrics) whose finiteness the host has not looked at yet
+      for step in range(start + 1, train_cfg.steps + 1):
+        batch = sharding.to_global_batch(next(train_iter), setup.batch_sharding)
+        state, metrics = train_fn(state, batch)
+        unchecked.append((step, metrics))
+        window_steps += 1
+        must_save = step % train_cfg.checkpoint_every == 0 or step == train_cfg.steps
+        must_log = step % train_cfg.log_every == 0 or step == train_cfg.steps
+        # Look at finished steps while this one runs; wait for this one only before
+        # logging or saving it, so that no checkpoint follows a non-finite step.
+        to_check = unchecked if (must_save or must_log) else unchecked[:-1]
+        for s, m in to_check:
+          if not bool(m['finite']):
+            if not train_cfg.skip_nonfinite:
+              progress.close()
+              raise TrainingError(
+                  f'non-finite loss or gradient at step {s} (loss={float(m["loss"])}, '
+                  f'grad_norm={float(m["grad_norm"])}); the update was not applied and the last '
+                  f'checkpoint is step {ckpt.latest_step()}. Set train.skip_nonfinite=True to skip '
+                  f'such updates instead.'
+              )
+            skipped += 1
+        unchecked = unchecked[len(to_check) :]
+        if must_log:
+          m = jax.device_get(metrics)
+          tokens_per_sec = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+          final = {
+              'loss': float(m['loss']),
+              'learning_rate': float(m['learning_rate']),
+              'grad_norm': float(m['grad_norm']),
+              'tokens_per_sec': tokens_per_sec,
+              'mfu': tokens_per_sec * flops_per_token / (peak * jax.device_count()),
+              'skipped_steps': skipped,
+          }
+          for key in ('load_balance_loss', 'router_z_loss', 'dropped_fraction'):
+            if key in m:
+              final[key] = float(m[key])
+          if 'expert_load' in m:
+            final['expert_load'] = np.round(np.asarray(m['expert_load']), 4).tolist()
+          writer.write(step, final)
+          progress.log(
+              step,
+              loss=f'{final["loss"]:.3f}',
+              tok_s=f'{tokens_per_sec:,.0f}',
+              mfu=f'{100 * final["mfu"]:.1f}%',
+          )
+          window_start, window_steps = time.perf_counter(), 0
+        # Save before evaluating: no evaluation failure stands between a step and its checkpoint.
+        if must_save:
+          ckpt.save(step, state, _gather_strings(json.dumps(train_iter.get_state())))
+        if is_eval_step(step):
+          final['eval_loss'] = evaluate_and_log(step, state['params'])
+        progress.update(step)
+    except BaseException:
+      # Let the save in flight finish (its own failure aside: the error under way is the one to
+      # report) before the error ends the run.
+      with contextlib.suppress(checkpoint.CheckpointError):
+        ckpt.wait()
+      raise
     progress.close()
     ckpt.wait()
     ckpt.close()

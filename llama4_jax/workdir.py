@@ -49,7 +49,8 @@ def load_model(
 
 
 def check_resumable(config: mlc.ConfigDict, workdir: str):
-  """A resumed run must have the model of the run it resumes; say which fields differ."""
+  """A resumed run must have the model, the data stream and the optimizer state's structure of
+  the run it resumes (config_lib.diff_model, diff_resume); say which keys differ."""
   if (
       not (epath.Path(workdir) / config_lib.CONFIG_FILE).exists()
       or checkpoint.latest_step(workdir) is None
@@ -64,4 +65,12 @@ def check_resumable(config: mlc.ConfigDict, workdir: str):
     raise config_lib.ConfigError(
         f'{workdir} holds checkpoints of a different model ({details}); use a new workdir or '
         f'the saved config'
+    )
+  changed = config_lib.diff_resume(config, saved)
+  if changed:
+    details = ', '.join(f'{key}: {before!r} -> {after!r}' for key, before, after in changed)
+    raise config_lib.ConfigError(
+        f'{workdir} holds checkpoints whose data position and optimizer state belong to other '
+        f'settings ({details}); resume with the saved values, or start a new workdir from its '
+        f'weights with --config.train.init_from={workdir}'
     )

@@ -189,6 +189,15 @@ CASES = {
         train('--workdir={root}/resume', model__hidden_size=128),
         ['holds checkpoints of a different model', 'model.hidden_size: 64 -> 128'],
     ),
+    'train-resume-with-another-data-stream': (
+        train('--workdir={root}/resume', train__batch_size=16, seed=3),
+        [
+            'data position and optimizer state belong to other settings',
+            'seed: 0 -> 3',
+            'train.batch_size: 8 -> 16',
+            'train.init_from={root}/resume',
+        ],
+    ),
     'train-init-from-another-architecture': (
         train(
             '--workdir={root}/w11',

@@ -88,6 +88,30 @@ def test_validation_names_the_key(override, key):
     config_lib.validate(config, num_devices=8)
 
 
+def test_a_resume_may_change_the_schedule_but_not_the_data_stream():
+  saved = parse(f'--config={REPO}/configs/tiny.py')
+  again = parse(
+      f'--config={REPO}/configs/tiny.py',
+      '--config.train.steps=5000',
+      '--config.optim.lr=0.0001',
+      '--config.optim.clip_norm=0.5',
+      '--config.data.eval_files=other.txt',
+  )
+  assert config_lib.diff_resume(again, saved) == []
+  again = parse(
+      f'--config={REPO}/configs/tiny.py',
+      '--config.optim.clip_norm=0',  # no clipping: another optimizer state
+      '--config.data.train_files=more.txt',
+  )
+  assert config_lib.diff_resume(again, saved) == [
+      ('optim.clip_norm', saved.optim.clip_norm, 0.0),
+      ('data.train_files', '', 'more.txt'),
+  ]
+  with saved.unlocked():  # a config saved before a key existed: the key takes its default
+    del saved.data['chat_task']
+  assert config_lib.diff_resume(parse(f'--config={REPO}/configs/tiny.py'), saved) == []
+
+
 def test_config_json_round_trip(tmp_path):
   config = parse(f'--config={REPO}/configs/scout.py')
   config_lib.save(config, str(tmp_path))

@@ -56,11 +56,46 @@ def test_only_small_one_process_runs_that_trained_report():
   assert not end_of_run.wanted(config, 10**6, first_step=0, process_count=1)
 
 
+class ByteTokenizer:
+  """Ids 0-255 for the bytes of ASCII text."""
+
+  vocab_size = 256
+
+  def encode(self, text):
+    return list(text.encode())
+
+  def decode(self, ids, skip_special=False):
+    return bytes(ids).decode()
+
+
 def test_a_run_on_its_own_files_samples_from_its_own_text(tmp_path):
   """The sample's prompt is the start of the run's validation text, not Python's `def main(`."""
   plays = tmp_path / 'hamlet.txt'
   plays.write_text('\n  HAMLET. To be, or not to be, that is the question:\nWhether tis nobler\n')
   config = small_run.config(data__train_files=str(plays))
-  assert end_of_run.sample_prompt(config) == 'HAMLET. To be, or not to be, that is the'
+  tokenizer = ByteTokenizer()
+  assert end_of_run.sample_prompt(config, tokenizer) == 'HAMLET. To be, or not to be, that is the'
+  np.save(tmp_path / 'hamlet.npy', np.array(tokenizer.encode(plays.read_text()), np.int32))
+  config = small_run.config(data__train_files=str(tmp_path / 'hamlet.npy'))
+  assert end_of_run.sample_prompt(config, tokenizer).startswith('HAMLET. To be')  # token arrays
   config = small_run.config()
-  assert end_of_run.sample_prompt(config) == end_of_run.SAMPLE_PROMPT
+  assert end_of_run.sample_prompt(config, tokenizer) == end_of_run.SAMPLE_PROMPT
+
+
+def test_image_text_questions_of_ones_own_get_no_shapes_accuracy(monkeypatch):
+  """Only the built-in shapes questions have known answer choices to score."""
+  from llama4_jax.data import image_text, shapes_data
+
+  question = next(iter(shapes_data.QUESTIONS.values()))
+  records = {
+      'shapes': [image_text.Record('a.png', 'x', question, 'red')],
+      'own': [image_text.Record('a.png', 'x', 'How many legs has the cat?', 'four')],
+  }
+  scored = []
+  monkeypatch.setattr(image_text, 'row_maker', lambda *a: None)
+  monkeypatch.setattr(image_text, 'shapes_accuracy', lambda *a: scored.append(a) or {'qa': 1})
+  monkeypatch.setattr(end_of_run.evaluation, 'make_row_score_fn', lambda *a: None)
+  for name, expected in [('own', {}), ('shapes', {'qa': 1})]:
+    monkeypatch.setattr(image_text, 'split_records', lambda *a, name=name: records[name])
+    assert end_of_run.shapes_accuracy(None, None, None, None, None, '') == expected
+  assert len(scored) == 1

@@ -90,6 +90,20 @@ def test_row_layout_and_text_only_weights(maker, tok):
   assert row['pixels'].shape == (1, 3, 48, 48) and np.all(row['pixels'][:, 0] == 1.0)
 
 
+def test_a_missing_image_is_named_before_training(tmp_path):
+  """Every record's image is checked when the split is read, not when a step first draws it."""
+  Image.new('RGB', (8, 8)).save(tmp_path / 'here.png')
+  lines = [{'image': 'here.png', 'text': 'a'}, {'image': 'gone.png', 'text': 'b'}]
+  (tmp_path / 'data.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in lines))
+  config = tiny_mm.get_config()
+  config.data.train_files = str(tmp_path / 'dat*.jsonl')  # a glob of one file
+  with pytest.raises(text_data.DataError, match=r'data.jsonl: record 2: image file .*gone.png'):
+    image_text.split_records(config, 'train', str(tmp_path))
+  config.data.train_files = str(tmp_path / '*')  # two files
+  with pytest.raises(text_data.DataError, match=r'config.data.train_files=.*one JSON Lines file'):
+    image_text.split_records(config, 'train', str(tmp_path))
+
+
 def test_bad_records_and_images_are_named(tmp_path, maker, tok):
   (tmp_path / 'a.jsonl').write_text('{"image": "x.png"}\n')
   with pytest.raises(text_data.DataError, match=r'a.jsonl:1: missing string field "text"'):

@@ -65,3 +65,31 @@ def test_chunks_never_hold_the_whole_logits():
   whole_logits = B * long_T * big_V * 4  # 4 MiB; the weight's gradient is 128 KiB
   assert temporaries(0) >= whole_logits
   assert 0 < temporaries(4) < whole_logits / 4
+
+
+def test_the_eval_step_takes_the_logits_in_chunks_too():
+  """evaluation.make_eval_step with train.loss_chunk: the same sums, without [B, T, V] at once."""
+  from flax import nnx
+
+  from llama4_jax import evaluation
+  from llama4_jax import model as model_lib
+
+  cfg = model_lib.PRESETS['parity'].replace(vocab_size=16384)  # the logits dominate
+  graphdef, params = nnx.split(model_lib.Llama4(cfg, rngs=nnx.Rngs(0)))
+  tokens = jax.random.randint(jax.random.key(1), (B, 65), 3, cfg.vocab_size)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'weights': jnp.ones((B, 64))}
+
+  def sums_and_temporaries(loss_chunk):
+    step = evaluation.make_eval_step(graphdef, loss_chunk=loss_chunk)
+    compiled = step.lower(params, batch).compile()
+    return step(params, batch), compiled.memory_analysis().temp_size_in_bytes
+
+  (nll, weight), whole = sums_and_temporaries(0)
+  (chunked_nll, chunked_weight), chunked = sums_and_temporaries(8)
+  numerics.assert_close(chunked_nll, nll, terms=cfg.hidden_size + cfg.vocab_size + B * 64)
+  assert chunked_weight == weight == B * 64
+  whole_logits = B * 64 * cfg.vocab_size * 4
+  assert whole >= whole_logits > 2 * chunked
+  assert (
+      evaluation.make_eval_step(graphdef, loss_chunk=48)(params, batch)[1] == weight
+  )  # no divisor

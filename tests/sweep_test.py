@@ -14,6 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llama4_jax import checkpoint, config_lib
+from llama4_jax import metrics as metrics_lib
 from llama4_jax.tools import sweep
 
 import small_run
@@ -188,7 +189,9 @@ def test_small_sweep_end_to_end(tmp_path, monkeypatch):
   assert [r['name'] for r in table] == ['lr=0.003', 'lr=0.01']
   assert [float(r['optim.lr']) for r in table] == [3e-3, 1e-2]
   for run, row in zip(runs, table):
-    evals = {m['step']: m['eval_loss'] for m in sweep.read_metrics(run.workdir) if 'eval_loss' in m}
+    evals = {
+        m['step']: m['eval_loss'] for m in metrics_lib.read_metrics(run.workdir) if 'eval_loss' in m
+    }
     assert sorted(evals) == [3, 6]
     assert row['status'] == 'done' and int(row['final_eval_step']) == 6
     assert float(row['final_eval_loss']) == pytest.approx(evals[6])

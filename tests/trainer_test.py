@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from llama4_jax import checkpoint, sharding, trainer
+from llama4_jax import metrics as metrics_lib
 from llama4_jax.data import text as text_data
 from llama4_jax.data import tokenizer as tokenizer_lib
 from llama4_jax.tools import profiling
@@ -231,6 +232,33 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_resume_logs_each_step_once_and_the_evaluation_it_missed(tmp_path):
+  """A resumed run drops the rows its predecessor logged after the last checkpoint (it logs
+  those steps again), and evaluates that checkpoint's step if the predecessor stopped between
+  the save and the evaluation."""
+  first = small_run.run_train(tmp_path, train__steps=4, train__eval_every=2)
+  assert first.returncode == 0, first.stderr[-3000:]
+  rows = metrics_lib.read_metrics(str(tmp_path))
+  [eval_4] = [row['eval_loss'] for row in rows if row['step'] == 4 and 'eval_loss' in row]
+  # As if killed after step 4's checkpoint, before its evaluation, with a step 5 logged and a
+  # line cut short: the state a run with more steps and a crash at the wrong moment leaves.
+  cut = [row for row in rows if not (row['step'] == 4 and 'eval_loss' in row)]
+  cut.append({'step': 5, 'loss': 1.0})
+  text = ''.join(json.dumps(row) + '\n' for row in cut) + '{"step": 6, "lo'
+  (tmp_path / 'metrics.jsonl').write_text(text)
+  again = small_run.run_train(tmp_path, train__steps=4, train__eval_every=2)
+  assert again.returncode == 0, again.stderr[-3000:]
+  rows = metrics_lib.read_metrics(str(tmp_path))
+  assert max(row['step'] for row in rows) == 4
+  assert [row['eval_loss'] for row in rows if row['step'] == 4 and 'eval_loss' in row] == [eval_4]
+  assert (tmp_path / 'metrics.jsonl').read_text().endswith('\n')
+  # Resumed again, with nothing missing, it evaluates nothing and logs nothing new.
+  before = (tmp_path / 'metrics.jsonl').read_text()
+  third = small_run.run_train(tmp_path, train__steps=4, train__eval_every=2)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert (tmp_path / 'metrics.jsonl').read_text() == before
+
+
 def test_init_from_another_run_and_keep_last_checkpoints(tmp_path):
   first = small_run.run_train(tmp_path / 'first', train__steps=6, train__keep_checkpoints=2)
   assert first.returncode == 0, first.stderr[-3000:]

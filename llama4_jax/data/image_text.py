@@ -164,12 +164,13 @@ def _dataset_file(config, split: str, workdir: str) -> str:
   """The JSON Lines file of a split: data.{train,eval}_files, or the built-in shapes data."""
   given = config.data.train_files if split == 'train' else config.data.eval_files
   if given:
-    if ',' in given:
+    paths = text_data.expand_globs(given)
+    if len(paths) != 1:
       raise DataError(
-          f'text_data.{"train" if split == "train" else "eval"}_files={given!r}: image-text '
-          f'data is one JSON Lines file'
+          f'config.data.{"train" if split == "train" else "eval"}_files={given!r}: image-text '
+          f'data is one JSON Lines file, not {len(paths)}'
       )
-    return given
+    return paths[0]
   shapes = config.data.shapes
   # PIL reads images from local files: a gs:// workdir keeps them in the local cache.
   local = workdir if '://' not in workdir else os.path.expanduser('~/.cache/llama4_jax')
@@ -185,9 +186,17 @@ def _dataset_file(config, split: str, workdir: str) -> str:
 
 
 def split_records(config, split: str, workdir: str) -> list[Record]:
-  return read_records(
-      _dataset_file(config, split, workdir), config.data.get('images_anywhere', False)
-  )
+  """The records of a split, each image checked to exist now rather than when first drawn."""
+  path = _dataset_file(config, split, workdir)
+  records = read_records(path, config.data.get('images_anywhere', False))
+  missing = [(i, r.image) for i, r in enumerate(records, 1) if not os.path.isfile(r.image)]
+  if missing:
+    i, image = missing[0]
+    raise DataError(
+        f'{path}: record {i}: image file {image} not found ({len(missing)} of '
+        f'{len(records)} records name a missing image)'
+    )
+  return records
 
 
 def make_train_iterator(

@@ -333,21 +333,6 @@ def emit(
 # Summaries -------------------------------------------------------------------------
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """The logged lines of a run; a line being written (or cut by a kill) is skipped."""
-  path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return rows
-
-
 def _eval_losses(metrics: Sequence[dict]) -> dict[int, float]:
   """Validation loss per step; a resumed run re-logs steps, and its newest value counts."""
   return {row['step']: row['eval_loss'] for row in metrics if 'eval_loss' in row}
@@ -362,7 +347,7 @@ def _steps(workdir: str) -> int | None:
 
 def run_result(workdir: str) -> dict[str, Any]:
   """A run's row: name, status, last logged step, final and best validation loss."""
-  metrics = read_metrics(workdir)
+  metrics = metrics_lib.read_metrics(workdir)
   evals = _eval_losses(metrics)
   train_losses = [row for row in metrics if 'loss' in row]
   row = {
