@@ -196,25 +196,33 @@ def _block_layout(x_ND, weights_NK, experts_NK, num_experts, b):
       - start_E[safe_expert_A],
       rows,
   )
-  token_R = jnp.full((rows + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[:rows]
-  weight_R = (
-      jnp.zeros((rows + 1,), x_ND.dtype).at[dest_A].set(weights_NK.reshape(-1)[order_A])[:rows]
-  )
+  x_RD, token_R = _rows_by_slot(x_ND, weights_NK, order_A, dest_A, rows)
   expert_B = jnp.minimum(
       jnp.searchsorted(padded_end_E, jnp.arange(num_blocks) * b, side='right'), E - 1
   )
-  x_RD = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[token_R] * weight_R[:, None]
   return x_RD.reshape(num_blocks, b, D), token_R, expert_B, padded_end_E[-1] // b
 
 
-def _unblock(y_BbD, token_R, N):
-  """Sums each row's output into its token (padding rows land on a dropped row N)."""
-  y_ND = (
-      jnp.zeros((N + 1, y_BbD.shape[-1]), y_BbD.dtype)
-      .at[token_R]
-      .add(y_BbD.reshape(-1, y_BbD.shape[-1]))
+def _rows_by_slot(x_ND, weights_NK, order_A, dest_A, num_slots):
+  """(x_SD, token_S): slot dest_A[a] gets sorted assignment a's token row times its router
+  weight. A dest of num_slots drops the assignment; a slot no assignment fills holds zeros
+  and token N (a row past the tokens, which `_unblock` drops)."""
+  N, K = weights_NK.shape
+  token_S = jnp.full((num_slots + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[:num_slots]
+  weight_S = (
+      jnp.zeros((num_slots + 1,), x_ND.dtype)
+      .at[dest_A]
+      .set(weights_NK.reshape(-1)[order_A])[:num_slots]
   )
-  return y_ND[:N]
+  x_PD = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])  # row N: zeros
+  return x_PD[token_S] * weight_S[:, None], token_S
+
+
+def _unblock(y_SD, token_S, N):
+  """Sums each slot's output into its token (empty slots land on a dropped row N). y_SD may
+  have several slot axes ([blocks, b, D], [E, C, D]): slots are read in order."""
+  D = y_SD.shape[-1]
+  return jnp.zeros((N + 1, D), y_SD.dtype).at[token_S].add(y_SD.reshape(-1, D))[:N]
 
 
 def blocked_dropless_dispatch(
@@ -263,20 +271,14 @@ def capacity_dispatch(
   safe_expert_A = jnp.where(valid_A, expert_sorted_A, 0)
   slot_A = jnp.arange(A) - start_E[safe_expert_A]
   kept_A = valid_A & (slot_A < C)
-  dest_A = jnp.where(kept_A, safe_expert_A * C + slot_A, E * C)  # E*C: trash slot
-  token_S = jnp.full((E * C + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[: E * C]
-  weight_S = (
-      jnp.zeros((E * C + 1,), x_ND.dtype).at[dest_A].set(weights_NK.reshape(-1)[order_A])[: E * C]
-  )
-  x_ECD = (
-      jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)])[token_S] * weight_S[:, None]
-  ).reshape(E, C, D)
+  dest_A = jnp.where(kept_A, safe_expert_A * C + slot_A, E * C)  # E*C: dropped
+  x_SD, token_S = _rows_by_slot(x_ND, weights_NK, order_A, dest_A, E * C)
+  x_ECD = x_SD.reshape(E, C, D)
   gate = jnp.einsum('ECD,EDF->ECF', x_ECD, wi_gate_EDF)
   up = jnp.einsum('ECD,EDF->ECF', x_ECD, wi_up_EDF)
   y_ECD = jnp.einsum('ECF,EFD->ECD', jax.nn.silu(gate) * up, wo_EFD)
-  y_ND = jnp.zeros((N + 1, D), y_ECD.dtype).at[token_S].add(y_ECD.reshape(E * C, D))
   dropped = jnp.sum(valid_A & ~kept_A).astype(jnp.float32)
-  return y_ND[:N], dropped
+  return _unblock(y_ECD, token_S, N), dropped
 
 
 def gathered_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
