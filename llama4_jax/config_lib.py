@@ -254,13 +254,13 @@ def diff_model(a: mlc.ConfigDict, b: mlc.ConfigDict) -> list[str]:
   ]
 
 
-# What a resumed run must keep (`diff_resume`): the data stream that its checkpoint's iterator
-# state is a position in, and the structure of its optimizer state. Steps, learning rates,
-# logging, evaluation and where files go may change. Each key maps to what is compared.
 def _as_is(value):
   return value
 
 
+# What a resumed run must keep (`diff_resume`): the data stream that its checkpoint's iterator
+# state is a position in, and the structure of its optimizer state. Steps, learning rates,
+# logging, evaluation and where files go may change. Each key maps to what is compared.
 RESUME_KEYS = {
     'seed': _as_is,
     'train.batch_size': _as_is,

@@ -130,8 +130,8 @@ class MetricsWriter:
   """Appends metrics to <workdir>/metrics.jsonl and TensorBoard (process 0 only).
 
   Given the step a run resumes at, `start`, it first drops the rows of later steps, which the
-  run it resumes logged after its last checkpoint (they are logged again). The workdir may be any epath
-  path (gs://...): every file goes through epath.
+  run it resumes logged after its last checkpoint (they are logged again). The workdir may be
+  any epath path (gs://...): every file goes through epath.
   """
 
   def __init__(self, workdir: str, enabled: bool = True, start: int | None = None):
