@@ -18,6 +18,17 @@ def learning_rate_schedule(optim: mlc.ConfigDict, total_steps: int) -> optax.Sch
   )
 
 
+def schedule_step(opt_state) -> jax.Array:
+  """The step the learning-rate schedule is at: the count of optax's schedule state. An update
+  left out (a non-finite step, `trainer.update_if`) does not advance it, unlike the train step."""
+  [count] = [
+      value
+      for path, value in optax.tree_utils.tree_get_all_with_path(opt_state, 'count')
+      if path[-1].tuple_name == 'ScaleByScheduleState'
+  ]
+  return count
+
+
 # train.freeze: which top-level parts of the model keep their initial values.
 FREEZE_OPTIONS = ('', 'vision', 'language')
 _VISION_PARTS = ('vision', 'projector')

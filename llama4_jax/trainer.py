@@ -160,7 +160,10 @@ def train_step(state, batch, *, setup: Setup):
   with jax.named_scope('optimizer'):
     params, opt_state = update_if(finite, update, state['params'], state['opt_state'])
     new_state = {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}
-  lr = optim.learning_rate_schedule(setup.config.optim, train.steps)(state['step'])
+  # The rate this step's update applied (the schedule's own count: skipped steps do not count).
+  lr = optim.learning_rate_schedule(setup.config.optim, train.steps)(
+      optim.schedule_step(state['opt_state'])
+  )
   metrics = {
       'loss': loss,
       'grad_norm': grad_norm,

@@ -3,6 +3,7 @@
 import jax
 import ml_collections as mlc
 import numpy as np
+import pytest
 from flax import nnx
 
 from llama4_jax import model as model_lib
@@ -32,6 +33,18 @@ def test_warmup_then_cosine_to_min_ratio():
   np.testing.assert_allclose(float(schedule(10)), 1.0, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(100)), 0.1, rtol=1e-5)
   assert float(schedule(50)) < float(schedule(20))
+
+
+@pytest.mark.parametrize("freeze, clip_norm", [("", 1.0), ("", 0.0), ("vision", 1.0)])
+def test_the_schedule_step_counts_applied_updates_only(freeze, clip_norm):
+  cfg = model_lib.PRESETS["parity"].replace(vision=vision.VisionConfig() if freeze else None)
+  params = nnx.state(model_lib.Llama4(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  tx = optim.make_optimizer(optim_config(clip_norm=clip_norm), 100, params, freeze)
+  opt_state = tx.init(params)
+  assert int(optim.schedule_step(opt_state)) == 0
+  grads = jax.tree.map(np.ones_like, params)
+  _, opt_state = tx.update(grads, opt_state, params)
+  assert int(optim.schedule_step(opt_state)) == 1
 
 
 def test_weight_decay_skips_norms_and_embeddings_unless_asked():
