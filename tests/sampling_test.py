@@ -11,7 +11,7 @@ from flax import nnx
 
 from llama4_jax import model as model_lib
 from llama4_jax import sampling
-from llama4_jax.model import moe
+from llama4_jax.model import attention, moe
 from llama4_jax.tools import hf_convert
 
 import hf_reference
@@ -28,13 +28,28 @@ def converted(tmp_path_factory):
 
 @pytest.mark.reference
 @pytest.mark.slow
-@pytest.mark.parametrize('layout', ['stacked', 'decode'])
-def test_cached_decoding_equals_full_forward_at_every_step(converted, layout):
+@pytest.mark.parametrize('layout, query_block', [('stacked', 0), ('decode', 0), ('decode', 8)])
+def test_cached_decoding_equals_full_forward_at_every_step(
+    converted, monkeypatch, layout, query_block
+):
   """Prefill 20 tokens, then 20 single-token steps: crosses chunk boundaries at 24 and 32.
 
-  'decode' is the layout sampling.generate decodes with (per-layer, per-expert weights).
+  'decode' is the layout sampling.generate decodes with (per-layer, per-expert weights). With
+  query blocks of 8 the prefill's 20 queries take blocks of 8 (and 4 of padding) on both kinds
+  of layer: the global ones over the cache, the chunked ones over the ring.
   """
   _, model = converted
+  if query_block:
+    blocked = model_lib.Llama4(
+        model.cfg.replace(attention_query_block=query_block), rngs=nnx.Rngs(0)
+    )
+    nnx.update(blocked, nnx.state(model))
+    model = blocked
+  ring_blocks = []  # the chunked layers' prefills that took query blocks
+  take_blocks = attention.query_blocks_attention
+  monkeypatch.setattr(
+      attention, 'query_blocks_attention', lambda *a: ring_blocks.append(1) or take_blocks(*a)
+  )
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 128, (2, 40)).astype(np.int32)
   segments = np.ones_like(tokens)
@@ -54,6 +69,7 @@ def test_cached_decoding_equals_full_forward_at_every_step(converted, layout):
   cached = np.concatenate([np.asarray(s) for s in steps], axis=1)
   valid = segments.astype(bool)
   np.testing.assert_allclose(cached[valid], np.asarray(full)[valid], atol=1e-4, rtol=1e-4)
+  assert bool(ring_blocks) == bool(query_block)
 
 
 @pytest.mark.reference

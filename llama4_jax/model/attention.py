@@ -301,12 +301,17 @@ class Attention(nnx.Module):
     """Chunked layers keep a ring of W = min(C, max_len) slots: all that a chunk needs.
 
     The queries see the ring (keys before this call) and this call's new keys;
-    then the newest min(T, W) keys overwrite their slots (index % W).
+    then the newest min(T, W) keys overwrite their slots (index % W). A long prefill
+    takes its queries in blocks of `attention_query_block`, as training does.
     """
     T, W = k_BTKH.shape[1], cache['k'].shape[1]
     k_BRKH = jnp.concatenate([cache['k'].astype(k_BTKH.dtype), k_BTKH], axis=1)
     v_BRKH = jnp.concatenate([cache['v'].astype(v_BTKH.dtype), v_BTKH], axis=1)
-    y_BTNH = dot_product_attention(q_BTNH, k_BRKH, v_BRKH, inputs.ring_mask_BTR)
+    block = self.cfg.attention_query_block
+    if block and T > block:
+      y_BTNH = query_blocks_attention(q_BTNH, k_BRKH, v_BRKH, inputs.ring_mask_BTR, block)
+    else:
+      y_BTNH = dot_product_attention(q_BTNH, k_BRKH, v_BRKH, inputs.ring_mask_BTR)
     n = min(T, W)
     slots_n = jnp.mod(cache_offset + T - n + jnp.arange(n), W)
     cache = {
@@ -334,6 +339,23 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1)
     y_BTKGH = jnp.einsum('BKGTS,BSKH->BTKGH', probs_BKGTS, v_BSKH)
   return y_BTKGH.reshape(B, T, N, H)
+
+
+def query_blocks_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, block: int) -> jax.Array:
+  """dot_product_attention of `block` queries at a time, with a given [B, T, S] mask (a
+  cache's): [B, N, block, S] scores at once instead of [B, N, T, S]. T is padded up to whole
+  blocks; the padding's queries see no key, and their rows are dropped."""
+  B, T, N, H = q_BTNH.shape
+  num_blocks = -(-T // block)
+  pad = num_blocks * block - T
+  q_nBQNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  q_nBQNH = q_nBQNH.reshape(B, num_blocks, block, N, H).swapaxes(0, 1)
+  mask_nBQS = jnp.pad(mask_BTS, ((0, 0), (0, pad), (0, 0)))
+  mask_nBQS = mask_nBQS.reshape(B, num_blocks, block, -1).swapaxes(0, 1)
+  y_nBQNH = jax.lax.map(
+      lambda xs: dot_product_attention(xs[0], k_BSKH, v_BSKH, xs[1]), (q_nBQNH, mask_nBQS)
+  )
+  return y_nBQNH.swapaxes(0, 1).reshape(B, num_blocks * block, N, H)[:, :T]
 
 
 def blocked_attention(
