@@ -268,6 +268,7 @@ RESUME_KEYS = {
     'optim.clip_norm': bool,  # clipping on or off (another optimizer state); its threshold may change
     'data.modality': _as_is,
     'data.train_files': _as_is,
+    'data.tokenizer_train_bytes': _as_is,  # with train_files: the tokenizer a run trains
     'data.seq_len': _as_is,
     'data.packing_bins': _as_is,
     'data.builtin_max_bytes': _as_is,

@@ -114,11 +114,12 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def _keep_rows_through(workdir: str, step: int):
-  """Leaves only whole rows of steps up to `step` in metrics.jsonl (atomically: a rename)."""
+  """Leaves only whole rows of steps up to `step` in metrics.jsonl, none for step 0: a run
+  that starts anew (atomically: a rename)."""
   path = epath.Path(workdir) / METRICS_FILE
   text = path.read_text() if path.exists() else ''
   rows = _rows(text)
-  kept = [row for row in rows if row.get('step', 0) <= step]
+  kept = [row for row in rows if row.get('step', 0) <= step] if step else []  # 0: a new run
   if not text or (len(kept) == len(rows) and text.endswith('\n')):
     return
   tmp = path.parent / f'.{METRICS_FILE}.tmp'

@@ -321,6 +321,7 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
         for s, m in to_check:
           if not bool(m['finite']):
             if not train_cfg.skip_nonfinite:
+              ckpt.wait()  # the checkpoint the message names is committed
               progress.close()
               raise TrainingError(
                   f'non-finite loss or gradient at step {s} (loss={float(m["loss"])}, '

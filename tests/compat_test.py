@@ -85,6 +85,7 @@ def test_old_workdir_resumes_training(old_workdir):
       data__seq_len=32,
       data__tokenizer=str(tokenizer),
       data__builtin_max_bytes=200_000,
+      data__tokenizer_train_bytes=200_000,
       train__batch_size=4,
       train__steps=3,
       train__checkpoint_every=1,

@@ -102,10 +102,12 @@ def test_a_resume_may_change_the_schedule_but_not_the_data_stream():
       f'--config={REPO}/configs/tiny.py',
       '--config.optim.clip_norm=0',  # no clipping: another optimizer state
       '--config.data.train_files=more.txt',
+      '--config.data.tokenizer_train_bytes=1000',  # another tokenizer would be trained
   )
   assert config_lib.diff_resume(again, saved) == [
       ('optim.clip_norm', saved.optim.clip_norm, 0.0),
       ('data.train_files', '', 'more.txt'),
+      ('data.tokenizer_train_bytes', saved.data.tokenizer_train_bytes, 1000),
   ]
   with saved.unlocked():  # a config saved before a key existed: the key takes its default
     del saved.data['chat_task']

@@ -19,6 +19,7 @@ import small_run
         ('TPU v5 lite', 197e12),  # a v5e
         ('TPU v6 lite', 918e12),  # a v6e
         ('NVIDIA H100 80GB HBM3', 989e12),
+        ('NVIDIA GH200 480GB', 989e12),
         ('NVIDIA A100-SXM4-80GB', 312e12),
         ('NVIDIA L4', 121e12),
         ('NVIDIA L40S', None),  # not an L4
@@ -36,6 +37,7 @@ print(json.dumps({n: aot.tpu_devices(aot.tpu_slice(n))[0].device_kind for n in (
 """
 
 
+@pytest.mark.slow
 def test_bf16_peak_of_the_device_kinds_libtpu_reports():
   # In a process of its own: libtpu's topology sets TPU environment variables, which would make
   # the scripts that later tests start in this worker take themselves for a TPU pod's.

@@ -115,7 +115,7 @@ def test_load_tokenizer_from_config(tmp_path):
   path = tokenizer_lib.trained_tokenizer_path(str(tmp_path / 'run' / 'tokenizer'), config.data, 400)
   assert os.path.exists(path)
   config.data.tokenizer_cache = str(tmp_path / 'cache')
-  tokenizer_lib.load_tokenizer(config, 400, workdir=str(tmp_path / 'other_run'))
+  tokenizer_lib.load_tokenizer(config, 400, workdir=str(tmp_path / 'run'))
   assert os.listdir(tmp_path / 'cache')
   config.data.tokenizer = path
   assert tokenizer_lib.load_tokenizer(config, 400).vocab_size == 400
@@ -138,22 +138,6 @@ def test_a_run_on_its_own_files_trains_its_own_tokenizer(tmp_path):
   assert tokenizer_lib.run_tokenizer(str(tmp_path / 'run'), run).encode('HAMLET') == tok.encode(
       'HAMLET'
   )
-
-
-def test_a_resume_keeps_the_tokenizer_the_run_trained(tmp_path):
-  """The trained tokenizer becomes the run's own file: a resume with more training files (or
-  another data.tokenizer_train_bytes) reads text as before instead of training a new one."""
-  first, more = tmp_path / 'first.txt', tmp_path / 'more.txt'
-  first.write_text('HAMLET. To be, or not to be, that is the question.\n' * 200)
-  more.write_text('OPHELIA. Good my lord, how does your honour for this many a day?\n' * 200)
-  workdir = str(tmp_path / 'run')
-  tok = tokenizer_lib.load_tokenizer(_run_config(train_files=str(first)), 340, workdir=workdir)
-  assert tokenizer_lib.workdir_tokenizer_file(workdir).endswith('tokenizer.model')
-  resumed_config = _run_config(train_files=f'{first},{more}', tokenizer_train_bytes=50_000)
-  resumed = tokenizer_lib.load_tokenizer(resumed_config, 340, workdir=workdir)
-  text = 'OPHELIA. To be, or not to be.'
-  assert resumed.encode(text) == tok.encode(text)
-  assert len([f for f in os.listdir(tmp_path / 'run' / 'tokenizer') if f.endswith('.model')]) == 2
 
 
 def test_too_small_a_vocabulary_is_named():

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama4_jax import checkpoint, sharding, trainer
+from llama4_jax import checkpoint, optim, sharding, trainer
 from llama4_jax import metrics as metrics_lib
 from llama4_jax.data import text as text_data
 from llama4_jax.data import tokenizer as tokenizer_lib
@@ -177,6 +177,16 @@ def test_skip_nonfinite_counts_skipped_steps(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   logs = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl') if '"loss"' in line]
   assert logs[-1]['skipped_steps'] >= 1
+  # The logged learning rate is the one each update applied: the schedule counts applied
+  # updates only (a row per step: train.log_every is 1).
+  config = small_run.config(optim__lr=1e30, optim__warmup_steps=0)
+  schedule = optim.learning_rate_schedule(config.optim, config.train.steps)
+  assert [row['step'] for row in logs] == list(range(1, config.train.steps + 1))
+  skipped_before = 0
+  for row in logs:
+    applied_before = row['step'] - 1 - skipped_before
+    assert row['learning_rate'] == pytest.approx(float(schedule(applied_before)), rel=1e-6)
+    skipped_before = row['skipped_steps']
 
 
 def free_port() -> int:
@@ -259,6 +269,7 @@ def test_a_resume_logs_each_step_once_and_the_evaluation_it_missed(tmp_path):
   assert (tmp_path / 'metrics.jsonl').read_text() == before
 
 
+@pytest.mark.slow
 def test_init_from_another_run_and_keep_last_checkpoints(tmp_path):
   first = small_run.run_train(tmp_path / 'first', train__steps=6, train__keep_checkpoints=2)
   assert first.returncode == 0, first.stderr[-3000:]

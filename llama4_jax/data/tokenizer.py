@@ -15,11 +15,9 @@ Two kinds of tokenizer file, one interface (`encode`, `encode_text`, `encode_bat
 `load(path)` reads either. A run's tokenizer (`load_tokenizer` for training,
 `run_tokenizer` for evaluation and generation) is the first of: `data.tokenizer`; the
 workdir's own file, <workdir>/tokenizer/tokenizer.json or tokenizer.model (a converted
-checkpoint's, one inherited, or one the run trained); the `train.init_from` run's, copied
-into the workdir; a SentencePiece model trained on the run's training text (its
-`data.train_files`, or the built-in corpus), cached in `data.tokenizer_cache` (by default
-<workdir>/tokenizer) and copied into the workdir as its own `tokenizer.model`, which a
-resume reads whatever its data settings.
+checkpoint's, or one inherited); the `train.init_from` run's, copied into the workdir;
+a SentencePiece model trained on the run's training text (its `data.train_files`, or the
+built-in corpus) and cached in <workdir>/tokenizer.
 """
 
 import hashlib
@@ -377,8 +375,7 @@ def _write_atomically(path: str, content: bytes) -> None:
 # Which tokenizer a run uses ------------------------------------------------------------
 
 TOKENIZER_DIR = 'tokenizer'  # in a workdir
-# A run's own tokenizer file, in its TOKENIZER_DIR: a converted checkpoint's, inherited, or the
-# one it trained (copied there, so that a resume with other data settings keeps it).
+# A run's own tokenizer file, in its TOKENIZER_DIR: a converted checkpoint's, or inherited.
 RUN_FILES = ('tokenizer.json', 'tokenizer.model')
 # What a released checkpoint ships beside tokenizer.json; converted both ways with it.
 RELEASED_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
@@ -482,11 +479,7 @@ def load_tokenizer(config, vocab_size: int, workdir: str = '') -> AnyTokenizer:
       copy_tokenizer_files(inherited, os.path.join(workdir, TOKENIZER_DIR))
     tokenizer = load(inherited)
   else:
-    cache_dir = _cache_dir(data_config, workdir)
-    tokenizer = load_or_train(data_config, vocab_size, cache_dir)
-    if workdir:  # the run's own from now on, whatever data settings a resume comes with
-      trained = trained_tokenizer_path(cache_dir, data_config, vocab_size)
-      copy_tokenizer_files(trained, os.path.join(workdir, TOKENIZER_DIR))
+    tokenizer = load_or_train(data_config, vocab_size, _cache_dir(data_config, workdir))
   return _check_fits(tokenizer, vocab_size)
 
 

@@ -334,7 +334,7 @@ def emit(
 
 
 def _eval_losses(metrics: Sequence[dict]) -> dict[int, float]:
-  """Validation loss per step; a resumed run re-logs steps, and its newest value counts."""
+  """Validation loss per step; should a step hold two, the newest counts."""
   return {row['step']: row['eval_loss'] for row in metrics if 'eval_loss' in row}
 
 
