@@ -345,17 +345,26 @@ def query_blocks_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, block: int) -> jax.
   """dot_product_attention of `block` queries at a time, with a given [B, T, S] mask (a
   cache's): [B, N, block, S] scores at once instead of [B, N, T, S]. T is padded up to whole
   blocks; the padding's queries see no key, and their rows are dropped."""
-  B, T, N, H = q_BTNH.shape
-  num_blocks = -(-T // block)
-  pad = num_blocks * block - T
-  q_nBQNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  q_nBQNH = q_nBQNH.reshape(B, num_blocks, block, N, H).swapaxes(0, 1)
-  mask_nBQS = jnp.pad(mask_BTS, ((0, 0), (0, pad), (0, 0)))
-  mask_nBQS = mask_nBQS.reshape(B, num_blocks, block, -1).swapaxes(0, 1)
   y_nBQNH = jax.lax.map(
-      lambda xs: dot_product_attention(xs[0], k_BSKH, v_BSKH, xs[1]), (q_nBQNH, mask_nBQS)
+      lambda xs: dot_product_attention(xs[0], k_BSKH, v_BSKH, xs[1]),
+      (_into_blocks(q_BTNH, block), _into_blocks(mask_BTS, block)),
   )
-  return y_nBQNH.swapaxes(0, 1).reshape(B, num_blocks * block, N, H)[:, :T]
+  return _from_blocks(y_nBQNH, q_BTNH.shape[1])
+
+
+def _into_blocks(x_BT, block: int):
+  """[B, T, ...] -> [n, B, block, ...]: T cut into blocks (padded with zeros, or False, up to
+  whole blocks), the blocks first for scans and maps."""
+  B, T = x_BT.shape[:2]
+  n = -(-T // block)
+  x_BT = jnp.pad(x_BT, [(0, 0), (0, n * block - T)] + [(0, 0)] * (x_BT.ndim - 2))
+  return x_BT.reshape(B, n, block, *x_BT.shape[2:]).swapaxes(0, 1)
+
+
+def _from_blocks(y_nBQ, T: int):
+  """[n, B, block, ...] -> [B, T, ...], the padding dropped (`_into_blocks` undone)."""
+  n, B, block = y_nBQ.shape[:3]
+  return y_nBQ.swapaxes(0, 1).reshape(B, n * block, *y_nBQ.shape[3:])[:, :T]
 
 
 def blocked_attention(
@@ -368,10 +377,7 @@ def blocked_attention(
   [B, N, block, S] scores rather than all T rows. Each row is computed exactly
   as dot_product_attention computes it. T is padded up to a multiple of `block`.
   """
-  B, T, N, H = q_BTNH.shape
-  num_blocks = -(-T // block)
-  q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, num_blocks * block - T), (0, 0), (0, 0)))
-  q_nBQNH = q_BTNH.reshape(B, num_blocks, block, N, H).swapaxes(0, 1)
+  q_nBQNH = _into_blocks(q_BTNH, block)
 
   # Through the barrier, as in _block_mask: no hoisting of every block's mask out of a layer scan.
   parts, _ = jax.lax.optimization_barrier((inputs.mask_parts(chunked), q_nBQNH))
@@ -384,8 +390,8 @@ def blocked_attention(
   def step(_, xs):
     return None, attend_block(*xs)
 
-  _, y_nBQNH = jax.lax.scan(step, None, (q_nBQNH, jnp.arange(num_blocks) * block))
-  return y_nBQNH.swapaxes(0, 1).reshape(B, num_blocks * block, N, H)[:, :T]
+  _, y_nBQNH = jax.lax.scan(step, None, (q_nBQNH, jnp.arange(q_nBQNH.shape[0]) * block))
+  return _from_blocks(y_nBQNH, q_BTNH.shape[1])
 
 
 def flash_attention(
@@ -401,15 +407,11 @@ def flash_attention(
   dtype, this one in float32). T and S are padded up to whole blocks.
   """
   B, T, N, H = q_BTNH.shape
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  nq, nk = -(-T // q_block), -(-S // k_block)
-  pad = lambda x, n, size: jnp.pad(x, [(0, 0), (0, n * size - x.shape[1]), (0, 0), (0, 0)])
-  # [n, B, block, K, (G,) H]: blocks first, for scans.
-  q_nBQKGH = pad(q_BTNH, nq, q_block).reshape(B, nq, q_block, K, N // K, H).swapaxes(0, 1)
-  k_nBCKH = pad(k_BSKH, nk, k_block).reshape(B, nk, k_block, K, H).swapaxes(0, 1)
-  v_nBCKH = pad(v_BSKH, nk, k_block).reshape(B, nk, k_block, K, H).swapaxes(0, 1)
+  K = k_BSKH.shape[2]
+  q_nBQKGH = _into_blocks(q_BTNH.reshape(B, T, K, N // K, H), q_block)
+  k_nBCKH, v_nBCKH = _into_blocks(k_BSKH, k_block), _into_blocks(v_BSKH, k_block)
   y_nBQKGH = _flash(q_nBQKGH, k_nBCKH, v_nBCKH, inputs.mask_parts(chunked))
-  return y_nBQKGH.swapaxes(0, 1).reshape(B, nq * q_block, N, H)[:, :T]
+  return _from_blocks(y_nBQKGH, T).reshape(B, T, N, H)
 
 
 def _block_scores(q_BQKGH, k_BCKH, mask_BQC):
