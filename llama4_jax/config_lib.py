@@ -96,9 +96,7 @@ def validate(
       fail('mesh', str(e).removeprefix('mesh: '))
     shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
   for key, (in_range, meaning) in NUMERIC_RANGES.items():
-    node = config
-    for part in key.split('.'):
-      node = node.get(part) if isinstance(node, mlc.ConfigDict) else None
+    node = _value(config, key, None)
     if node is not None and not in_range(node):
       fail(key, f'must be {meaning}, got {node}')
   if 'train' in config:
@@ -165,6 +163,16 @@ def _accepts(old, value) -> bool:
   if isinstance(old, (tuple, list)):
     return isinstance(value, (tuple, list))
   return old is None or isinstance(value, type(old))
+
+
+def _value(config: mlc.ConfigDict, dotted: str, default):
+  """The value of `dotted`, or `default` where a part of it is missing."""
+  node = config
+  for part in dotted.split('.'):
+    if not hasattr(node, 'get') or part not in node:
+      return default
+    node = node[part]
+  return node
 
 
 def _parent(config: mlc.ConfigDict, key: str) -> mlc.ConfigDict:
@@ -279,15 +287,6 @@ RESUME_KEYS = {
     'data.shapes.seed': _as_is,
     'data.shapes.train_examples': _as_is,
 }
-
-
-def _value(config: mlc.ConfigDict, dotted: str, default):
-  node = config
-  for part in dotted.split('.'):
-    if not hasattr(node, 'get') or part not in node:
-      return default
-    node = node[part]
-  return node
 
 
 def diff_resume(config: mlc.ConfigDict, saved: mlc.ConfigDict) -> list[tuple[str, object, object]]:
