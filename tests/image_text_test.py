@@ -104,6 +104,68 @@ def test_a_missing_image_is_named_before_training(tmp_path):
     image_text.split_records(config, 'train', str(tmp_path))
 
 
+def test_every_row_is_checked_to_fit_when_the_split_is_read(tmp_path, config, tok):
+  """A text too long for data.seq_len, or an image needing more tiles than a row holds, is
+  named with its record when the split is read, not when a step first draws it."""
+  Image.new('RGB', (48, 48)).save(tmp_path / 'square.png')
+  Image.new('RGB', (96, 40)).save(tmp_path / 'wide.png')  # 2 tiles wide, and the global one
+  lines = [{'image': 'square.png', 'text': 'red'}] * 3 + [
+      {'image': 'wide.png', 'text': 'red ' * 60}
+  ]
+  (tmp_path / 'data.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in lines))
+  long_text = config.copy_and_resolve_references()
+  long_text.data.train_files = str(tmp_path / 'data.jsonl')
+  with pytest.raises(
+      text_data.DataError,
+      match=r'data.jsonl: record 4 \(.*wide.png\): \d+ tokens \(20 of them for the image\) do '
+      r'not fit data.seq_len=48 \+ 1',
+  ):
+    image_text.make_train_iterator(
+        long_text, config_lib.model_config(config), tok[0], workdir=str(tmp_path)
+    )
+
+  # With up to 4 tiles, the check reads an image's size where its text is too long for the
+  # longest layout, and agrees with the row's own checks either way.
+  vision = config_lib.model_config(config).vision
+  vision = vision.__class__(**{**vision.to_dict(), 'max_tiles': 4})
+  outcomes = set()
+  for tiles_per_row in (5, 2):
+    maker = image_text.RowMaker(vision, tok[0], seq_len=100, tiles_per_row=tiles_per_row)
+    for name in ('square.png', 'wide.png'):
+      for words in range(0, 32, 2):  # 3 tokens each: across both images' limits
+        record = image_text.Record(str(tmp_path / name), 'red ' * words)
+        try:
+          maker.row(image_processing.load_image(record.image), record.text, 'row')
+          row_error = None
+        except text_data.DataError as e:
+          row_error = str(e).removeprefix('row: ')
+        try:
+          maker.check_records([record], 'data.jsonl')
+          check_error = None
+        except text_data.DataError as e:
+          check_error = str(e).removeprefix(f'data.jsonl: record 1 ({record.image}): ')
+        assert check_error == row_error, (tiles_per_row, name, words)
+        outcomes.add(check_error and re.sub(r'\d+', 'n', check_error)[:20])
+  assert outcomes == {None, 'n tokens (n of them ', 'the image needs n ti'}
+  # 20 image tokens and 61 of text fit; the longest layout's 88 would not have.
+  square = image_text.Record(str(tmp_path / 'square.png'), 'red ' * 20)
+  image_text.RowMaker(vision, tok[0], seq_len=100, tiles_per_row=5).check_records([square], '')
+  with pytest.raises(text_data.DataError, match=r'record 1: .*gone.png.* does not exist'):
+    maker.check_records([image_text.Record(str(tmp_path / 'gone.png'), 'red')], 'data.jsonl')
+
+
+def test_image_size_reads_the_header_as_load_image_turns_it(tmp_path):
+  image = Image.new('RGB', (40, 24))
+  exif = image.getexif()
+  for orientation in (1, 3, 6, 8):  # upright, upside down, and two quarter turns
+    exif[0x0112] = orientation
+    path = tmp_path / f'o{orientation}.jpg'
+    image.save(path, exif=exif)
+    loaded = image_processing.load_image(path)
+    assert image_processing.image_size(path) == (loaded.height, loaded.width)
+  assert image_processing.image_size(tmp_path / 'o6.jpg') == (40, 24)
+
+
 def test_bad_records_and_images_are_named(tmp_path, maker, tok):
   (tmp_path / 'a.jsonl').write_text('{"image": "x.png"}\n')
   with pytest.raises(text_data.DataError, match=r'a.jsonl:1: missing string field "text"'):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 # Modes whose samples are 8-bit colour or grey, so Pillow's RGB conversion
 # means what it says. 'I' and 'F' are left out: they have no defined range
@@ -108,6 +108,25 @@ def load_image(path: str | os.PathLike) -> Image.Image:
   return to_rgb(image, name=path)
 
 
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+  """(height, width) of an image file as `load_image` would return it (EXIF rotation
+  included), read from its header without decoding the pixels."""
+  path = os.fspath(path)
+  try:
+    with Image.open(path) as image:
+      height, width = image.height, image.width
+      # Orientations 5-8 turn the image a quarter (ImageOps.exif_transpose).
+      if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+        height, width = width, height
+  except FileNotFoundError:
+    raise ImageError(f'Image file {path!r} does not exist.') from None
+  except Image.UnidentifiedImageError:
+    raise ImageError(f'{path!r} is not an image file Pillow can read.') from None
+  except (OSError, SyntaxError, ValueError) as e:
+    raise ImageError(f'Cannot read the header of image file {path!r}: {e}') from e
+  return height, width
+
+
 @contextlib.contextmanager
 def _fail_on_truncation():
   """Makes Pillow raise on a truncated file even if another library set its
@@ -167,6 +186,13 @@ def best_fit_tiling(height: int, width: int, tile_size: int, max_tiles: int) -> 
   candidates_G2 = grids_G2[scales_G == scale]
   h, w = candidates_G2[np.argmin(candidates_G2.prod(axis=1))]
   return int(h), int(w)
+
+
+def tile_count(aspect_ratio: tuple[int, int]) -> int:
+  """Tiles of an image fitted into an aspect_ratio grid: the grid's, and a multi-tile
+  image's global tile."""
+  grid = aspect_ratio[0] * aspect_ratio[1]
+  return grid + 1 if grid > 1 else 1
 
 
 def resize_target(

@@ -93,29 +93,62 @@ class RowMaker:
     except ValueError as e:
       raise DataError(str(e)) from None
 
+  def _check_tiles(self, num_tiles: int, source: str) -> None:
+    if num_tiles > self.tiles_per_row:
+      raise DataError(
+          f'{source}: the image needs {num_tiles} tiles, more than '
+          f'data.tiles_per_row={self.tiles_per_row} (raise it, or lower model.vision.max_tiles)'
+      )
+
+  def _check_length(self, num_tokens: int, num_image_tokens: int, source: str) -> None:
+    if num_tokens > self.seq_len + 1:
+      raise DataError(
+          f'{source}: {num_tokens} tokens ({num_image_tokens} of them for the image) do '
+          f'not fit data.seq_len={self.seq_len} + 1'
+      )
+
   def pad_tiles(self, tiles_NCHW: np.ndarray, source: str) -> np.ndarray:
     """[N, C, I, I] -> [M, C, I, I], zero tiles after the image's."""
+    self._check_tiles(len(tiles_NCHW), source)
     M = self.tiles_per_row
-    if len(tiles_NCHW) > M:
-      raise DataError(
-          f'{source}: the image needs {len(tiles_NCHW)} tiles, more than '
-          f'data.tiles_per_row={M} (raise it, or lower model.vision.max_tiles)'
-      )
     return np.concatenate(
         [tiles_NCHW, np.zeros((M - len(tiles_NCHW),) + tiles_NCHW.shape[1:], tiles_NCHW.dtype)]
     )
+
+  def check_records(self, records: Sequence[Record], source: str) -> None:
+    """Raises the DataError that `row` would raise for any record (too many tokens or
+    tiles) now, not when a step first draws it, hours into a run perhaps. The texts are
+    tokenized in the tokenizer's threads; an image's header is read only where its size
+    decides: a long text, or data.tiles_per_row below the most tiles an image may take."""
+    v = self.vision
+    most_tiles = (1, v.max_tiles)  # the longest layout: it grows with the grid's tiles
+    image_tokens_bound = 1 + len(
+        image_processing.image_token_layout(most_tiles, v.tokens_per_tile, self.ids)
+    )
+    tiles_fit = image_processing.tile_count(most_tiles) <= self.tiles_per_row
+    texts = self.tokenizer.encode_batch([r.text for r in records])
+    for i, (record, text_ids) in enumerate(zip(records, texts), 1):
+      text_tokens = len(text_ids) + 1  # and EOS
+      if tiles_fit and image_tokens_bound + text_tokens <= self.seq_len + 1:
+        continue
+      where = f'{source}: record {i} ({record.image})'
+      try:
+        height, width = image_processing.image_size(record.image)
+      except image_processing.ImageError as e:
+        raise DataError(f'{source}: record {i}: {e}') from None
+      tiling = image_processing.best_fit_tiling(height, width, v.image_size, v.max_tiles)
+      num_image_tokens = 1 + len(
+          image_processing.image_token_layout(tiling, v.tokens_per_tile, self.ids)
+      )
+      self._check_length(num_image_tokens + text_tokens, num_image_tokens, where)
+      self._check_tiles(image_processing.tile_count(tiling), where)
 
   def row(self, image, text: str, source: str) -> dict[str, np.ndarray]:
     layout, tiles = image_tokens(image, self.vision, self.ids)
     prefix = [self.tokenizer.bos_id] + layout
     tokens = prefix + self.tokenizer.encode_text(text) + [self.tokenizer.eos_id]
-    S = self.seq_len
-    if len(tokens) > S + 1:
-      raise DataError(
-          f'{source}: {len(tokens)} tokens ({len(prefix)} of them for the image) do '
-          f'not fit data.seq_len={S} + 1'
-      )
-    n = len(tokens)
+    self._check_length(len(tokens), len(prefix), source)
+    S, n = self.seq_len, len(tokens)
     padded = np.full(S + 1, self.tokenizer.pad_id, np.int32)
     padded[:n] = tokens
     is_text_target = np.zeros(S, np.float32)
@@ -141,8 +174,7 @@ def tiles_per_row(config, cfg) -> int:
   models without a vision tower."""
   if cfg.vision is None or config.data.get('modality', 'text') == 'text':
     return 0
-  v = cfg.vision
-  return config.data.tiles_per_row or (v.max_tiles + 1 if v.max_tiles > 1 else 1)
+  return config.data.tiles_per_row or image_processing.tile_count((1, cfg.vision.max_tiles))
 
 
 def row_maker(config, cfg, tokenizer) -> RowMaker:
@@ -185,10 +217,14 @@ def _dataset_file(config, split: str, workdir: str) -> str:
   )
 
 
-def split_records(config, split: str, workdir: str) -> list[Record]:
-  """The records of a split, each image checked to exist now rather than when first drawn."""
+def split_records(
+    config, split: str, workdir: str, maker: RowMaker | None = None, limit: int = 0
+) -> list[Record]:
+  """The records of a split (its first `limit` if given), each image checked to exist, and
+  with `maker` each record's row to fit, now rather than when a step first draws it."""
   path = _dataset_file(config, split, workdir)
   records = read_records(path, config.data.get('images_anywhere', False))
+  records = records[:limit] if limit else records
   missing = [(i, r.image) for i, r in enumerate(records, 1) if not os.path.isfile(r.image)]
   if missing:
     i, image = missing[0]
@@ -196,6 +232,8 @@ def split_records(config, split: str, workdir: str) -> list[Record]:
         f'{path}: record {i}: image file {image} not found ({len(missing)} of '
         f'{len(records)} records name a missing image)'
     )
+  if maker is not None:
+    maker.check_records(records, path)
   return records
 
 
@@ -205,8 +243,8 @@ def make_train_iterator(
   """Shuffled, repeating batches of this process's rows (checkpointable, like data/text.py's)."""
   batch_size = config.train.batch_size
   local_rows = text_data.process_rows(batch_size, process_index, process_count)
-  records = split_records(config, 'train', workdir)
   maker = row_maker(config, cfg, tokenizer)
+  records = split_records(config, 'train', workdir, maker)
   return row_iterator(records, lambda r: _load_row(r, maker), batch_size, config.seed, local_rows)
 
 
@@ -232,10 +270,10 @@ def make_eval_batches(
   """The validation split in order; the last batch padded with weight-0 rows."""
   batch_size = config.eval.batch_size
   local_rows = text_data.process_rows(batch_size, process_index, process_count)
-  records = split_records(config, 'validation', workdir)
-  if config.eval.max_batches:
-    records = records[: config.eval.max_batches * batch_size]
   maker = row_maker(config, cfg, tokenizer)
+  records = split_records(
+      config, 'validation', workdir, maker, config.eval.max_batches * batch_size
+  )
   return row_eval_batches(
       records, lambda r: _load_row(r, maker), batch_size, local_rows, tokenizer.pad_id
   )
