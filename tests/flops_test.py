@@ -31,20 +31,24 @@ def test_bf16_peak_by_device_kind(device_kind, peak):
 
 
 _DEVICE_KINDS = """
-import json
+import json, os
 from llama4_jax.tools import aot
-print(json.dumps({n: aot.tpu_devices(aot.tpu_slice(n))[0].device_kind for n in ('v5p-8', 'v5e-8', 'v6e-8')}))
+before = dict(os.environ)
+kinds = {n: aot.tpu_devices(aot.tpu_slice(n))[0].device_kind for n in ('v5p-8', 'v5e-8', 'v6e-8')}
+print(json.dumps({'kinds': kinds, 'environment_kept': dict(os.environ) == before}))
 """
 
 
 @pytest.mark.slow
 def test_bf16_peak_of_the_device_kinds_libtpu_reports():
-  # In a process of its own: libtpu's topology sets TPU environment variables, which would make
-  # the scripts that later tests start in this worker take themselves for a TPU pod's.
+  # In a process of its own, to load libtpu away from the test worker's JAX.
   result = subprocess.run(
       [sys.executable, '-c', _DEVICE_KINDS], cwd=small_run.REPO, capture_output=True, text=True
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  kinds = json.loads(result.stdout.strip().splitlines()[-1])
-  peaks = {name: flops.bf16_peak(kind) for name, kind in kinds.items()}
-  assert peaks == {'v5p-8': 459e12, 'v5e-8': 197e12, 'v6e-8': 918e12}, kinds
+  probe = json.loads(result.stdout.strip().splitlines()[-1])
+  peaks = {name: flops.bf16_peak(kind) for name, kind in probe['kinds'].items()}
+  assert peaks == {'v5p-8': 459e12, 'v5e-8': 197e12, 'v6e-8': 918e12}, probe['kinds']
+  # libtpu's variables (TPU_ACCELERATOR_TYPE, ...) would make the scripts this process starts
+  # later take themselves for a TPU pod's workers.
+  assert probe['environment_kept']

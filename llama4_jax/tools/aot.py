@@ -27,6 +27,7 @@ XLA's FLOP count covers a scanned loop body once, so the model FLOPs of `flops.p
 are reported next to it.
 """
 
+import contextlib
 import dataclasses
 import glob
 import importlib.resources
@@ -149,8 +150,12 @@ def tpu_slice(name: str) -> TpuSlice:
   return TpuSlice(name.lower(), topology, chip_config, wrap, accelerator)
 
 
-def tpu_devices(target: TpuSlice, num_slices: int = 1) -> list:
-  """The devices of `num_slices` such slices, from libtpu's topology description."""
+@contextlib.contextmanager
+def _tpu_runtime_environment(target: TpuSlice):
+  """The environment libtpu needs to describe `target` off a TPU VM, and the process's own
+  back afterwards: with libtpu's variables left behind (TPU_ACCELERATOR_TYPE, ...), the
+  scripts this process starts later would take themselves for a TPU pod's workers."""
+  saved = dict(os.environ)
   # libtpu's lockfile keeps two processes off one machine's TPUs. The fit check opens none, it
   # only compiles, so several may run at once (a test suite on two workers, a sweep of layouts);
   # without this the second fails with "ABORTED: ... libtpu multi-process lockfile".
@@ -161,16 +166,26 @@ def tpu_devices(target: TpuSlice, num_slices: int = 1) -> list:
   os.environ.setdefault('TPU_ACCELERATOR_TYPE', target.name)
   os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
   try:
+    yield
+  finally:
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def tpu_devices(target: TpuSlice, num_slices: int = 1) -> list:
+  """The devices of `num_slices` such slices, from libtpu's topology description."""
+  try:
     from jax.experimental import topologies
 
-    description = topologies.get_topology_desc(
-        platform='tpu',
-        topology_name=target.topology,
-        chip_config_name=target.chip_config,
-        chips_per_host_bounds=(2, 2, 1),
-        num_slices=num_slices,
-        wrap=target.wrap,
-    )
+    with _tpu_runtime_environment(target):
+      description = topologies.get_topology_desc(
+          platform='tpu',
+          topology_name=target.topology,
+          chip_config_name=target.chip_config,
+          chips_per_host_bounds=(2, 2, 1),
+          num_slices=num_slices,
+          wrap=target.wrap,
+      )
   except Exception as e:  # no libtpu, or one that does not know the topology
     raise RuntimeError(
         f'cannot describe {target.name} ({target.topology}): {" ".join(str(e).split())[:300]}; '
