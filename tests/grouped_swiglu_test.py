@@ -69,10 +69,10 @@ def test_block_plan_covers_each_group_once_with_padding_only_in_rest_blocks():
   sizes_E = jnp.array([0, 13, 1, 0, 27, 8])
   plan = grouped_swiglu._block_plan(sizes_E, int(sizes_E.sum()), MAX_ROWS, MIN_ROWS)
   covered, computed = [], 0
-  for rows, start_L, expert_L, valid_L, count in plan:
+  for rows, start_n, expert_n, valid_n, count in plan:
     for i in range(int(count)):
-      valid = rows if valid_L is None else int(valid_L[i])
-      covered += [(int(expert_L[i]), int(start_L[i]) + r) for r in range(valid)]
+      valid = rows if valid_n is None else int(valid_n[i])
+      covered += [(int(expert_n[i]), int(start_n[i]) + r) for r in range(valid)]
       computed += rows
   starts = np.cumsum(sizes_E) - sizes_E
   want = [(e, int(starts[e]) + r) for e, size in enumerate(sizes_E) for r in range(int(size))]

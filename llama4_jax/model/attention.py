@@ -21,6 +21,10 @@ holds [B, N, block, key block] and skips the blocks the mask leaves empty.
 Without a cache, both flavours skip the keys their mask rules out by construction:
 chunked layers attend within a band of one and a half chunks (`banded_attention`), global layers
 per block of queries up to its last key (`triangular_attention`).
+
+Axis letters beyond layers.py's: n blocks, Q queries per block, C keys per block, W the
+keys of a window (a ring cache's slots, or a band of key blocks), R = W + T keys (a ring
+cache's and the new ones).
 """
 
 import dataclasses

@@ -21,6 +21,9 @@ reverse with a dynamic trip count, and JAX's transpose of the weights' indexing 
 whole [E, D, F] gradient per block. It loops over the same blocks once, adding each block's
 weight gradients to its expert's rows in place. The forward saves the gate and up
 projections ([A, 2F]), as the unfused form's autodiff does.
+
+Axis letters as moe.py's: A the rows (assignments), R the same padded by one block (a last
+block may read past row A), n the planned blocks of one size.
 """
 
 import functools
@@ -38,20 +41,20 @@ MIN_ROWS = 32
 
 
 def _block_plan(sizes_E, rows: int, max_rows: int, min_rows: int):
-  """The blocks covering each group: [(block_rows, start_L, expert_L, valid_L or None, count)].
+  """The blocks covering each group: [(block_rows, start_n, expert_n, valid_n or None, count)].
 
   Blocks of one size are listed in order of use; the first `count` of them are used (the
-  rest of the static list is never visited). valid_L, for the rest blocks, is how many of a
+  rest of the static list is never visited). valid_n, for the rest blocks, is how many of a
   block's rows are in its group (None: all of them).
   """
   E = sizes_E.shape[0]
   start_E = jnp.cumsum(sizes_E) - sizes_E
   full_E = sizes_E // max_rows
   full_end_E = jnp.cumsum(full_E)
-  j = jnp.arange(rows // max_rows)
-  expert_J = jnp.minimum(jnp.searchsorted(full_end_E, j, side='right'), E - 1)
-  start_J = start_E[expert_J] + (j - (full_end_E - full_E)[expert_J]) * max_rows
-  plan = [(max_rows, start_J, expert_J, None, full_end_E[-1])] if j.size else []
+  block_n = jnp.arange(rows // max_rows)
+  expert_n = jnp.minimum(jnp.searchsorted(full_end_E, block_n, side='right'), E - 1)
+  start_n = start_E[expert_n] + (block_n - (full_end_E - full_E)[expert_n]) * max_rows
+  plan = [(max_rows, start_n, expert_n, None, full_end_E[-1])] if block_n.size else []
 
   # The rest of each group (fewer than max_rows rows): one block, rounded up to min_rows.
   rest_E = sizes_E - full_E * max_rows
@@ -67,11 +70,11 @@ def _block_plan(sizes_E, rows: int, max_rows: int, min_rows: int):
 
 def _each_block(plan, step, carry):
   """carry = step(carry, rows, start, expert, row_mask or None) over every planned block."""
-  for rows, start_L, expert_L, valid_L, count in plan:
+  for rows, start_n, expert_n, valid_n, count in plan:
 
-    def body(i, carry, rows=rows, start_L=start_L, expert_L=expert_L, valid_L=valid_L):
-      mask = None if valid_L is None else (jnp.arange(rows) < valid_L[i])[:, None]
-      return step(carry, rows, start_L[i], expert_L[i], mask)
+    def body(i, carry, rows=rows, start_n=start_n, expert_n=expert_n, valid_n=valid_n):
+      mask = None if valid_n is None else (jnp.arange(rows) < valid_n[i])[:, None]
+      return step(carry, rows, start_n[i], expert_n[i], mask)
 
     carry = jax.lax.fori_loop(0, count, body, carry)
   return carry
@@ -109,32 +112,32 @@ def _forward(x_AD, sizes_E, wi_gate_EDF, wi_up_EDF, wo_EFD, max_rows, min_rows):
   plan = _block_plan(sizes_E, A, max_rows, min_rows)
   # Padded so that a last block reading past row A stays in bounds (dynamic_slice would
   # otherwise move it back, onto other rows).
-  x_PD = jnp.pad(x_AD, ((0, max_rows), (0, 0)))
+  x_RD = jnp.pad(x_AD, ((0, max_rows), (0, 0)))
   # The gate and up projections as one matmul of twice the width: fewer, larger matmuls,
   # which XLA splits over the CPU's threads where one of each would run on one.
   wi_ED2F = jnp.concatenate([wi_gate_EDF, wi_up_EDF], axis=-1)
 
   def step(carry, rows, start, e, mask):
-    gate_up_P2F, y_PD = carry
-    gate_up = _take(x_PD, start, rows) @ wi_ED2F[e]
+    gate_up_R2F, y_RD = carry
+    gate_up = _take(x_RD, start, rows) @ wi_ED2F[e]
     y = (jax.nn.silu(gate_up[:, :F]) * gate_up[:, F:]) @ wo_EFD[e]
-    return _put(gate_up_P2F, gate_up, start, mask), _put(y_PD, y, start, mask)
+    return _put(gate_up_R2F, gate_up, start, mask), _put(y_RD, y, start, mask)
 
   zeros = lambda cols: jnp.zeros((A + max_rows, cols), x_AD.dtype)
-  gate_up_P2F, y_PD = _each_block(plan, step, (zeros(2 * F), zeros(D)))
-  return y_PD[:A], (x_PD, sizes_E, gate_up_P2F, wi_ED2F, wo_EFD)
+  gate_up_R2F, y_RD = _each_block(plan, step, (zeros(2 * F), zeros(D)))
+  return y_RD[:A], (x_RD, sizes_E, gate_up_R2F, wi_ED2F, wo_EFD)
 
 
 def _backward(max_rows, min_rows, residuals, dy_AD):
-  x_PD, sizes_E, gate_up_P2F, wi_ED2F, wo_EFD = residuals
+  x_RD, sizes_E, gate_up_R2F, wi_ED2F, wo_EFD = residuals
   A = dy_AD.shape[0]
   F = wo_EFD.shape[1]
   plan = _block_plan(sizes_E, A, max_rows, min_rows)
-  dy_PD = jnp.pad(dy_AD, ((0, max_rows), (0, 0)))
+  dy_RD = jnp.pad(dy_AD, ((0, max_rows), (0, 0)))
 
   def step(carry, rows, start, e, mask):
-    dx_PD, d_wi_ED2F, d_wo_EFD = carry
-    x, gate_up, dy = (_take(a, start, rows) for a in (x_PD, gate_up_P2F, dy_PD))
+    dx_RD, d_wi_ED2F, d_wo_EFD = carry
+    x, gate_up, dy = (_take(a, start, rows) for a in (x_RD, gate_up_R2F, dy_RD))
     if mask is not None:  # rows past the group belong to the next one
       dy = jnp.where(mask, dy, 0)
     gate, up = gate_up[:, :F], gate_up[:, F:]
@@ -143,14 +146,14 @@ def _backward(max_rows, min_rows, residuals, dy_AD):
     dh = dy @ wo_EFD[e].T
     d_gate_up = jnp.concatenate([dh * up * sig * (1 + gate * (1 - sig)), dh * silu], axis=-1)
     return (
-        _put(dx_PD, d_gate_up @ wi_ED2F[e].T, start, mask),
+        _put(dx_RD, d_gate_up @ wi_ED2F[e].T, start, mask),
         d_wi_ED2F.at[e].add(x.T @ d_gate_up),
         d_wo_EFD.at[e].add((silu * up).T @ dy),
     )
 
-  init = tuple(map(jnp.zeros_like, (x_PD, wi_ED2F, wo_EFD)))
-  dx_PD, d_wi, d_wo = _each_block(plan, step, init)
-  return dx_PD[:A], None, d_wi[..., :F], d_wi[..., F:], d_wo
+  init = tuple(map(jnp.zeros_like, (x_RD, wi_ED2F, wo_EFD)))
+  dx_RD, d_wi, d_wo = _each_block(plan, step, init)
+  return dx_RD[:A], None, d_wi[..., :F], d_wi[..., F:], d_wo
 
 
 _grouped_swiglu.defvjp(_forward, _backward)

@@ -20,7 +20,7 @@ They differ in how tokens reach their experts and what that costs:
             With fewer assignments than experts (decoding), each assignment
             gathers its expert's weights instead; with fewer tokens than a
             block, every expert runs on the few tokens (dense, exact).
-  capacity  each expert takes at most C = ceil(capacity_factor * N * k / E)
+  capacity  each expert takes at most C = ceil(capacity_factor * t * k / E)
             tokens into an [E, C, D] buffer; later assignments are dropped
             (their routed contribution is zero; the shared expert still applies).
 
@@ -34,6 +34,11 @@ With a mesh `expert` axis larger than one, expert weights are sharded over it:
 tokens are all-gathered over the expert axis, each device runs its own
 experts, and the partial outputs are reduce-scattered back (`psum_scatter`).
 This is the only file with hand-written collectives.
+
+Axis letters beyond layers.py's: t tokens (batch and sequence flattened), k experts
+chosen per token, A assignments (t * k), C capacity per expert, R rows of a padded
+layout, n blocks of b rows; in the sharded dispatch, g the tokens of a device's expert
+group.
 """
 
 import functools
@@ -51,11 +56,11 @@ DISPATCHES = ('dropless', 'capacity', 'dense')
 GROUPED_MATMULS = ('auto', 'looped', 'megablox', 'ragged', 'blocked')
 
 
-# Dispatches: (x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD) -> (y_ND, dropped)
+# Dispatches: (x_tD, weights_tk, experts_tk, wi_gate_EDF, wi_up_EDF, wo_EFD) -> (y_tD, dropped)
 # `dropped` is the number of (token, expert) assignments that were not computed.
 
 
-def dense_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+def dense_dispatch(x_tD, weights_tk, experts_tk, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
   """Runs every expert on every token, as HF does: exact, but E times the cost.
 
   Unselected experts see a zero input and return exactly zero (no biases,
@@ -63,49 +68,49 @@ def dense_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD,
   Assignments to experts outside [0, E) are ignored (used by expert parallelism).
   """
   E = wi_gate_EDF.shape[0]
-  score_NE = jnp.sum(
-      jax.nn.one_hot(experts_NK, E, dtype=x_ND.dtype) * weights_NK[..., None], axis=1
+  score_tE = jnp.sum(
+      jax.nn.one_hot(experts_tk, E, dtype=x_tD.dtype) * weights_tk[..., None], axis=1
   )
-  x_END = x_ND[None] * score_NE.T[..., None]
-  gate_ENF = jnp.einsum('END,EDF->ENF', x_END, wi_gate_EDF)
-  up_ENF = jnp.einsum('END,EDF->ENF', x_END, wi_up_EDF)
-  y_END = jnp.einsum('ENF,EFD->END', jax.nn.silu(gate_ENF) * up_ENF, wo_EFD)
-  return jnp.sum(y_END, axis=0), jnp.zeros((), jnp.float32)
+  x_EtD = x_tD[None] * score_tE.T[..., None]
+  gate_EtF = jnp.einsum('EtD,EDF->EtF', x_EtD, wi_gate_EDF)
+  up_EtF = jnp.einsum('EtD,EDF->EtF', x_EtD, wi_up_EDF)
+  y_EtD = jnp.einsum('EtF,EFD->EtD', jax.nn.silu(gate_EtF) * up_EtF, wo_EFD)
+  return jnp.sum(y_EtD, axis=0), jnp.zeros((), jnp.float32)
 
 
-def _sort_assignments(experts_NK, num_experts):
+def _sort_assignments(experts_tk, num_experts):
   """Assignments (token, slot) sorted by expert; out-of-range experts sort last."""
-  A = experts_NK.size
-  expert_A = experts_NK.reshape(A)
+  A = experts_tk.size
+  expert_A = experts_tk.reshape(A)
   order_A = jnp.argsort(expert_A, stable=True)
   sizes_E = jnp.bincount(expert_A, length=num_experts)  # out-of-range ids are not counted
   return order_A, expert_A[order_A], sizes_E
 
 
-def _swiglu_grouped(x_MD, wi_gate, wi_up, wo, matmul):
-  return matmul(jax.nn.silu(matmul(x_MD, wi_gate)) * matmul(x_MD, wi_up), wo)
+def _swiglu_grouped(x_RD, wi_gate, wi_up, wo, matmul):
+  return matmul(jax.nn.silu(matmul(x_RD, wi_gate)) * matmul(x_RD, wi_up), wo)
 
 
-def _swiglu(wi_gate_DF, wi_up_DF, wo_FD, x_MD):
-  return _swiglu_grouped(x_MD, wi_gate_DF, wi_up_DF, wo_FD, jnp.matmul)
+def _swiglu(wi_gate_DF, wi_up_DF, wo_FD, x_RD):
+  return _swiglu_grouped(x_RD, wi_gate_DF, wi_up_DF, wo_FD, jnp.matmul)
 
 
-def _sorted_dropless(x_ND, weights_NK, experts_NK, num_experts, grouped_swiglu):
+def _sorted_dropless(x_tD, weights_tk, experts_tk, num_experts, grouped_swiglu):
   """Dropless over assignments sorted by expert: grouped_swiglu(x_AD, sizes_E) -> y_AD runs
   expert e's SwiGLU on the e-th group of rows (sizes_E rows each, in order)."""
-  N, K = experts_NK.shape
-  order_A, _, sizes_E = _sort_assignments(experts_NK, num_experts)
-  x_AD = x_ND[order_A // K] * weights_NK.reshape(-1)[order_A][:, None]
+  t, k = experts_tk.shape
+  order_A, _, sizes_E = _sort_assignments(experts_tk, num_experts)
+  x_AD = x_tD[order_A // k] * weights_tk.reshape(-1)[order_A][:, None]
   with jax.named_scope('expert_matmuls'):
     y_AD = grouped_swiglu(x_AD, sizes_E)
   # Rows past sum(sizes_E) (out-of-range experts: padding, other devices' experts) are in no
   # group, and grouped matmuls do not promise what they return for them: zero them.
-  y_AD = jnp.where((jnp.arange(N * K) < jnp.sum(sizes_E))[:, None], y_AD, 0)
-  y_ND = jnp.zeros((N * K, x_ND.shape[1]), y_AD.dtype).at[order_A].set(y_AD)
-  return y_ND.reshape(N, K, -1).sum(axis=1), jnp.zeros((), jnp.float32)
+  y_AD = jnp.where((jnp.arange(t * k) < jnp.sum(sizes_E))[:, None], y_AD, 0)
+  y_tkD = jnp.zeros((t * k, x_tD.shape[1]), y_AD.dtype).at[order_A].set(y_AD).reshape(t, k, -1)
+  return y_tkD.sum(axis=1), jnp.zeros((), jnp.float32)
 
 
-def ragged_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+def ragged_dropless_dispatch(x_tD, weights_tk, experts_tk, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
   """Dropless with `jax.lax.ragged_dot` (XLA's grouped matmul).
 
   On TPU its backward for the weights compiles as a dense product masked per expert (E times
@@ -116,23 +121,23 @@ def ragged_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_ED
     matmul = lambda x, w: jax.lax.ragged_dot(x, w, sizes_E)
     return _swiglu_grouped(x_AD, wi_gate_EDF, wi_up_EDF, wo_EFD, matmul)
 
-  return _sorted_dropless(x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], swiglu)
+  return _sorted_dropless(x_tD, weights_tk, experts_tk, wi_gate_EDF.shape[0], swiglu)
 
 
-def looped_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+def looped_dropless_dispatch(x_tD, weights_tk, experts_tk, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
   """Dropless with the CPU grouped SwiGLU (`grouped_swiglu.py`): each expert's rows in
   blocks looped over, as many as the routing made; cost flat in E."""
   swiglu = functools.partial(
       grouped_swiglu.grouped_swiglu, wi_gate_EDF=wi_gate_EDF, wi_up_EDF=wi_up_EDF, wo_EFD=wo_EFD
   )
-  return _sorted_dropless(x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], swiglu)
+  return _sorted_dropless(x_tD, weights_tk, experts_tk, wi_gate_EDF.shape[0], swiglu)
 
 
 # Megablox tiles (rows, contracted, output columns): MaxText's defaults for its TPU gmm.
 MEGABLOX_TILING = (512, 1024, 1024)
 
 
-def megablox_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+def megablox_dropless_dispatch(x_tD, weights_tk, experts_tk, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
   """Dropless with the Pallas TPU grouped matmul (megablox `gmm`; JAX ships it).
 
   Its backward is grouped as well: the input gradient is a `gmm` against the transposed
@@ -145,41 +150,41 @@ def megablox_dropless_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_
   from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
   interpret = sharding.platform() != 'tpu'
-  A = x_ND.shape[0] * experts_NK.shape[1]
+  A = x_tD.shape[0] * experts_tk.shape[1]
 
   def swiglu(x_AD, sizes_E):
     tm = min(MEGABLOX_TILING[0], -(-A // 8) * 8)
-    M = -(-A // tm) * tm  # gmm needs whole row tiles: rows past A are in no group
-    x_MD = jnp.pad(x_AD, ((0, M - A), (0, 0)))
+    R = -(-A // tm) * tm  # gmm needs whole row tiles: rows past A are in no group
+    x_RD = jnp.pad(x_AD, ((0, R - A), (0, 0)))
 
     # gmm leaves the rows past the groups undefined, in its output and in its input gradient
     # (NaN in interpret mode): masking both keeps them out of the values and the gradients.
-    grouped_M = (jnp.arange(M) < jnp.sum(sizes_E))[:, None]
+    grouped_R = (jnp.arange(R) < jnp.sum(sizes_E))[:, None]
 
     def matmul(x, w):
       tiling = (tm, min(MEGABLOX_TILING[1], w.shape[1]), min(MEGABLOX_TILING[2], w.shape[2]))
-      x = jnp.where(grouped_M, x, 0)
+      x = jnp.where(grouped_R, x, 0)
       y = megablox.gmm(
           x, w, sizes_E.astype(jnp.int32), x.dtype, tiling, None, None, False, interpret
       )
-      return jnp.where(grouped_M, y, 0)
+      return jnp.where(grouped_R, y, 0)
 
-    return _swiglu_grouped(x_MD, wi_gate_EDF, wi_up_EDF, wo_EFD, matmul)[:A]
+    return _swiglu_grouped(x_RD, wi_gate_EDF, wi_up_EDF, wo_EFD, matmul)[:A]
 
-  return _sorted_dropless(x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], swiglu)
+  return _sorted_dropless(x_tD, weights_tk, experts_tk, wi_gate_EDF.shape[0], swiglu)
 
 
-def _block_layout(x_ND, weights_NK, experts_NK, num_experts, b):
+def _block_layout(x_tD, weights_tk, experts_tk, num_experts, b):
   """Assignments sorted by expert, each expert's group padded to whole blocks of b rows.
 
-  Returns (x_BbD, token_R, expert_B, used_blocks): the blocks' router-scaled
-  inputs, the token of each row (N for padding), each block's expert, and how
+  Returns (x_nbD, token_R, expert_n, used_blocks): the blocks' router-scaled
+  inputs, the token of each row (t for padding), each block's expert, and how
   many blocks hold assignments (the rest are padding). The blocks number
   A/b + E (static), enough for any routing.
   """
-  N, K = experts_NK.shape
-  E, D, A = num_experts, x_ND.shape[1], N * K
-  order_A, expert_sorted_A, sizes_E = _sort_assignments(experts_NK, E)
+  t, k = experts_tk.shape
+  E, D, A = num_experts, x_tD.shape[1], t * k
+  order_A, expert_sorted_A, sizes_E = _sort_assignments(experts_tk, E)
   padded_E = (sizes_E + b - 1) // b * b
   padded_end_E = jnp.cumsum(padded_E)
   start_E = jnp.cumsum(sizes_E) - sizes_E
@@ -196,59 +201,59 @@ def _block_layout(x_ND, weights_NK, experts_NK, num_experts, b):
       - start_E[safe_expert_A],
       rows,
   )
-  x_RD, token_R = _rows_by_slot(x_ND, weights_NK, order_A, dest_A, rows)
-  expert_B = jnp.minimum(
+  x_RD, token_R = _rows_by_slot(x_tD, weights_tk, order_A, dest_A, rows)
+  expert_n = jnp.minimum(
       jnp.searchsorted(padded_end_E, jnp.arange(num_blocks) * b, side='right'), E - 1
   )
-  return x_RD.reshape(num_blocks, b, D), token_R, expert_B, padded_end_E[-1] // b
+  return x_RD.reshape(num_blocks, b, D), token_R, expert_n, padded_end_E[-1] // b
 
 
-def _rows_by_slot(x_ND, weights_NK, order_A, dest_A, num_slots):
-  """(x_SD, token_S): slot dest_A[a] gets sorted assignment a's token row times its router
+def _rows_by_slot(x_tD, weights_tk, order_A, dest_A, num_slots):
+  """(x_RD, token_R): slot dest_A[a] gets sorted assignment a's token row times its router
   weight. A dest of num_slots drops the assignment; a slot no assignment fills holds zeros
-  and token N (a row past the tokens, which `_unblock` drops)."""
-  N, K = weights_NK.shape
-  token_S = jnp.full((num_slots + 1,), N, jnp.int32).at[dest_A].set(order_A // K)[:num_slots]
-  weight_S = (
-      jnp.zeros((num_slots + 1,), x_ND.dtype)
+  and token t (a row past the tokens, which `_unblock` drops)."""
+  t, k = weights_tk.shape
+  token_R = jnp.full((num_slots + 1,), t, jnp.int32).at[dest_A].set(order_A // k)[:num_slots]
+  weight_R = (
+      jnp.zeros((num_slots + 1,), x_tD.dtype)
       .at[dest_A]
-      .set(weights_NK.reshape(-1)[order_A])[:num_slots]
+      .set(weights_tk.reshape(-1)[order_A])[:num_slots]
   )
-  x_PD = jnp.concatenate([x_ND, jnp.zeros((1, x_ND.shape[1]), x_ND.dtype)])  # row N: zeros
-  return x_PD[token_S] * weight_S[:, None], token_S
+  x_and_zeros = jnp.concatenate([x_tD, jnp.zeros((1, x_tD.shape[1]), x_tD.dtype)])  # row t: zeros
+  return x_and_zeros[token_R] * weight_R[:, None], token_R
 
 
-def _unblock(y_SD, token_S, N):
-  """Sums each slot's output into its token (empty slots land on a dropped row N). y_SD may
+def _unblock(y_RD, token_R, t):
+  """Sums each slot's output into its token (empty slots land on a dropped row t). y_RD may
   have several slot axes ([blocks, b, D], [E, C, D]): slots are read in order."""
-  D = y_SD.shape[-1]
-  return jnp.zeros((N + 1, D), y_SD.dtype).at[token_S].add(y_SD.reshape(-1, D))[:N]
+  D = y_RD.shape[-1]
+  return jnp.zeros((t + 1, D), y_RD.dtype).at[token_R].add(y_RD.reshape(-1, D))[:t]
 
 
 def blocked_dropless_dispatch(
-    x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, *, block_size=32, **_
+    x_tD, weights_tk, experts_tk, wi_gate_EDF, wi_up_EDF, wo_EFD, *, block_size=32, **_
 ):
   """Dropless on any backend: groups padded to blocks, one batched einsum over blocks.
 
-  With A = N*k assignments the blocks number at most A/b + E (static), so the
+  With A = t*k assignments the blocks number at most A/b + E (static), so the
   work is (A + E*b) rows of expert MLP, plus gathering each block's weights:
   it grows with E only through the padding of E*b rows.
   """
-  x_BbD, token_R, expert_B, _ = _block_layout(
-      x_ND, weights_NK, experts_NK, wi_gate_EDF.shape[0], block_size
+  x_nbD, token_R, expert_n, _ = _block_layout(
+      x_tD, weights_tk, experts_tk, wi_gate_EDF.shape[0], block_size
   )
-  wi_gate_BDF, wi_up_BDF, wo_BFD = (w[expert_B] for w in (wi_gate_EDF, wi_up_EDF, wo_EFD))
+  wi_gate_nDF, wi_up_nDF, wo_nFD = (w[expert_n] for w in (wi_gate_EDF, wi_up_EDF, wo_EFD))
   with jax.named_scope('expert_matmuls'):
-    gate = jnp.einsum('BbD,BDF->BbF', x_BbD, wi_gate_BDF)
-    up = jnp.einsum('BbD,BDF->BbF', x_BbD, wi_up_BDF)
-    y_BbD = jnp.einsum('BbF,BFD->BbD', jax.nn.silu(gate) * up, wo_BFD)
-  return _unblock(y_BbD, token_R, x_ND.shape[0]), jnp.zeros((), jnp.float32)
+    gate = jnp.einsum('nbD,nDF->nbF', x_nbD, wi_gate_nDF)
+    up = jnp.einsum('nbD,nDF->nbF', x_nbD, wi_up_nDF)
+    y_nbD = jnp.einsum('nbF,nFD->nbD', jax.nn.silu(gate) * up, wo_nFD)
+  return _unblock(y_nbD, token_R, x_tD.shape[0]), jnp.zeros((), jnp.float32)
 
 
 def capacity_dispatch(
-    x_ND,
-    weights_NK,
-    experts_NK,
+    x_tD,
+    weights_tk,
+    experts_tk,
     wi_gate_EDF,
     wi_up_EDF,
     wo_EFD,
@@ -259,45 +264,45 @@ def capacity_dispatch(
 ):
   """Each expert takes its first C assignments (token order); the rest are dropped.
 
-  C = ceil(capacity_factor * num_routed * k / E), num_routed defaulting to N.
+  C = ceil(capacity_factor * num_routed * k / E), num_routed defaulting to t.
   """
-  N, K = experts_NK.shape
+  t, k = experts_tk.shape
   E, D, _ = wi_gate_EDF.shape
-  A = N * K
-  C = max(1, math.ceil(capacity_factor * (num_routed or N) * K / E))
-  order_A, expert_sorted_A, sizes_E = _sort_assignments(experts_NK, E)
+  A = t * k
+  C = max(1, math.ceil(capacity_factor * (num_routed or t) * k / E))
+  order_A, expert_sorted_A, sizes_E = _sort_assignments(experts_tk, E)
   start_E = jnp.cumsum(sizes_E) - sizes_E
   valid_A = expert_sorted_A < E
   safe_expert_A = jnp.where(valid_A, expert_sorted_A, 0)
   slot_A = jnp.arange(A) - start_E[safe_expert_A]
   kept_A = valid_A & (slot_A < C)
   dest_A = jnp.where(kept_A, safe_expert_A * C + slot_A, E * C)  # E*C: dropped
-  x_SD, token_S = _rows_by_slot(x_ND, weights_NK, order_A, dest_A, E * C)
-  x_ECD = x_SD.reshape(E, C, D)
+  x_RD, token_R = _rows_by_slot(x_tD, weights_tk, order_A, dest_A, E * C)
+  x_ECD = x_RD.reshape(E, C, D)
   gate = jnp.einsum('ECD,EDF->ECF', x_ECD, wi_gate_EDF)
   up = jnp.einsum('ECD,EDF->ECF', x_ECD, wi_up_EDF)
   y_ECD = jnp.einsum('ECF,EFD->ECD', jax.nn.silu(gate) * up, wo_EFD)
   dropped = jnp.sum(valid_A & ~kept_A).astype(jnp.float32)
-  return _unblock(y_ECD, token_S, N), dropped
+  return _unblock(y_ECD, token_R, t), dropped
 
 
-def gathered_dispatch(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
+def gathered_dispatch(x_tD, weights_tk, experts_tk, wi_gate_EDF, wi_up_EDF, wo_EFD, **_):
   """Dropless for few tokens (decoding): each assignment gathers its expert's weights.
 
   Reads k expert matrices per token instead of every expert's (as grouping
   into per-expert blocks would when there are fewer assignments than experts).
   """
   E = wi_gate_EDF.shape[0]
-  valid_NK = experts_NK < E
-  expert_NK = jnp.where(valid_NK, experts_NK, 0)
-  x_NKD = x_ND[:, None, :] * (weights_NK * valid_NK)[..., None]
-  gate = jnp.einsum('NKD,NKDF->NKF', x_NKD, wi_gate_EDF[expert_NK])
-  up = jnp.einsum('NKD,NKDF->NKF', x_NKD, wi_up_EDF[expert_NK])
-  y_NKD = jnp.einsum('NKF,NKFD->NKD', jax.nn.silu(gate) * up, wo_EFD[expert_NK])
-  return jnp.sum(y_NKD, axis=1), jnp.zeros((), jnp.float32)
+  valid_tk = experts_tk < E
+  expert_tk = jnp.where(valid_tk, experts_tk, 0)
+  x_tkD = x_tD[:, None, :] * (weights_tk * valid_tk)[..., None]
+  gate = jnp.einsum('tkD,tkDF->tkF', x_tkD, wi_gate_EDF[expert_tk])
+  up = jnp.einsum('tkD,tkDF->tkF', x_tkD, wi_up_EDF[expert_tk])
+  y_tkD = jnp.einsum('tkF,tkFD->tkD', jax.nn.silu(gate) * up, wo_EFD[expert_tk])
+  return jnp.sum(y_tkD, axis=1), jnp.zeros((), jnp.float32)
 
 
-def switched_dispatch(x_ND, weights_NK, experts_NK, expert_weights, *, block_size=0):
+def switched_dispatch(x_tD, weights_tk, experts_tk, expert_weights, *, block_size=0):
   """Dropless for the inference layout (`MoE.split_experts`): expert weights read in place.
 
   expert_weights: per expert, its (wi_gate_DF, wi_up_DF, wo_FD) as separate
@@ -310,23 +315,23 @@ def switched_dispatch(x_ND, weights_NK, experts_NK, expert_weights, *, block_siz
   padding blocks past the used ones are skipped. Inference only: the gradient
   of a switch would materialise every expert's weights for every group.
   """
-  N, K = experts_NK.shape
+  t, k = experts_tk.shape
   E = len(expert_weights)
-  if N * K <= E:
-    x_BbD = (x_ND[:, None, :] * weights_NK[..., None]).reshape(N * K, 1, -1)
-    token_R, expert_B = jnp.repeat(jnp.arange(N), K), experts_NK.reshape(-1)
+  if t * k <= E:
+    x_nbD = (x_tD[:, None, :] * weights_tk[..., None]).reshape(t * k, 1, -1)
+    token_R, expert_n = jnp.repeat(jnp.arange(t), k), experts_tk.reshape(-1)
   else:
-    b = block_size or auto_block_size(N * K, E)
-    x_BbD, token_R, expert_B, used_blocks = _block_layout(x_ND, weights_NK, experts_NK, E, b)
-    expert_B = jnp.where(jnp.arange(expert_B.shape[0]) < used_blocks, expert_B, E)
+    b = block_size or auto_block_size(t * k, E)
+    x_nbD, token_R, expert_n, used_blocks = _block_layout(x_tD, weights_tk, experts_tk, E, b)
+    expert_n = jnp.where(jnp.arange(expert_n.shape[0]) < used_blocks, expert_n, E)
   branches = [functools.partial(_swiglu, *weights) for weights in expert_weights]
   branches.append(jnp.zeros_like)  # expert E: padding blocks, or experts outside [0, E)
   with jax.named_scope('expert_matmuls'):
-    y_BbD = jax.lax.map(
+    y_nbD = jax.lax.map(
         lambda block: jax.lax.switch(block[1], branches, block[0]),
-        (x_BbD, jnp.minimum(expert_B, E)),
+        (x_nbD, jnp.minimum(expert_n, E)),
     )
-  return _unblock(y_BbD, token_R, N), jnp.zeros((), jnp.float32)
+  return _unblock(y_nbD, token_R, t), jnp.zeros((), jnp.float32)
 
 
 def auto_block_size(assignments: int, num_experts: int) -> int:
@@ -357,11 +362,11 @@ def grouped_matmul_for(platform: str) -> str:
 
 def dropless_dispatch(*args, grouped_matmul='auto', block_size=0, **kw):
   """Picks the cheapest exact dropless form for the (static) shapes."""
-  x_ND, _, experts_NK, wi_gate_EDF = args[:4]
-  if experts_NK.size <= wi_gate_EDF.shape[0]:  # fewer assignments than experts: decoding
+  x_tD, _, experts_tk, wi_gate_EDF = args[:4]
+  if experts_tk.size <= wi_gate_EDF.shape[0]:  # fewer assignments than experts: decoding
     return gathered_dispatch(*args, **kw)
-  block_size = block_size or auto_block_size(experts_NK.size, wi_gate_EDF.shape[0])
-  if x_ND.shape[0] < block_size:  # E x N rows are fewer than the E blocks of b rows
+  block_size = block_size or auto_block_size(experts_tk.size, wi_gate_EDF.shape[0])
+  if x_tD.shape[0] < block_size:  # E x t rows are fewer than the E blocks of b rows
     return dense_dispatch(*args, **kw)
   kw['block_size'] = block_size
   if grouped_matmul == 'auto':
@@ -387,7 +392,7 @@ DISPATCHERS = {
 
 
 def router_statistics(
-    logits_BTE: jax.Array, experts_BTK: jax.Array, valid_BT: jax.Array
+    logits_BTE: jax.Array, experts_BTk: jax.Array, valid_BT: jax.Array
 ) -> dict[str, jax.Array]:
   """Auxiliary losses and load statistics of one MoE layer (float32; padding excluded).
 
@@ -405,9 +410,9 @@ def router_statistics(
   valid32 = valid_BT.astype(jnp.float32)
   tokens_B = jnp.maximum(jnp.sum(valid32, axis=1), 1.0)
   assigned_BTE = (
-      jnp.sum(jax.nn.one_hot(experts_BTK, E, dtype=jnp.float32), axis=2) * valid32[..., None]
+      jnp.sum(jax.nn.one_hot(experts_BTk, E, dtype=jnp.float32), axis=2) * valid32[..., None]
   )
-  fraction_BE = jnp.sum(assigned_BTE, axis=1) / (tokens_B[:, None] * experts_BTK.shape[-1])
+  fraction_BE = jnp.sum(assigned_BTE, axis=1) / (tokens_B[:, None] * experts_BTk.shape[-1])
   probs_BTE = jax.nn.sigmoid(logits32)
   probs_BTE = probs_BTE / jnp.sum(probs_BTE, axis=-1, keepdims=True)
   mean_probs_BE = jnp.sum(probs_BTE * valid32[..., None], axis=1) / tokens_B[:, None]
@@ -490,37 +495,37 @@ class MoE(nnx.Module):
       valid_BT = jnp.ones((B, T), bool)
     with jax.named_scope('moe_router'):
       logits_BTE = self.router(x_BTD)
-      top_logits_BTK, experts_BTK = jax.lax.top_k(logits_BTE, self.top_k)
-      weights_BTK = jax.nn.sigmoid(top_logits_BTK.astype(jnp.float32)).astype(self.dtype)
+      top_logits_BTk, experts_BTk = jax.lax.top_k(logits_BTE, self.top_k)
+      weights_BTk = jax.nn.sigmoid(top_logits_BTk.astype(jnp.float32)).astype(self.dtype)
       E = logits_BTE.shape[-1]
-      routed_BTK = jnp.where(
-          valid_BT[..., None], experts_BTK, E
+      routed_BTk = jnp.where(
+          valid_BT[..., None], experts_BTk, E
       )  # E: no expert (dispatches skip it)
     with jax.named_scope('moe_dispatch'):  # profiling.py: everything but the expert matmuls
-      routed_ND, dropped = self._routed(
-          x_BTD.reshape(B * T, D), weights_BTK.reshape(B * T, -1), routed_BTK.reshape(B * T, -1)
+      routed_tD, dropped = self._routed(
+          x_BTD.reshape(B * T, D), weights_BTk.reshape(B * T, -1), routed_BTk.reshape(B * T, -1)
       )
-    y_BTD = self.shared_expert(x_BTD) + routed_ND.reshape(B, T, D)
+    y_BTD = self.shared_expert(x_BTD) + routed_tD.reshape(B, T, D)
     y_BTD = sharding.shard(y_BTD, 'act_batch', 'act_seq', 'act_embed')
-    stats = router_statistics(logits_BTE, experts_BTK, valid_BT)
+    stats = router_statistics(logits_BTE, experts_BTk, valid_BT)
     assignments = jnp.maximum(jnp.sum(valid_BT), 1) * self.top_k
     stats['dropped_fraction'] = dropped / assignments.astype(jnp.float32)
     return y_BTD, stats
 
-  def _routed(self, x_ND, weights_NK, experts_NK):
+  def _routed(self, x_tD, weights_tk, experts_tk):
     """The routed experts' output summed per token, and the dropped assignments."""
     cast = lambda w: w[...].astype(self.dtype)
     if self.experts_split:
       expert_weights = [tuple(map(cast, w)) for w in zip(self.wi_gate, self.wi_up, self.wo)]
       return switched_dispatch(
-          x_ND, weights_NK, experts_NK, expert_weights, block_size=self.block_size
+          x_tD, weights_tk, experts_tk, expert_weights, block_size=self.block_size
       )
-    args = (x_ND, weights_NK, experts_NK, cast(self.wi_gate), cast(self.wi_up), cast(self.wo))
+    args = (x_tD, weights_tk, experts_tk, cast(self.wi_gate), cast(self.wi_up), cast(self.wo))
     # Whenever the mesh splits the tokens, each device dispatches its own (and,
     # with an expert axis, its expert group's): a global sort would make
     # every device run the experts on every token of the global batch.
     shards = sharding.batch_shards()
-    if shards > 1 and x_ND.shape[0] % shards == 0:
+    if shards > 1 and x_tD.shape[0] % shards == 0:
       return _sharded_dispatch(self.dispatch, *args)
     return self.dispatch(*args)
 
@@ -533,7 +538,7 @@ def _mesh_axis(name: str) -> int:
   return 1 if mesh.empty or name not in mesh.axis_names else mesh.shape[name]
 
 
-def _sharded_dispatch(dispatch, x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD):
+def _sharded_dispatch(dispatch, x_tD, weights_tk, experts_tk, wi_gate_EDF, wi_up_EDF, wo_EFD):
   """Runs `dispatch` on each device's own tokens, with experts sharded over `expert`.
 
   Inside `shard_map`, each device all-gathers the tokens of its expert group (the
@@ -560,24 +565,24 @@ def _sharded_dispatch(dispatch, x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up
   @functools.partial(
       jax.shard_map, mesh=mesh, in_specs=in_specs, out_specs=(tokens, P()), check_vma=False
   )
-  def local(x_nD, weights_nK, experts_nK, wi_gate, wi_up, wo):
+  def local(x_tD, weights_tk, experts_tk, wi_gate, wi_up, wo):
     gather = lambda a: jax.lax.all_gather(a, 'expert', axis=0, tiled=True)
-    x_gD, weights_gK, experts_gK = gather(x_nD), gather(weights_nK), gather(experts_nK)
+    x_gD, weights_gk, experts_gk = gather(x_tD), gather(weights_tk), gather(experts_tk)
     local_E = wi_gate.shape[0]
     first = jax.lax.axis_index('expert') * local_E
-    local_experts_gK = experts_gK - first
+    local_experts_gk = experts_gk - first
     # Other devices' experts fall outside [0, local_E): dispatches skip them.
-    local_experts_gK = jnp.where(
-        (local_experts_gK >= 0) & (local_experts_gK < local_E), local_experts_gK, local_E
+    local_experts_gk = jnp.where(
+        (local_experts_gk >= 0) & (local_experts_gk < local_E), local_experts_gk, local_E
     )
     # Capacity per expert as for the whole group: C = cf * group tokens * k / E.
     y_gD, dropped = dispatch(
-        x_gD, weights_gK, local_experts_gK, wi_gate, wi_up, wo, num_routed=x_gD.shape[0] // ep
+        x_gD, weights_gk, local_experts_gk, wi_gate, wi_up, wo, num_routed=x_gD.shape[0] // ep
     )
     if tensor:
       y_gD = jax.lax.psum(y_gD, tensor)
-    y_nD = jax.lax.psum_scatter(y_gD, 'expert', scatter_dimension=0, tiled=True)
+    y_tD = jax.lax.psum_scatter(y_gD, 'expert', scatter_dimension=0, tiled=True)
     # Devices along `tensor` hold the same tokens: count their drops once.
-    return y_nD, jax.lax.psum(dropped, mesh.axis_names) / _mesh_axis('tensor')
+    return y_tD, jax.lax.psum(dropped, mesh.axis_names) / _mesh_axis('tensor')
 
-  return local(x_ND, weights_NK, experts_NK, wi_gate_EDF, wi_up_EDF, wo_EFD)
+  return local(x_tD, weights_tk, experts_tk, wi_gate_EDF, wi_up_EDF, wo_EFD)
