@@ -3,6 +3,7 @@
   python scripts/benchmark.py moe [--output=moe.json]
   python scripts/benchmark.py decode [--output=decode.json]
   python scripts/benchmark.py train [--train_configs=tiny,80m-e8,80m-e32] [--output=train.json]
+      [--maxtext_python=PYTHON]
 
 moe: forward + backward time of one top-1 MoE layer for E = 4, 16, 64 experts at
 fixed active parameters, for the dropless and capacity dispatches and the
@@ -15,7 +16,8 @@ train: the full training step (forward, backward, AdamW) of llama4_jax and of
 transformers' Llama4ForCausalLM (PyTorch, float32, AdamW) on the same
 architecture and batch, alternating between them: median step time, tokens/s,
 the ratio, MFU against the matmul peak measured in the same run, and the
-memory each step takes above its resident state.
+memory each step takes above its resident state; with --maxtext_python, MaxText's step
+on the same shapes too.
 """
 
 import dataclasses
@@ -36,6 +38,12 @@ _REPEATS = flags.DEFINE_integer(
     'repeats', 3, 'train, decode: timed runs per implementation (in turns).', lower_bound=1
 )
 _PROFILE = flags.DEFINE_bool('profile', False, 'train: also profile one step of ours, by part.')
+_MAXTEXT_PYTHON = flags.DEFINE_string(
+    'maxtext_python',
+    None,
+    "train: also time MaxText's step on the same shapes, run by this Python (one with "
+    'MaxText installed; llama4_jax/tools/maxtext_baseline.py).',
+)
 _TRANSFORMERS_KEEPS_FREED_MEMORY = flags.DEFINE_bool(
     'transformers_keeps_freed_memory',
     False,
@@ -97,6 +105,7 @@ def train():
       repeats=_REPEATS.value,
       profile=_PROFILE.value,
       transformers_keeps_freed_memory=_TRANSFORMERS_KEEPS_FREED_MEMORY.value,
+      maxtext_python=_MAXTEXT_PYTHON.value,
   )
   print(
       f'Train step (forward, backward, AdamW), {rows[0].device}; peak {rows[0].peak_flops / 1e9:.1f} '
@@ -115,6 +124,13 @@ def train():
         f'{fmt(r.transformers_mfu, ">5.0%")} {fmt(r.transformers_step_memory_mib, ">6.0f")} | '
         f'{fmt(r.ratio, ">5.1f")}'
     )
+  if _MAXTEXT_PYTHON.value:
+    print('MaxText on the same shapes (maxtext_baseline.SETTINGS):')
+    for r in rows:
+      print(
+          f'{r.config:>8} | {fmt(r.maxtext_step_seconds, ">7.2f")} s {fmt(r.maxtext_mfu, ">5.0%")} '
+          f'| MaxText / ours {fmt(r.maxtext_ratio, ">5.1f")}'
+      )
   for r in rows:
     if r.ours_breakdown:
       total = sum(r.ours_breakdown.values())

@@ -260,6 +260,9 @@ class TrainRow:
   peak_source: str
   ours_breakdown: dict[str, float] | None = None  # seconds per part of the step
   ours_breakdown_matmul_gflop: dict[str, float] | None = None  # matmul GFLOP each part ran
+  maxtext_step_seconds: float | None = None  # with maxtext_python (maxtext_baseline.py)
+  maxtext_mfu: float | None = None
+  maxtext_ratio: float | None = None  # MaxText's step time over ours
 
 
 def _rss_bytes() -> int:
@@ -427,6 +430,7 @@ def train_speed(
     with_transformers: bool = True,
     profile: bool = False,
     transformers_keeps_freed_memory: bool = False,
+    maxtext_python: str | None = None,
 ) -> list[TrainRow]:
   """Step time, tokens/s, MFU and step memory of both implementations.
 
@@ -439,10 +443,12 @@ def train_speed(
   against the data-sheet peak, and transformers is left out. MFU counts model FLOPs
   (flops.train_flops_per_token: active parameters, attention under its masks). With `profile`,
   each row also gets ours' seconds per part of the step and the matmul FLOPs each part ran
-  (profiling.step_breakdown).
+  (profiling.step_breakdown). With `maxtext_python`, MaxText's step on the same shapes runs
+  last, in that interpreter (`maxtext_baseline`; configs whose layer pattern MaxText's llama4
+  decoder cannot express have no MaxText time).
   """
   from llama4_jax import flops
-  from llama4_jax.tools import profiling
+  from llama4_jax.tools import maxtext_baseline, profiling
 
   on_cpu = jax.default_backend() == 'cpu'
   peak_probe = {}
@@ -470,6 +476,18 @@ def train_speed(
       times['hf'] = hf_times['hf']
       times['peak'] += hf_times['peak']
     medians = {key: statistics.median(t) for key, t in times.items()}
+    maxtext_s = None
+    if maxtext_python and on_cpu:
+      batch, seq_len = tokens.shape[0], tokens.shape[1] - 1
+      try:
+        flags = maxtext_baseline.maxtext_flags(cfg, batch, seq_len)
+      except ValueError as e:
+        print(f'{name}: no MaxText step ({e})')
+      else:
+        host_memory.release_freed_memory()
+        maxtext_s = statistics.median(
+            maxtext_baseline.train_step_seconds(maxtext_python, flags, repeats)
+        )
     if on_cpu:
       peak = 5 * probe_flops / medians['peak']
       peak_source = 'float32 matmul peak, measured in turns with each step'
@@ -499,6 +517,9 @@ def train_speed(
             peak_source,
             breakdown,
             matmul_gflop,
+            maxtext_s,
+            step_flops / maxtext_s / peak if maxtext_s else None,
+            maxtext_s / medians['ours'] if maxtext_s else None,
         )
     )
   return rows
