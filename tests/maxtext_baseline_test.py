@@ -28,26 +28,46 @@ def _flags(name: str) -> dict[str, str]:
 
 
 def test_our_80m_config_in_maxtexts_keys():
-  flags = _flags('80m-e32')
-  assert {k: flags[k] for k in ('base_emb_dim', 'base_num_decoder_layers', 'base_mlp_dim')} == {
+  assert _flags('80m-e8') == {
+      **dict(f.split('=', 1) for f in maxtext_baseline.SETTINGS),
+      'per_device_batch_size': '8',
+      'max_target_length': '512',
       'base_emb_dim': '512',
       'base_num_decoder_layers': '8',
+      'base_num_query_heads': '8',
+      'base_num_kv_heads': '2',
+      'head_dim': '64',
       'base_mlp_dim': '2048',
+      'base_moe_mlp_dim': '1024',
+      'num_experts': '8',
+      'num_experts_per_tok': '1',
+      'vocab_size': '8192',
+      'chunk_attn_window_size': '128',
+      # NoPE on layers 3 and 7, MoE on 1, 3, 5 and 7: MaxText's (i + 1) % p == 0.
+      'nope_layer_interval': '4',
+      'interleave_moe_layer_step': '2',
+      'use_qk_norm': 'true',
+      'temperature_tuning': 'true',
+      'rope_max_timescale': '10000',
+      'normalization_layer_epsilon': '1e-05',
   }
-  assert flags['base_moe_mlp_dim'] == '1024' and flags['num_experts'] == '32'
-  assert flags['per_device_batch_size'] == '8' and flags['max_target_length'] == '512'
-  # NoPE on layers 3 and 7, MoE on 1, 3, 5 and 7: MaxText's (i + 1) % p == 0.
-  assert flags['nope_layer_interval'] == '4' and flags['interleave_moe_layer_step'] == '2'
-  assert flags['dtype'] == flags['weight_dtype'] == 'float32'
+  settings = dict(f.split('=', 1) for f in maxtext_baseline.SETTINGS)
+  assert settings['dtype'] == settings['weight_dtype'] == 'float32'
+  assert settings['scan_layers'] == 'false'  # unrolled, as ours' 80m configs
 
 
-def test_a_layer_pattern_maxtext_cannot_express_is_named():
-  cfg = model_lib.PRESETS['tiny'].replace(moe_layers=(0, 1))
+def test_layer_patterns_and_chunks_in_maxtexts_terms():
+  tiny = model_lib.PRESETS['tiny']
   with pytest.raises(ValueError, match=r'moe_layers=\(0, 1\): .*every p-th layer'):
-    maxtext_baseline.maxtext_flags(cfg, 1, 8)
-  dense = model_lib.PRESETS['tiny'].replace(moe_layers=(), no_rope_layers=(1, 1, 1, 1))
+    maxtext_baseline.maxtext_flags(tiny.replace(moe_layers=(0, 1)), 1, 8)
+  dense = tiny.replace(moe_layers=(), no_rope_layers=(1, 1, 1, 1), attention_chunk_size=0)
   flags = dict(f.split('=', 1) for f in maxtext_baseline.maxtext_flags(dense, 1, 8))
   assert flags['interleave_moe_layer_step'] == flags['nope_layer_interval'] == '-1'
+  assert flags['chunk_attn_window_size'] == '8'  # no chunks: one of the whole sequence
+  unsorted = dict(
+      f.split('=', 1) for f in maxtext_baseline.maxtext_flags(tiny.replace(moe_layers=(3, 1)), 1, 8)
+  )
+  assert unsorted['interleave_moe_layer_step'] == '2'
 
 
 def test_step_times_are_read_from_maxtexts_log():
@@ -81,14 +101,18 @@ def fake_maxtext(tmp_path, monkeypatch):
 def test_maxtexts_train_module_runs_with_the_flags_and_its_steps_are_timed(fake_maxtext):
   flags = ['base_emb_dim=64', 'num_experts=4']
   seconds = maxtext_baseline.train_step_seconds(sys.executable, flags, repeats=3)
-  assert seconds == [2.5, 3.5, 4.5]  # steps 2, 3 and 4: after the compile and first dispatch
+  assert seconds == [3.5, 4.5, 5.5]  # logged steps 3, 4 and 5: after the compile and first run
   argv = json.loads((fake_maxtext / 'trainers' / 'pre_train' / 'train.py.argv').read_text())
   assert argv[0] == str(fake_maxtext / 'configs' / 'base.yml')
-  assert 'steps=5' in argv and argv[-2:] == flags
+  assert 'steps=6' in argv and argv[-2:] == flags
 
 
-def test_a_python_without_maxtext_is_named(tmp_path, monkeypatch):
-  monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+def test_a_python_without_maxtext_or_a_failed_run_is_named(tmp_path, monkeypatch, fake_maxtext):
+  train = fake_maxtext / 'trainers' / 'pre_train' / 'train.py'
+  train.write_text(train.read_text() + 'sys.exit(3)\n')
+  with pytest.raises(RuntimeError, match=r'MaxText exited with 3 having logged 4 of 4 steps'):
+    maxtext_baseline.train_step_seconds(sys.executable, [], repeats=1)
+  monkeypatch.setenv('PYTHONPATH', str(tmp_path / 'elsewhere'))
   with pytest.raises(RuntimeError, match=r'--maxtext_python=.*: cannot import maxtext'):
     maxtext_baseline.train_step_seconds(sys.executable, [], repeats=1)
 
@@ -98,6 +122,6 @@ def test_train_speed_reports_maxtexts_step_beside_ours(fake_maxtext):
   (row,) = benchmarks.train_speed(
       names=('tiny',), repeats=1, with_transformers=False, maxtext_python=sys.executable
   )
-  assert row.maxtext_step_seconds == 2.5 and row.transformers_step_seconds is None
-  assert row.maxtext_ratio == pytest.approx(2.5 / row.ours_step_seconds)
+  assert row.maxtext_step_seconds == 3.5 and row.transformers_step_seconds is None
+  assert row.maxtext_ratio == pytest.approx(3.5 / row.ours_step_seconds)
   assert row.maxtext_mfu == pytest.approx(row.ours_mfu / row.maxtext_ratio)

@@ -104,8 +104,8 @@ def test_switched_dispatch_with_all_tokens_on_one_expert():
   fn = jax.jit(functools.partial(moe.switched_dispatch, block_size=8))
   want, _ = moe.dense_dispatch(x, weights, experts, g, u, o)
   assert_forward_close(fn(x, weights, experts, list(zip(g, u, o)))[0], want)
-  _, _, expert_B, used = moe._block_layout(x, weights, experts, 8, 8)
-  assert int(used) == 8 and expert_B.shape == (16,)
+  _, _, expert_n, used = moe._block_layout(x, weights, experts, 8, 8)
+  assert int(used) == 8 and expert_n.shape == (16,)
 
 
 @pytest.fixture(scope='module')

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 # Modes whose samples are 8-bit colour or grey, so Pillow's RGB conversion
 # means what it says. 'I' and 'F' are left out: they have no defined range
@@ -109,22 +109,22 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-  """(height, width) of an image file as `load_image` would return it (EXIF rotation
-  included), read from its header without decoding the pixels."""
+  """(height, width) of an image file as stored, read from its header alone.
+
+  An EXIF quarter turn (which `load_image` applies) would swap the two; callers that need
+  only the tile count or the prompt layout's length may ignore it: `best_fit_tiling` of the
+  turned image is the transposed grid, of as many tiles.
+  """
   path = os.fspath(path)
   try:
     with Image.open(path) as image:
-      height, width = image.height, image.width
-      # Orientations 5-8 turn the image a quarter (ImageOps.exif_transpose).
-      if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
-        height, width = width, height
+      return image.height, image.width
   except FileNotFoundError:
     raise ImageError(f'Image file {path!r} does not exist.') from None
   except Image.UnidentifiedImageError:
     raise ImageError(f'{path!r} is not an image file Pillow can read.') from None
-  except (OSError, SyntaxError, ValueError) as e:
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise ImageError(f'Cannot read the header of image file {path!r}: {e}') from e
-  return height, width
 
 
 @contextlib.contextmanager

@@ -82,6 +82,10 @@ def image_tokens(
   return layout, processed.pixels_NCHW
 
 
+# Texts tokenized at a time by RowMaker.check_records: their ids are dropped once counted.
+_ENCODE_CHUNK = 10_000
+
+
 class RowMaker:
   """Turns (image, text) into a padded training row; owns the layout conventions."""
 
@@ -126,9 +130,15 @@ class RowMaker:
         image_processing.image_token_layout(most_tiles, v.tokens_per_tile, self.ids)
     )
     tiles_fit = image_processing.tile_count(most_tiles) <= self.tiles_per_row
-    texts = self.tokenizer.encode_batch([r.text for r in records])
-    for i, (record, text_ids) in enumerate(zip(records, texts), 1):
-      text_tokens = len(text_ids) + 1  # and EOS
+    text_lengths = [
+        len(ids)
+        for start in range(0, len(records), _ENCODE_CHUNK)
+        for ids in self.tokenizer.encode_batch(
+            [r.text for r in records[start : start + _ENCODE_CHUNK]]
+        )
+    ]
+    for i, (record, text_length) in enumerate(zip(records, text_lengths), 1):
+      text_tokens = text_length + 1  # and EOS
       if tiles_fit and image_tokens_bound + text_tokens <= self.seq_len + 1:
         continue
       where = f'{source}: record {i} ({record.image})'

@@ -4,8 +4,9 @@ Axis letters (used in names and einsum strings across the package):
   B batch, T query length, S key length, D model width, N query heads,
   K key/value heads, G query heads per kv head, H head dim, F MLP width,
   E experts, V vocabulary, L layers.
-A module that needs more says which in its docstring (the MoE's flattened tokens t and
-choices per token k in moe.py, the vision tower's in vision.py).
+A module that needs more names them in its docstring (attention.py, moe.py,
+grouped_swiglu.py, vision.py); such a letter means what it says within its module only
+(C is a block of keys in attention.py, an expert's capacity in moe.py).
 """
 
 import functools

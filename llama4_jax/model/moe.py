@@ -87,12 +87,13 @@ def _sort_assignments(experts_tk, num_experts):
   return order_A, expert_A[order_A], sizes_E
 
 
-def _swiglu_grouped(x_RD, wi_gate, wi_up, wo, matmul):
-  return matmul(jax.nn.silu(matmul(x_RD, wi_gate)) * matmul(x_RD, wi_up), wo)
+def _swiglu_grouped(x, wi_gate, wi_up, wo, matmul):
+  """wo(silu(x wi_gate) * x wi_up), each product a `matmul(rows, weights)`."""
+  return matmul(jax.nn.silu(matmul(x, wi_gate)) * matmul(x, wi_up), wo)
 
 
-def _swiglu(wi_gate_DF, wi_up_DF, wo_FD, x_RD):
-  return _swiglu_grouped(x_RD, wi_gate_DF, wi_up_DF, wo_FD, jnp.matmul)
+def _swiglu(wi_gate_DF, wi_up_DF, wo_FD, x):
+  return _swiglu_grouped(x, wi_gate_DF, wi_up_DF, wo_FD, jnp.matmul)
 
 
 def _sorted_dropless(x_tD, weights_tk, experts_tk, num_experts, grouped_swiglu):

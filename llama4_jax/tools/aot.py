@@ -153,8 +153,9 @@ def tpu_slice(name: str) -> TpuSlice:
 @contextlib.contextmanager
 def _tpu_runtime_environment(target: TpuSlice):
   """The environment libtpu needs to describe `target` off a TPU VM, and the process's own
-  back afterwards: with libtpu's variables left behind (TPU_ACCELERATOR_TYPE, ...), the
-  scripts this process starts later would take themselves for a TPU pod's workers."""
+  back afterwards: with the variables set here and by libtpu's loading left behind
+  (TPU_ACCELERATOR_TYPE, ...), the scripts this process starts later would take themselves
+  for a TPU pod's workers."""
   saved = dict(os.environ)
   # libtpu's lockfile keeps two processes off one machine's TPUs. The fit check opens none, it
   # only compiles, so several may run at once (a test suite on two workers, a sweep of layouts);
@@ -168,8 +169,9 @@ def _tpu_runtime_environment(target: TpuSlice):
   try:
     yield
   finally:
-    os.environ.clear()
-    os.environ.update(saved)
+    for key in set(os.environ) - set(saved):
+      del os.environ[key]
+    os.environ.update({k: v for k, v in saved.items() if os.environ.get(k) != v})
 
 
 def tpu_devices(target: TpuSlice, num_slices: int = 1) -> list:

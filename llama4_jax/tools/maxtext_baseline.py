@@ -5,13 +5,15 @@ MaxText is no dependency of this project: it wants Python 3.12 and its own JAX. 
 (`import maxtext`); its pre-training module then runs there, in a process of its own, on
 synthetic data, and its own log gives each step's time.
 
-The model is ours, said in MaxText's keys (`maxtext_flags`): the `llama4-17b-128e` decoder
-with our widths. That decoder fixes the layer pattern to a period (NoPE every
-`nope_layer_interval`-th layer, MoE every `interleave_moe_layer_step`-th), so only configs
-with such a pattern have a MaxText row. The settings are MaxText's fastest on a CPU that were
-measured here (PERFORMANCE.md): float32, the XLA attention, every named activation kept
-(`remat_policy=minimal_with_context`), layers unrolled as ours are (`scan_layers`), and the
-MoE through `jax.lax.ragged_dot` (`megablox=false`: the Pallas kernel is TPU-only).
+The model is ours in MaxText's keys (`maxtext_flags`), as far as the step's cost goes: the
+`llama4-17b-128e` decoder with our widths, heads, experts, vocabulary and chunk. That decoder
+fixes the layer pattern to a period (NoPE every `nope_layer_interval`-th layer, MoE every
+`interleave_moe_layer_step`-th), so only configs with such a pattern have a MaxText row. Its
+RoPE scaling and temperature-tuning constants stay MaxText's (the same work), and it always
+routes dropless. The settings are MaxText's fastest on a CPU that were measured here
+(PERFORMANCE.md): float32, the XLA attention, every named activation kept
+(`remat_policy=minimal_with_context`), layers unrolled as ours are (`scan_layers=false`), and
+the MoE through `jax.lax.ragged_dot` (`megablox=false`: the Pallas kernel is TPU-only).
 """
 
 import os
@@ -32,12 +34,13 @@ SETTINGS = (
     'weight_dtype=float32',
     'attention=dot_product',
     'remat_policy=minimal_with_context',
+    'scan_layers=false',
     'megablox=false',
     'log_period=1',
 )
-# MaxText logs step i's time when step i + 1 is dispatched. Step 0 includes the compile and
-# step 1 is timed from a dispatch that did not wait for step 0: neither is a step's time.
-FIRST_TIMED_STEP = 2
+# MaxText's logged step times lag its steps: each is the time between two dispatches, and its
+# metrics wait for the step before. The first three hold the compile and the first execution.
+FIRST_TIMED_STEP = 3
 _STEP_LINE = re.compile(r'completed step: (\d+), seconds: ([0-9.]+)')
 
 
@@ -46,7 +49,7 @@ def _interval(layers: tuple[int, ...], num_layers: int, key: str) -> int:
   if not layers:
     return -1
   for p in range(1, num_layers + 1):
-    if tuple(i for i in range(num_layers) if (i + 1) % p == 0) == layers:
+    if {i for i in range(num_layers) if (i + 1) % p == 0} == set(layers):
       return p
   raise ValueError(f"{key}: MaxText's llama4 decoder puts them on every p-th layer only")
 
@@ -69,7 +72,8 @@ def maxtext_flags(cfg, batch: int, seq_len: int) -> list[str]:
       f'num_experts={cfg.num_experts}',
       f'num_experts_per_tok={cfg.num_experts_per_tok}',
       f'vocab_size={cfg.vocab_size}',
-      f'chunk_attn_window_size={cfg.attention_chunk_size}',
+      # MaxText chunks every RoPE layer; a chunk of the whole sequence is none.
+      f'chunk_attn_window_size={cfg.attention_chunk_size or seq_len}',
       f'nope_layer_interval={_interval(nope, L, f"no_rope_layers={cfg.no_rope_layers}")}',
       f'interleave_moe_layer_step={_interval(cfg.moe_layers, L, f"moe_layers={cfg.moe_layers}")}',
       f'use_qk_norm={str(cfg.use_qk_norm).lower()}',
@@ -112,5 +116,8 @@ def train_step_seconds(python: str, flags: list[str], repeats: int) -> list[floa
   seconds = step_seconds(log)
   timed = [seconds[s] for s in range(FIRST_TIMED_STEP, steps) if s in seconds]
   if run.returncode or len(timed) != repeats:
-    raise RuntimeError(f"MaxText's train step failed (exit {run.returncode}): {log[-2000:]}")
+    raise RuntimeError(
+        f'MaxText exited with {run.returncode} having logged {len(seconds)} of {steps} steps: '
+        f'{log[-2000:]}'
+    )
   return timed
