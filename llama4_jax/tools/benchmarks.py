@@ -444,8 +444,8 @@ def train_speed(
   (flops.train_flops_per_token: active parameters, attention under its masks). With `profile`,
   each row also gets ours' seconds per part of the step and the matmul FLOPs each part ran
   (profiling.step_breakdown). With `maxtext_python`, MaxText's step on the same shapes runs
-  last, in that interpreter (`maxtext_baseline`; configs whose layer pattern MaxText's llama4
-  decoder cannot express have no MaxText time).
+  last, in that interpreter (`maxtext_baseline`). A config whose layer pattern MaxText's llama4
+  decoder cannot express, or whose MaxText run fails, has no MaxText time; the error is printed.
   """
   from llama4_jax import flops
   from llama4_jax.tools import maxtext_baseline, profiling
