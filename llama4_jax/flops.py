@@ -20,7 +20,7 @@ BF16_PEAK = {
     'TPU v5e': 197e12,
     'TPU v6 lite': 918e12,
     'TPU v6e': 918e12,
-    'H100': 989e12,
+    'H100': 989e12,  # the SXM part
     'H200': 989e12,
     'GH200': 989e12,
     'A100': 312e12,
@@ -29,11 +29,23 @@ BF16_PEAK = {
 }
 
 
+# GPU variants slower than their model's SXM part, by two consecutive words of the
+# device_kind ('NVIDIA H100 PCIe', 'NVIDIA H100 NVL'); they win over BF16_PEAK's model word.
+BF16_PEAK_VARIANTS = {
+    ('H100', 'PCIe'): 756e12,
+    ('H100', 'NVL'): 835e12,
+}
+
+
 def bf16_peak(device_kind: str) -> float | None:
-  """The data-sheet peak of a device_kind (`BF16_PEAK`), or None for one not listed."""
+  """The data-sheet peak of a device_kind (`BF16_PEAK`, `BF16_PEAK_VARIANTS`), or None for one
+  not listed."""
   if device_kind in BF16_PEAK:
     return BF16_PEAK[device_kind]
   words = re.split(r'[\s-]+', device_kind)
+  for pair in zip(words, words[1:]):
+    if pair in BF16_PEAK_VARIANTS:
+      return BF16_PEAK_VARIANTS[pair]
   return next((peak for name, peak in BF16_PEAK.items() if name in words), None)
 
 

@@ -36,7 +36,10 @@ def _nucleus(scaled_BV: jax.Array, top_p: jax.Array) -> jax.Array:
   """Keeps the smallest set of most likely tokens whose probability mass reaches top_p."""
   sorted_BV = jnp.sort(scaled_BV, axis=-1)[:, ::-1]
   probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-  cutoff_index_B = jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p, axis=-1) - 1
+  kept_B = jnp.sum(jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p, axis=-1)
+  # The most likely token always stays (HF's min_tokens_to_keep=1): with top_p <= 0 nothing
+  # would, and index -1 would wrap round to the least likely token, filtering nothing.
+  cutoff_index_B = jnp.maximum(kept_B - 1, 0)
   cutoff_B = jnp.take_along_axis(sorted_BV, cutoff_index_B[:, None], axis=-1)
   return jnp.where(scaled_BV < cutoff_B, -jnp.inf, scaled_BV)
 
@@ -60,6 +63,35 @@ def sample_logits(
 
   greedy = lambda _: jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   return jax.lax.cond(temperature > 0, sample, greedy, None)
+
+
+def check_image_placeholders(prompts: Sequence[Sequence[int]], pixels_BMCHW, vision_cfg) -> None:
+  """Raises ValueError unless each prompt has one `<|patch|>` placeholder per image token.
+
+  The model gives a row's k-th placeholder its k-th image token, and cannot count them
+  under jit (model.merge_image_features): a surplus placeholder would silently repeat the
+  last image token, a tile without placeholders would be dropped. A row's tiles are those
+  up to its last one that is not all zeros: place_images pads with zero tiles, and a real
+  tile never is one (8-bit pixels normalised with Llama 4's mean and std of 0.5 are never
+  exactly 0: image_processing._normalise).
+  """
+  pixels_BMCHW = np.asarray(pixels_BMCHW)
+  if pixels_BMCHW.ndim != 5 or pixels_BMCHW.shape[0] != len(prompts):
+    raise ValueError(
+        f'pixels_BMCHW must be [prompts, tiles, C, H, W] with {len(prompts)} prompts, '
+        f'got shape {pixels_BMCHW.shape}'
+    )
+  per_tile = vision_cfg.tokens_per_tile
+  is_image_BM = pixels_BMCHW.reshape(pixels_BMCHW.shape[:2] + (-1,)).any(axis=-1)
+  for row, (prompt, is_image_M) in enumerate(zip(prompts, is_image_BM)):
+    tiles = int(np.flatnonzero(is_image_M)[-1]) + 1 if is_image_M.any() else 0
+    placeholders = sum(1 for t in prompt if t == vision_cfg.image_token_id)
+    if placeholders != tiles * per_tile:
+      raise ValueError(
+          f'prompt {row} has {placeholders} <|patch|> placeholders (id '
+          f'{vision_cfg.image_token_id}), but its {tiles} image tiles need {tiles * per_tile} '
+          f"({per_tile} per tile; padding tiles after a row's images must be all zeros)"
+      )
 
 
 @functools.partial(jax.jit, static_argnames=('graphdef', 'max_new_tokens', 'top_k', 'cache_dtype'))
@@ -125,12 +157,17 @@ def generate(
   """Generated ids per prompt (without the prompt), each cut after its first EOS.
 
   pixels_BMCHW: with a multimodal model, each prompt's image tiles in the order
-  of its `<|patch|>` runs (image_text.place_images builds both).
+  of its `<|patch|>` runs, then all-zero padding tiles (image_text.place_images
+  builds both); see check_image_placeholders.
   """
   cfg = model.cfg
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be at least 1, got {max_new_tokens}')
+  if not 0 < top_p <= 1:
+    raise ValueError(f'top_p must be in (0, 1], got {top_p}')
   tokens, segments = left_pad(prompts, pad_id)
+  if pixels_BMCHW is not None and cfg.vision is not None:
+    check_image_placeholders(prompts, pixels_BMCHW, cfg.vision)
   if tokens.shape[1] + max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(
         f'prompt of {tokens.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds '

@@ -19,6 +19,10 @@ import small_run
         ('TPU v5 lite', 197e12),  # a v5e
         ('TPU v6 lite', 918e12),  # a v6e
         ('NVIDIA H100 80GB HBM3', 989e12),
+        ('NVIDIA H100 PCIe', 756e12),
+        ('NVIDIA H100 NVL', 835e12),
+        ('NVIDIA H100 PCIe 80GB', 756e12),
+        ('TPU v4 lite', None),  # a v4i, no v4
         ('NVIDIA GH200 480GB', 989e12),
         ('NVIDIA A100-SXM4-80GB', 312e12),
         ('NVIDIA L4', 121e12),

@@ -317,3 +317,42 @@ def test_bad_model_config_names_the_field():
     model_lib.ModelConfig(num_layers=3)
   with pytest.raises(ValueError, match='moe_layers'):
     model_lib.ModelConfig(moe_layers=(7,))
+
+
+@pytest.mark.parametrize(
+    'config, key',
+    [
+        (dict(rope_factor=0.0), 'rope_factor'),  # NaN logits
+        (dict(rope_factor=-1.0), 'rope_factor'),
+        (dict(rope_low_freq_factor=0.0), 'rope_low_freq_factor'),  # ZeroDivisionError
+        (dict(rope_high_freq_factor=0.0), 'rope_high_freq_factor'),
+        (dict(rope_high_freq_factor=float('nan')), 'rope_high_freq_factor'),
+        (dict(rope_theta=0.0), 'rope_theta'),
+        (dict(vision={'pixel_shuffle_ratio': 0.0}), 'vision.pixel_shuffle_ratio'),
+        (dict(vision={'pixel_shuffle_ratio': float('nan')}), 'vision.pixel_shuffle_ratio'),
+    ],
+)
+def test_bad_rope_and_pixel_shuffle_configs_name_the_field(config, key):
+  with pytest.raises(ValueError, match=rf'^config\.model\.{key}: must be'):
+    model_lib.ModelConfig(**config)
+
+
+def test_llama3_factors_are_only_checked_for_llama3_and_any_order_is_finite():
+  model_lib.ModelConfig(rope_type='default', rope_factor=0.0, rope_low_freq_factor=0.0)
+  # high < low empties the interpolated band (transformers computes the same); no NaN.
+  cfg = model_lib.ModelConfig(rope_low_freq_factor=4.0, rope_high_freq_factor=1.0)
+  assert np.isfinite(cfg.rope_inverse_frequencies()).all()
+
+
+def test_vision_layer_norms_ignore_norm_eps_like_transformers():
+  """HF's vision LayerNorms are nn.LayerNorm(width): torch's eps 1e-5, whatever norm_eps is."""
+  from llama4_jax.model import vision
+
+  def encode(norm_eps):
+    cfg = vision.VisionConfig(norm_eps=norm_eps)
+    kw = dict(std=0.02, dtype=jnp.float32, param_dtype=jnp.float32)
+    tower = vision.VisionEncoder(cfg, rngs=nnx.Rngs(0), **kw)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, cfg.image_size, cfg.image_size))
+    return np.asarray(tower(jnp.asarray(pixels, jnp.float32)))
+
+  np.testing.assert_array_equal(encode(0.5), encode(1e-5))

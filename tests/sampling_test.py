@@ -168,3 +168,80 @@ def test_chunked_layers_keep_only_a_chunk_of_keys(converted):
   lengths = [layer['k'].shape[2] for stage in cache['layers'] for layer in stage]
   kinds = [kind for stage in model.cfg.stages() for kind in stage.kinds]
   assert lengths == [8 if kind.use_rope else 100 for kind in kinds]  # attention_chunk_size 8
+
+
+def test_nucleus_keeps_at_least_the_most_likely_token():
+  """top_p <= 0 keeps the top token (HF's min_tokens_to_keep=1); it used to keep every one."""
+  logits = jnp.log(jnp.array([[0.15, 0.5, 0.3, 0.05]]))
+  for top_p, kept in [(0.0, [0, 1, 0, 0]), (-1.0, [0, 1, 0, 0]), (0.5, [0, 1, 0, 0])]:
+    assert np.isfinite(sampling._nucleus(logits, jnp.float32(top_p))).astype(int).tolist() == [
+        kept
+    ], top_p
+  assert np.isfinite(sampling._nucleus(logits, jnp.float32(0.51))).sum() == 2
+
+
+@pytest.fixture(scope='module')
+def multimodal():
+  from llama4_jax.model import vision
+
+  return model_lib.Llama4(model_lib.ModelConfig(vision=vision.VisionConfig()), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('top_p', [0.0, -0.5, 1.5, float('nan')])
+def test_generate_refuses_top_p_outside_0_1(multimodal, top_p):
+  with pytest.raises(ValueError, match=r'top_p must be in \(0, 1\]'):
+    sampling.generate(multimodal, [[1, 9]], max_new_tokens=1, eos_ids=[2], top_p=top_p)
+
+
+def test_generate_refuses_placeholders_that_are_not_the_tiles_image_tokens(multimodal):
+  """Checked on the host, before anything compiles: the model cannot under jit."""
+  vcfg = multimodal.cfg.vision
+  patch, per_tile = vcfg.image_token_id, vcfg.tokens_per_tile  # 16 per tile
+  tile = np.random.default_rng(0).standard_normal((3, vcfg.image_size, vcfg.image_size))
+  pixels = np.zeros((2, 2) + tile.shape, np.float32)
+  pixels[0, :2] = pixels[1, 0] = tile  # row 0: two tiles, row 1: one and a zero padding tile
+  good = [[1] + [patch] * 2 * per_tile + [9], [1] + [patch] * per_tile + [9]]
+
+  def generate(prompts):
+    return sampling.generate(
+        multimodal, prompts, max_new_tokens=1, eos_ids=[2], pixels_BMCHW=pixels
+    )
+
+  # 23 placeholders for one 16-token tile: the surplus would repeat the last image token.
+  surplus = [good[0], [1] + [patch] * (per_tile + 7) + [9]]
+  with pytest.raises(
+      ValueError, match='prompt 1 has 23 <.patch.> placeholders .* 1 image tiles need 16'
+  ):
+    generate(surplus)
+  # A tile with no placeholders would be dropped.
+  missing = [[1] + [patch] * per_tile + [9], good[1]]
+  with pytest.raises(ValueError, match='prompt 0 has 16 .* 2 image tiles need 32'):
+    generate(missing)
+  with pytest.raises(ValueError, match='3 prompts'):
+    generate(good + [[1, 9]])
+  assert [len(ids) for ids in generate(good)] == [1, 1]
+
+
+def test_cached_prefill_builds_the_ring_mask_a_query_block_at_a_time():
+  """A long prompt's prefill holds no [B, T, W + T] mask for the chunked layers' ring (it
+  grew with the prompt's square: 17 GB per row at Scout's 128k tokens), only one query
+  block's: its scratch memory is the full forward pass's, give or take far less than that."""
+  T = 4096
+  cfg = model_lib.PRESETS['parity'].replace(
+      attention_chunk_size=64, attention_query_block=256, max_position_embeddings=T
+  )
+  graphdef, state = nnx.split(model_lib.abstract_model(cfg))
+  tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
+
+  def prefill(state, tokens):
+    model = nnx.merge(graphdef, state)
+    return model.decode(tokens, model.init_cache(1, T), last_logits_only=True)[0]
+
+  def forward(state, tokens):
+    return nnx.merge(graphdef, state).hidden_states(tokens)[0]
+
+  def scratch(f):
+    return jax.jit(f).lower(state, tokens).compile().memory_analysis().temp_size_in_bytes
+
+  ring_mask_bytes = T * (64 + T)
+  assert scratch(prefill) < scratch(forward) + ring_mask_bytes / 4

@@ -45,7 +45,8 @@ class AttentionInputs:
 
   The masks are built under jit, where the ones a layer does not use cost nothing;
   the blocked and flash attentions build each block of the mask from `mask_parts`
-  instead of holding a [B, T, S] mask.
+  (a cached prefill's chunked layers from `ring_parts`) instead of holding a [B, T, S]
+  mask.
 
   Attributes:
     positions_BT: RoPE positions of the query tokens (offset within segment).
@@ -56,8 +57,9 @@ class AttentionInputs:
     causal_mask_BTS: causal, same-segment mask over the S keys.
     chunked_mask_BTS: causal_mask_BTS restricted to the query's chunk (or None).
     valid_BT: False for padding queries (segment 0).
-    ring_mask_BTR: with a KV cache, the chunked layers' mask over R = W + T keys:
-      their ring cache of W slots (before this call's writes), then the T new keys.
+    ring_parts: with a KV cache, what the chunked layers' mask over R = W + T keys is
+      built from (`mask_block`): their ring cache of W slots (before this call's
+      writes), then the T new keys.
     query_segment_BT, key_segment_BS: segment ids of the queries and the S keys.
     query_chunk_BT, key_chunk_BS: chunk number of each token within its segment
       (None without chunked attention).
@@ -69,7 +71,7 @@ class AttentionInputs:
   causal_mask_BTS: jax.Array
   chunked_mask_BTS: jax.Array | None
   valid_BT: jax.Array
-  ring_mask_BTR: jax.Array | None = None
+  ring_parts: 'MaskParts | None' = None
   query_segment_BT: jax.Array | None = None
   key_segment_BS: jax.Array | None = None
   query_chunk_BT: jax.Array | None = None
@@ -94,6 +96,9 @@ class MaskParts(NamedTuple):
   key_segment_BS: jax.Array
   query_chunk_BT: jax.Array | None
   key_chunk_BS: jax.Array | None
+  # The index of each key [S]; None: key s is index s (a sequence's or a cache's slots,
+  # not a ring's).
+  key_index_S: jax.Array | None = None
 
 
 def mask_block(parts: MaskParts, query_start, rows: int, key_start, cols: int) -> jax.Array:
@@ -106,11 +111,15 @@ def mask_block(parts: MaskParts, query_start, rows: int, key_start, cols: int) -
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
   chunked = parts.query_chunk_BT is not None
+  if parts.key_index_S is None:
+    key_index_K = key_start + jnp.arange(cols)
+  else:
+    key_index_K = take(parts.key_index_S, key_start, cols, 0)
   mask_BQK = attention_mask(
       take(parts.query_index_T, query_start, rows, 0),
       take(parts.query_segment_BT, query_start, rows),  # padded rows: segment 0, no key
       take(parts.query_chunk_BT, query_start, rows) if chunked else None,
-      key_start + jnp.arange(cols),
+      key_index_K,
       take(parts.key_segment_BS, key_start, cols),  # padded columns too
       take(parts.key_chunk_BS, key_start, cols) if chunked else None,
   )
@@ -200,14 +209,14 @@ def make_attention_inputs(
         key_segment_ids_BS,
         key_chunk_BS,
     )
-  ring_mask_BTR = None
+  ring_parts = None
   if chunk_size and ring_size:
     key_index_R = jnp.concatenate([ring_slot_indices(query_offset, ring_size), query_index_T])
     gather = jnp.maximum(key_index_R, 0)
     key_segment_BR = jnp.where(key_index_R >= 0, key_segment_ids_BS[:, gather], 0)
     key_chunk_BR = (key_index_R[None, :] - starts_BS[:, gather]) // chunk_size
-    ring_mask_BTR = attention_mask(
-        query_index_T, query_segment_BT, query_chunk_BT, key_index_R, key_segment_BR, key_chunk_BR
+    ring_parts = MaskParts(
+        query_index_T, query_segment_BT, key_segment_BR, query_chunk_BT, key_chunk_BR, key_index_R
     )
   return AttentionInputs(
       positions_BT,
@@ -216,7 +225,7 @@ def make_attention_inputs(
       causal_mask_BTS,
       chunked_mask_BTS,
       query_segment_BT != 0,
-      ring_mask_BTR,
+      ring_parts,
       query_segment_BT,
       key_segment_ids_BS,
       query_chunk_BT,
@@ -313,9 +322,10 @@ class Attention(nnx.Module):
     v_BRKH = jnp.concatenate([cache['v'].astype(v_BTKH.dtype), v_BTKH], axis=1)
     block = self.cfg.attention_query_block
     if block and T > block:
-      y_BTNH = query_blocks_attention(q_BTNH, k_BRKH, v_BRKH, inputs.ring_mask_BTR, block)
+      y_BTNH = query_blocks_attention(q_BTNH, k_BRKH, v_BRKH, inputs.ring_parts, block)
     else:
-      y_BTNH = dot_product_attention(q_BTNH, k_BRKH, v_BRKH, inputs.ring_mask_BTR)
+      ring_mask_BTR = mask_block(inputs.ring_parts, 0, T, 0, W + T)
+      y_BTNH = dot_product_attention(q_BTNH, k_BRKH, v_BRKH, ring_mask_BTR)
     n = min(T, W)
     slots_n = jnp.mod(cache_offset + T - n + jnp.arange(n), W)
     cache = {
@@ -345,14 +355,21 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
   return y_BTKGH.reshape(B, T, N, H)
 
 
-def query_blocks_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, block: int) -> jax.Array:
-  """dot_product_attention of `block` queries at a time, with a given [B, T, S] mask (a
-  cache's): [B, N, block, S] scores at once instead of [B, N, T, S]. T is padded up to whole
-  blocks; the padding's queries see no key, and their rows are dropped."""
-  y_nBQNH = jax.lax.map(
-      lambda xs: dot_product_attention(xs[0], k_BSKH, v_BSKH, xs[1]),
-      (_into_blocks(q_BTNH, block), _into_blocks(mask_BTS, block)),
-  )
+def query_blocks_attention(q_BTNH, k_BSKH, v_BSKH, parts: MaskParts, block: int) -> jax.Array:
+  """dot_product_attention of `block` queries at a time over all S keys (a ring cache's and
+  the new ones, for decoding: no backward pass), each block's [B, block, S] mask built from
+  `parts`: [B, N, block, S] scores and mask at once, never [B, T, S]. T is padded up to
+  whole blocks; the padding's queries see no key, and their rows are dropped."""
+  q_nBQNH = _into_blocks(q_BTNH, block)
+  # Through the barrier, as in _block_mask: no hoisting of every block's mask out of a layer scan.
+  parts, _ = jax.lax.optimization_barrier((parts, q_nBQNH))
+
+  def attend_block(xs):
+    q_BQNH, start = xs
+    mask_BQS = mask_block(parts, start, block, 0, k_BSKH.shape[1])
+    return dot_product_attention(q_BQNH, k_BSKH, v_BSKH, mask_BQS)
+
+  y_nBQNH = jax.lax.map(attend_block, (q_nBQNH, jnp.arange(q_nBQNH.shape[0]) * block))
   return _from_blocks(y_nBQNH, q_BTNH.shape[1])
 
 

@@ -135,6 +135,16 @@ class ModelConfig:
       fail('attention_chunk_size', f'must be >= 0, got {self.attention_chunk_size}')
     if self.rope_type not in ('default', 'llama3'):
       fail('rope_type', f'must be "default" or "llama3", got {self.rope_type!r}')
+    # `not x > 0` refuses NaN too. theta <= 0 makes inverse frequencies inf or NaN; llama3
+    # divides frequencies by rope_factor (NaN logits at 0) and the original context length
+    # by the two band factors (ZeroDivisionError at 0). high < low is no error: the medium
+    # band is then empty, as in transformers.
+    if not self.rope_theta > 0:
+      fail('rope_theta', f'must be positive, got {self.rope_theta}')
+    if self.rope_type == 'llama3':
+      for key in ('rope_factor', 'rope_low_freq_factor', 'rope_high_freq_factor'):
+        if not getattr(self, key) > 0:
+          fail(key, f'must be positive with rope_type "llama3", got {getattr(self, key)}')
     for key in ('dtype', 'param_dtype'):
       if getattr(self, key) not in ('float32', 'bfloat16', 'float16'):
         fail(key, f'must be float32, bfloat16 or float16, got {getattr(self, key)!r}')

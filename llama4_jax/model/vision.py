@@ -23,6 +23,10 @@ from flax import nnx
 from llama4_jax import sharding
 from llama4_jax.model import layers
 
+# Every vision LayerNorm's eps: HF builds them as nn.LayerNorm(width), torch's default, and
+# ignores the config's norm_eps (docs/llama4_architecture.md §2.2, pitfall 18).
+LAYER_NORM_EPS = 1e-5
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -40,7 +44,9 @@ class VisionConfig:
   projector_output_dim: int = 48
   vision_output_dim: int = 48
   rope_theta: float = 10000.0
-  norm_eps: float = 1e-5  # HF's LayerNorms use torch's default 1e-5 whatever the config says
+  # Written to HF's config.json (hf_convert.hf_config), not used: HF's vision LayerNorms
+  # take torch's default eps whatever the config says (LAYER_NORM_EPS below).
+  norm_eps: float = 1e-5
   max_tiles: int = 16  # preprocessing: most tiles per image (before the global tile)
   image_token_id: int = 5  # <|patch|>: its embeddings are replaced by image features
   boi_token_id: int = 6  # <|image_start|> (HF config round trip)
@@ -73,6 +79,12 @@ class VisionConfig:
       )
     if self.image_size % self.patch_size:
       fail('image_size', f'{self.image_size} is not a multiple of patch_size={self.patch_size}')
+    # Before shuffle_block, which divides by it.
+    if not 0 < self.pixel_shuffle_ratio <= 1:
+      fail(
+          'pixel_shuffle_ratio',
+          f'must be 1/k for an integer k >= 1, got {self.pixel_shuffle_ratio}',
+      )
     s = self.shuffle_block
     if abs(1 / s - self.pixel_shuffle_ratio) > 1e-9 or self.grid % s:
       fail(
@@ -158,12 +170,12 @@ class EncoderLayer(nnx.Module):
     W, N, F = cfg.hidden_size, cfg.num_heads, cfg.intermediate_size
     H = W // N
     kw = dict(rngs=rngs, std=std, dtype=dtype, param_dtype=param_dtype, use_bias=True)
-    self.attn_norm = layers.LayerNorm(W, cfg.norm_eps, param_dtype=param_dtype)
+    self.attn_norm = layers.LayerNorm(W, LAYER_NORM_EPS, param_dtype=param_dtype)
     self.q = layers.Einsum('BTW,WNH->BTNH', (W, N, H), ('embed', 'q_heads', 'head_dim'), **kw)
     self.k = layers.Einsum('BTW,WNH->BTNH', (W, N, H), ('embed', 'q_heads', 'head_dim'), **kw)
     self.v = layers.Einsum('BTW,WNH->BTNH', (W, N, H), ('embed', 'q_heads', 'head_dim'), **kw)
     self.o = layers.Einsum('BTNH,NHW->BTW', (N, H, W), ('q_heads', 'head_dim', 'embed'), **kw)
-    self.mlp_norm = layers.LayerNorm(W, cfg.norm_eps, param_dtype=param_dtype)
+    self.mlp_norm = layers.LayerNorm(W, LAYER_NORM_EPS, param_dtype=param_dtype)
     self.fc1 = layers.Einsum('BTW,WF->BTF', (W, F), ('embed', 'mlp'), **kw)
     self.fc2 = layers.Einsum('BTF,FW->BTW', (F, W), ('mlp', 'embed'), **kw)
 
@@ -203,13 +215,13 @@ class VisionEncoder(nnx.Module):
     self.positions = sharding.param(
         init(rngs.params(), (cfg.grid**2 + 1, W), param_dtype), (None, 'embed')
     )
-    self.pre_norm = layers.LayerNorm(W, cfg.norm_eps, param_dtype=param_dtype)
+    self.pre_norm = layers.LayerNorm(W, LAYER_NORM_EPS, param_dtype=param_dtype)
     self.layers = layers.stacked(  # scanned
         lambda r: EncoderLayer(cfg, rngs=r, std=std, dtype=dtype, param_dtype=param_dtype),
         cfg.num_layers,
         rngs,
     )
-    self.post_norm = layers.LayerNorm(W, cfg.norm_eps, param_dtype=param_dtype)
+    self.post_norm = layers.LayerNorm(W, LAYER_NORM_EPS, param_dtype=param_dtype)
     A, F = cfg.projector_output_dim, cfg.intermediate_size
     self.adapter_fc1 = layers.Einsum('NPF,FA->NPA', (F, A), ('mlp', 'embed'), **kw)
     self.adapter_fc2 = layers.Einsum('NPA,AB->NPB', (A, A), ('mlp', 'embed'), **kw)
