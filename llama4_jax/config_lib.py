@@ -13,8 +13,8 @@ import math
 import ml_collections as mlc
 from etils import epath
 
+from llama4_jax import checkpoint, optim, sharding
 from llama4_jax import model as model_lib
-from llama4_jax import optim, sharding
 
 CONFIG_FILE = 'config.json'
 MODALITIES = ('text', 'image_text', 'chat')  # data.modality
@@ -234,18 +234,31 @@ def load(workdir: str) -> mlc.ConfigDict:
     raise ConfigError(f'{path}: not valid JSON ({e})') from e
 
 
-def with_init_model(config: mlc.ConfigDict) -> mlc.ConfigDict:
+def resumes(workdir: str) -> bool:
+  """Whether a run in `workdir` resumes: it holds the run's saved config and a checkpoint (the
+  test of workdir.check_resumable; the trainer then restores that checkpoint, or stops)."""
+  return bool(workdir) and (
+      (epath.Path(workdir) / CONFIG_FILE).exists() and checkpoint.latest_step(workdir) is not None
+  )
+
+
+def with_init_model(config: mlc.ConfigDict, workdir: str = '') -> mlc.ConfigDict:
   """`config` with the model of its `train.init_from` workdir, if `train.model_from_init`.
 
   The architecture is the saved model's; how it is computed (model.EXECUTION_FIELDS) and the
   dtype its weights train in (`param_dtype`: a converted checkpoint stores bf16, a fine-tune
   may keep float32 master weights) stay the config's. So one fine-tuning config serves any
   converted or trained model.
+
+  A run that resumes in `workdir` (`resumes`) takes the model from its own saved config
+  instead: its checkpoint, not init_from's, holds the weights it goes on from, so init_from
+  may be gone by then. A fresh start reads init_from (an error naming it if it is missing).
   """
   train = config.get('train', {})
   if not (train.get('model_from_init') and train.get('init_from')):
     return config
-  saved = load(train.init_from).model.to_dict()
+  source = workdir if resumes(workdir) else train.init_from
+  saved = load(source).model.to_dict()
   keep = (*model_lib.EXECUTION_FIELDS, 'param_dtype')
   config = mlc.ConfigDict(config.to_dict())
   with config.unlocked():

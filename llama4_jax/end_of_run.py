@@ -103,9 +103,13 @@ def chat_report(config: mlc.ConfigDict, model, tokenizer, workdir: str) -> dict:
       'exact_match_conversations': len(held_out),
   }
   if config.train.init_from:
-    before, _ = workdir_lib.load_checkpoint(
-        config.train.init_from, model_lib.abstract_model(model.cfg)
-    )
+    try:
+      before, _ = workdir_lib.load_checkpoint(
+          config.train.init_from, model_lib.abstract_model(model.cfg)
+      )
+    except FileNotFoundError as e:  # gone since the fine-tune began; a resume needs it not
+      print(f'no exact match before fine-tuning: {e}', flush=True)
+      return result
     answers = chat_answers(before, tokenizer, held_out, config.train.sample_tokens)
     result['exact_match_before'] = exact_match(answers, held_out)
   return result

@@ -69,19 +69,24 @@ def make_row_score_fn(graphdef, params):
 
 
 def evaluate(
-    eval_fn, params, batches: Iterable[dict[str, np.ndarray]], batch_sharding=None
+    eval_fn,
+    params,
+    batches: Iterable[dict[str, np.ndarray]],
+    batch_sharding=None,
+    global_rows: int | None = None,
 ) -> dict[str, float]:
   """Mean NLL (nats per predicted token), perplexity and token count over batches.
 
   Batches are process-local rows; with `batch_sharding` they are assembled into
-  global arrays (every process must pass the same number of batches).
+  global arrays of `global_rows` (None: one process holds them all; every process
+  must pass the same number of batches).
   """
   sums = []
   for batch in batches:
     if batch_sharding is None:
       batch = {k: jnp.asarray(v) for k, v in batch.items()}
     else:
-      batch = sharding.to_global_batch(batch, batch_sharding)
+      batch = sharding.to_global_batch(batch, batch_sharding, global_rows)
     sums.append(eval_fn(params, batch))  # no host sync per batch: dispatch runs ahead
   nll, count = np.sum(np.asarray(jax.device_get(sums), np.float64).reshape(-1, 2), axis=0)
   if count == 0:
@@ -149,7 +154,8 @@ class CheckpointEvaluator:
 
     Default data is the run's validation data with `eval.max_batches` batches,
     as in training; `files` (globs) and `tokens` (a .npy token stream cut into
-    windows) are scored whole unless `max_batches` is given.
+    windows that share their end tokens: each prediction once) are scored whole
+    unless `max_batches` is given.
     """
     config, cfg = self.config, self.cfg
     if tokens and files:
@@ -160,16 +166,18 @@ class CheckpointEvaluator:
           f'seq_len={seq_len} must lie in [1, max_position_embeddings='
           f'{cfg.max_position_embeddings}]'
       )
-    # Rows are split over the mesh's batch devices: round the batch up to fill them.
-    batch_size = sharding.fill_batch_shards(
-        batch_size or config.eval.batch_size, sharding.batch_shards(self.mesh)
-    )
+    batch_size = batch_size or config.eval.batch_size
+    # Rows are split over the mesh's batch devices: padding rows (weight 0) fill them, so the
+    # loss does not depend on the number of devices.
+    filled = sharding.fill_batch_shards(batch_size, sharding.batch_shards(self.mesh))
+    rows = text_data.BatchRows(np.arange(filled), filled)
     if max_batches is None:
       max_batches = 0 if (files or tokens) else config.eval.max_batches
     if tokens:
       windows = text_data.token_windows(text_data.read_token_file(tokens, cfg.vocab_size), seq_len)
-      batches = text_data.windows_to_batches(windows, batch_size)
-      return batches[:max_batches] if max_batches else batches
+      batches = text_data.windows_to_batches(windows, batch_size, seq_len)
+      batches = batches[:max_batches] if max_batches else batches
+      return [text_data.take_rows(batch, rows) for batch in batches]
     tokenizer = tokenizer_lib.tokenizer_for_files(self.workdir, config, files, tokenizer)
     return pipeline.eval_batches(
         config,
@@ -180,6 +188,7 @@ class CheckpointEvaluator:
         seq_len=seq_len,
         max_batches=max_batches,
         workdir=self.workdir,
+        rows=rows,
     )
 
   def score(self, step: int | None, batches: Sequence[dict[str, np.ndarray]]) -> dict[str, float]:

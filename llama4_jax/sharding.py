@@ -174,10 +174,34 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def to_global_batch(local_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-  """Each process's rows of a batch -> global arrays sharded over the batch axes."""
+def process_batch_rows(
+    mesh: jax.sharding.Mesh, rows: int, process_index: int | None = None
+) -> np.ndarray:
+  """The rows of a global batch of `rows` that a process feeds (default: this one): those
+  its devices hold under `batch_sharding`, in order, as `to_global_batch` places them.
+
+  A block of rows / process_count when the batch axes alone span the processes. Where a
+  model axis spans them too (Maverick's tensor axis of 4 over v5p hosts of 4 chips), a
+  process holds rows far apart, the same as its peers on that axis, and feeds them alike.
+  """
+  process_index = jax.process_index() if process_index is None else process_index
+  held = set()
+  for device, (row_slice,) in batch_sharding(mesh, 1).devices_indices_map((rows,)).items():
+    if device.process_index == process_index:
+      held.update(range(*row_slice.indices(rows)))
+  return np.array(sorted(held), np.int64)
+
+
+def to_global_batch(
+    local_batch: dict[str, np.ndarray], batch_sharding, rows: int | None = None
+) -> dict[str, jax.Array]:
+  """This process's rows of a global batch of `rows` (its `process_batch_rows`; None: one
+  process feeds them all) -> global arrays sharded over the batch axes."""
   return {
-      k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local_batch.items()
+      k: jax.make_array_from_process_local_data(
+          batch_sharding, v, None if rows is None else (rows, *v.shape[1:])
+      )
+      for k, v in local_batch.items()
   }
 
 

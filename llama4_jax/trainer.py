@@ -8,6 +8,7 @@ sharded, donated to every step, and checkpointed as a whole.
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from llama4_jax import metrics as metrics_lib
 from llama4_jax import model as model_lib
 from llama4_jax import workdir as workdir_lib
 from llama4_jax.data import image_text, pipeline
+from llama4_jax.data import text as text_data
 from llama4_jax.data import tokenizer as tokenizer_lib
 
 
@@ -190,9 +192,9 @@ def compile_steps(setup: Setup):
   return train, evaluate
 
 
-def evaluate(eval_fn, params, batches, batch_sharding) -> float:
+def evaluate(eval_fn, params, batches, batch_sharding, global_rows: int) -> float:
   """Mean validation NLL over the given (process-local) batches (see evaluation.evaluate)."""
-  return evaluation.evaluate(eval_fn, params, batches, batch_sharding)['loss']
+  return evaluation.evaluate(eval_fn, params, batches, batch_sharding, global_rows)['loss']
 
 
 # The loop -------------------------------------------------------------------------
@@ -232,18 +234,20 @@ def _restore_or_init(setup: Setup, ckpt: checkpoint.TrainCheckpointer, train_ite
   return state, 'initialised from scratch'
 
 
-def _evaluated(workdir: str, step: int) -> bool:
-  """Whether metrics.jsonl holds step's validation loss, as process 0 reads it, on every process."""
+def _eval_loss_at(workdir: str, step: int) -> float | None:
+  """Step's validation loss in metrics.jsonl (None if it has none), as process 0 reads it, on
+  every process."""
   rows = metrics_lib.read_metrics(workdir) if jax.process_index() == 0 else []
-  found = any(row.get('step') == step and 'eval_loss' in row for row in rows)
+  losses = [row['eval_loss'] for row in rows if row.get('step') == step and 'eval_loss' in row]
+  loss = losses[-1] if losses else np.nan
   if jax.process_count() > 1:
-    found = bool(multihost_utils.broadcast_one_to_all(np.array(found)))
-  return found
+    loss = float(multihost_utils.broadcast_one_to_all(np.array(loss, np.float64)))
+  return None if np.isnan(loss) else float(loss)
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics."""
-  config = config_lib.with_init_model(config)
+  config = config_lib.with_init_model(config, workdir)
   cfg = config_lib.validate(config, jax.device_count(), jax.process_count())
   workdir_lib.check_resumable(config, workdir)
   is_main = jax.process_index() == 0
@@ -253,16 +257,15 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   tokenizer = tokenizer_lib.load_tokenizer(config, cfg.vocab_size, workdir)
   seq_len = config.data.seq_len
   mesh = sharding.make_mesh(dict(config.mesh))
+  # Each process feeds the rows of each global batch that its devices hold; evaluation pads
+  # its batches with rows of weight 0 to fill the mesh's batch shards.
+  train_rows = text_data.BatchRows(
+      sharding.process_batch_rows(mesh, train_cfg.batch_size), train_cfg.batch_size
+  )
+  eval_size = sharding.fill_batch_shards(config.eval.batch_size, sharding.batch_shards(mesh))
+  eval_rows = text_data.BatchRows(sharding.process_batch_rows(mesh, eval_size), eval_size)
   train_iter, eval_batches = pipeline.train_and_eval_data(
-      config,
-      cfg,
-      tokenizer,
-      workdir,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      eval_batch_size=sharding.fill_batch_shards(
-          config.eval.batch_size, sharding.batch_shards(mesh)
-      ),
+      config, cfg, tokenizer, workdir, train_rows=train_rows, eval_rows=eval_rows
   )
 
   ckpt = checkpoint.TrainCheckpointer(workdir, train_cfg.keep_checkpoints)
@@ -287,10 +290,12 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
 
     progress = metrics_lib.Progress(start, train_cfg.steps, enabled=is_main)
     tokens_per_step = train_cfg.batch_size * seq_len
-    window_start, window_steps, skipped, final = time.perf_counter(), 0, 0, {}
+    # Steps whose update was left out, over the whole run: the schedule counts applied ones.
+    skipped = start - int(jax.device_get(optim.schedule_step(state['opt_state'])))
+    final = {}
 
     def evaluate_and_log(step: int, params, note: str = '') -> float:
-      eval_loss = evaluate(eval_fn, params, eval_batches, setup.batch_sharding)
+      eval_loss = evaluate(eval_fn, params, eval_batches, setup.batch_sharding, eval_rows.size)
       writer.write(step, {'eval_loss': eval_loss})
       progress.write(f'step {step}: validation loss {eval_loss:.4f}{note}')
       return eval_loss
@@ -301,15 +306,29 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       )
 
     before = {}
-    if start == 0 and train_cfg.init_from:  # what fine-tuning starts from, to compare with
-      before['eval_loss_before'] = evaluate_and_log(0, state['params'], f' ({how})')
-    if start and is_eval_step(start) and not _evaluated(workdir, start):
+    if train_cfg.init_from:  # what fine-tuning starts from, to compare with (logged at step 0)
+      loss = (
+          _eval_loss_at(workdir, 0) if start else evaluate_and_log(0, state['params'], f' ({how})')
+      )
+      if loss is not None:
+        before['eval_loss_before'] = loss
+    if start and is_eval_step(start) and _eval_loss_at(workdir, start) is None:
       # The run it resumes stopped between this step's checkpoint and its evaluation.
       final['eval_loss'] = evaluate_and_log(start, state['params'])
     try:
+      batches = (
+          sharding.to_global_batch(b, setup.batch_sharding, train_rows.size) for b in train_iter
+      )
+      if start < train_cfg.steps:  # compiled on the first batch before the clock starts
+        first = next(batches)
+        train_fn = train_fn.lower(state, first).compile()
+        batches = itertools.chain([first], batches)
+      # tokens_per_sec and mfu time the train steps of each logging window: not the compile,
+      # the evaluations or the checkpoint saves (`paused`).
+      window_start, window_steps, paused = time.perf_counter(), 0, 0.0
       unchecked = []  # (step, metrics) whose finiteness the host has not looked at yet
-      for step in range(start + 1, train_cfg.steps + 1):
-        batch = sharding.to_global_batch(next(train_iter), setup.batch_sharding)
+      # zip asks the range first: no batch is drawn past the last step.
+      for step, batch in zip(range(start + 1, train_cfg.steps + 1), batches):
         state, metrics = train_fn(state, batch)
         unchecked.append((step, metrics))
         window_steps += 1
@@ -333,7 +352,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
         unchecked = unchecked[len(to_check) :]
         if must_log:
           m = jax.device_get(metrics)
-          tokens_per_sec = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+          seconds = time.perf_counter() - window_start - paused
+          tokens_per_sec = window_steps * tokens_per_step / seconds
           final = {
               'loss': float(m['loss']),
               'learning_rate': float(m['learning_rate']),
@@ -354,12 +374,17 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
               tok_s=f'{tokens_per_sec:,.0f}',
               mfu=f'{100 * final["mfu"]:.1f}%',
           )
-          window_start, window_steps = time.perf_counter(), 0
-        # Save before evaluating: no evaluation failure stands between a step and its checkpoint.
-        if must_save:
-          ckpt.save(step, state, _gather_strings(json.dumps(train_iter.get_state())))
-        if is_eval_step(step):
-          final['eval_loss'] = evaluate_and_log(step, state['params'])
+          window_start, window_steps, paused = time.perf_counter(), 0, 0.0
+        if must_save or is_eval_step(step):
+          jax.block_until_ready(metrics)  # the step's own time stays in the window
+          pause_start = time.perf_counter()
+          # Save before evaluating: no evaluation failure stands between a step and its
+          # checkpoint.
+          if must_save:
+            ckpt.save(step, state, _gather_strings(json.dumps(train_iter.get_state())))
+          if is_eval_step(step):
+            final['eval_loss'] = evaluate_and_log(step, state['params'])
+          paused += time.perf_counter() - pause_start
         progress.update(step)
     except BaseException:
       # Let the save in flight finish (its own failure aside: the error under way is the one to

@@ -8,12 +8,14 @@
 
 --prompt is tokenized with the run's tokenizer (or --tokenizer); with --chat each
 is a user turn in the Llama 4 chat format, answered until `<|eot|>`. --prompt_ids
-gives ids directly. Prompts of different lengths form one left-padded batch.
---output writes {"ids": [[...], ...]}: the generated ids per prompt, without
-the prompt, ending at the first EOS. --image (repeatable; multimodal models)
-fills the prompts' `<|image|>` markers in order; a single prompt without
-markers gets its images at the start. Each image is tiled, encoded once in the
-prefill, and decoding goes on from the KV cache.
+gives ids directly (with --chat, the run still needs a tokenizer, for `<|eot|>`).
+Prompts of different lengths form one left-padded batch. --output writes
+{"ids": [[...], ...]}: the generated ids per prompt, without the prompt, ending at
+the first EOS. --image (repeatable; multimodal models) fills the prompts'
+`<|image|>` markers in order (with --chat, each marker is an image inside the
+user turn); a single prompt without markers gets its images at the start (of its
+user turn, with --chat). Each image is tiled, encoded once in the prefill, and
+decoding goes on from the KV cache.
 """
 
 import json
@@ -76,12 +78,16 @@ def main(argv):
   cfg = model.cfg
   try:
     tokenizer = tokenizer_lib.run_tokenizer(_WORKDIR.value, config, _TOKENIZER.value or '')
-  except FileNotFoundError:
+  except FileNotFoundError as e:
     if _PROMPT.value or _TOKENIZER.value:
       raise
+    if _CHAT.value:
+      raise ValueError(f'--chat answers until <|eot|>, which needs a tokenizer: {e}') from None
     tokenizer = None  # --prompt_ids only: ids in, ids out
   if _CHAT.value:
-    prompts = [tokenizer.format_chat([{'role': 'user', 'content': t}]) for t in _PROMPT.value]
+    # The images of a single prompt (as place_images has it) go first in its user turn.
+    single = len(_PROMPT.value) == 1 and not _PROMPT_IDS.value
+    prompts = image_text.chat_prompts(tokenizer, _PROMPT.value, len(_IMAGE.value) * single)
   else:
     prompts = [[cfg.bos_token_id] + tokenizer.encode(text) for text in _PROMPT.value]
   prompts += [parse_ids(text, cfg.vocab_size) for text in _PROMPT_IDS.value]

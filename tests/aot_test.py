@@ -292,6 +292,48 @@ def test_the_tpu_compilers_limit_covers_the_arguments():
   assert probe['needed'] == pytest.approx(probe['footprint'], rel=0.01)
 
 
+_ROWS_PROBE = """
+import importlib.util, json
+from llama4_jax import sharding
+from llama4_jax.tools import aot
+target = aot.compile_target('v5p-256')
+spec = importlib.util.spec_from_file_location('maverick', 'configs/maverick.py')
+preset = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(preset)
+config = preset.get_config()
+mesh = sharding.make_mesh(dict(config.mesh), target.devices)
+rows = config.train.batch_size
+slices = sharding.batch_sharding(mesh, 1).devices_indices_map((rows,))
+processes = sorted({d.process_index for d in target.devices})
+fed = {p: sharding.process_batch_rows(mesh, rows, p).tolist() for p in processes}
+held = {p: sorted({r for d, (s,) in slices.items() if d.process_index == p
+                   for r in range(*s.indices(rows))}) for p in processes}
+print(json.dumps({'mesh': dict(mesh.shape), 'rows': rows, 'fed': fed, 'held': held}))
+"""
+
+
+@pytest.mark.slow
+def test_each_process_feeds_the_rows_its_devices_hold_where_tensor_spans_hosts():
+  """Maverick's layout on a v5p-256: 32 hosts of 4 chips, the tensor axis of 4 across hosts.
+  A process's devices hold rows far apart, as its tensor peers' do; a block of B / 32 rows
+  per process (the old layout) fed peers different rows of the same shards."""
+  result = subprocess.run(
+      [sys.executable, '-c', _ROWS_PROBE], cwd=small_run.REPO, capture_output=True, text=True
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  probe = json.loads(result.stdout.strip().splitlines()[-1])
+  fed, held, rows = probe['fed'], probe['held'], probe['rows']
+  assert probe['mesh']['tensor'] == 4 and len(fed) == 32
+  assert fed == held  # each process feeds exactly the rows its devices hold, in order
+  assert sorted({r for indices in fed.values() for r in indices}) == list(range(rows))
+  block = rows // len(fed)
+  assert any(
+      indices != list(range(int(p) * block, (int(p) + 1) * block)) for p, indices in fed.items()
+  )
+  # Tensor peers on other hosts feed the same rows.
+  assert len({tuple(indices) for indices in fed.values()}) < len(fed)
+
+
 _KERNEL_PROBE = """
 import sys
 sys.path.insert(0, 'tests')

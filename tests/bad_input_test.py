@@ -118,7 +118,7 @@ def files(tmp_path_factory):
   shutil.copy(root / 'run' / 'config.json', root / 'no_checkpoint')
 
   np.save(root / 'tokens.npy', np.arange(1, 200) % 500)
-  np.save(root / 'short.npy', np.array([1, 5, 7]))
+  np.save(root / 'short.npy', np.array([5]))
   np.save(root / 'matrix.npy', np.ones((4, 10), np.int32))
   write_pickled_npy(root / 'pickled.npy', root / 'pickle_ran')
   (root / 'empty.txt').write_bytes(b'')
@@ -222,9 +222,9 @@ CASES = {
         ['eval.py', '--workdir={root}/run', '--step=0', '--all_steps'],
         ['not both'],
     ),
-    'eval-tokens-shorter-than-a-window': (
+    'eval-tokens-with-nothing-to-predict': (
         ['eval.py', '--workdir={root}/run', '--tokens={root}/short.npy', '--seq_len=8'],
-        ['3 tokens are fewer than one window of seq_len + 1 = 9'],
+        ['1 token(s), fewer than 2: no next token to predict'],
     ),
     'eval-tokens-not-1d': (
         ['eval.py', '--workdir={root}/run', '--tokens={root}/matrix.npy'],
@@ -280,6 +280,11 @@ CASES = {
     'generate-step-not-saved': (
         ['generate.py', '--workdir={root}/run', '--step=7', '--prompt_ids=1'],
         ['no checkpoint for step 7; saved steps: [0]'],
+    ),
+    # --chat stops at the tokenizer's <|eot|>: ids alone are not enough.
+    'generate-chat-without-a-tokenizer': (
+        ['generate.py', '--workdir={root}/run', '--prompt_ids=1,2', '--chat'],
+        ['--chat answers until <|eot|>, which needs a tokenizer', 'no tokenizer'],
     ),
     'generate-tokenizer-file-missing': (
         ['generate.py', '--workdir={root}/run', '--tokenizer={root}/none.model', '--prompt=hi'],

@@ -1,6 +1,8 @@
 """Chat data: what the loss covers, token by token; packing; bad records; the built-in task."""
 
+import itertools
 import json
+import re
 import runpy
 
 import ml_collections as mlc
@@ -9,7 +11,7 @@ import pytest
 from PIL import Image
 
 from llama4_jax import config_lib
-from llama4_jax.data import chat, chat_task
+from llama4_jax.data import chat, chat_task, image_text
 from llama4_jax.data import text as text_data
 from llama4_jax.data import tokenizer as tokenizer_lib
 
@@ -70,7 +72,7 @@ def test_the_loss_covers_the_assistant_turns_and_nothing_else(tok):
   [piece] = chat.conversation_pieces([conversation], tok, 128, 'error').pieces
   batches = text_data.packed_eval_batches(
       [piece], mlc.ConfigDict(), padding={'tokens': tok.pad_id, 'learn': 0},
-      batch_size=1, seq_len=128, max_batches=0, rows=slice(0, 1),
+      batch_size=1, seq_len=128, max_batches=0, rows=text_data.all_rows(1),
   )  # fmt: skip
   [batch] = batches
   n = len(ids)
@@ -222,3 +224,126 @@ def test_the_built_in_task_lives_in_a_non_local_workdir(fake_gcs):
   conversations = chat.split_conversations(config, 'validation', 'gs://bucket/run')
   assert len(conversations) == 4
   assert fake_gcs.exists('gs://bucket/run/chat_task')
+
+
+def image_chat(user: str, answer: str, images=(), text_first: bool = False) -> dict:
+  """A record whose user turn has `images` (file names) before its text, or after."""
+  parts = [{'type': 'image', 'image': name} for name in images]
+  text = [{'type': 'text', 'text': user}]
+  content = text + parts if text_first else parts + text
+  return {
+      'messages': [{'role': 'user', 'content': content}, {'role': 'assistant', 'content': answer}]
+  }
+
+
+def mm_chat_config(path, **data):
+  config = runpy.run_path(f'{small_run.REPO}/configs/tiny_mm.py')['get_config']()
+  config.data.update(modality='chat', train_files=path, eval_files=path, **data)
+  config.eval.batch_size = config.train.batch_size = 4
+  return config
+
+
+def test_a_long_text_conversation_among_image_ones_is_cut(tok, tmp_path, capsys):
+  """In a split with images every conversation is a row of its own, text-only ones too: one
+  too long is cut (or dropped, if the cut took its answer) as in a text split."""
+  Image.new('RGB', (48, 48), (255, 0, 0)).save(tmp_path / 'red.png')
+  records = [
+      image_chat('Colour?', 'red', ['red.png']),
+      image_chat('hi', 'word ' * 100),  # cut inside the answer
+      image_chat('word ' * 100, 'ok'),  # cut before the answer: dropped
+  ]
+  path = write_jsonl(tmp_path / 'chats.jsonl', records)
+  config = mm_chat_config(path)
+  cfg = config_lib.model_config(config)
+  [batch] = chat.make_eval_batches(config, cfg, tok, workdir=str(tmp_path))
+  assert 'chat data (validation): 2 of 3 conversations cut' in capsys.readouterr().out
+  learned = learned_text(batch, tok)
+  assert learned[0] == 'red<|eot|>'
+  assert learned[1].startswith('word word') and not learned[1].endswith('<|eot|>')
+  assert batch['segment_ids'][1].all() and not batch['pixels'][1].any()  # cut to seq_len + 1
+  assert not batch['segment_ids'][2:].any()  # the dropped one: padding rows
+  maker = chat._image_row_maker(config, cfg, tok)
+  long_text = chat.read_conversations(path)[1]
+  row = chat.image_row(long_text, maker, 'truncate')  # it raised ValueError from max()
+  assert row['segment_ids'].all() and row['weights'].any()
+
+
+def test_an_image_conversation_that_cannot_fit_is_named_when_the_split_is_read(tok, tmp_path):
+  """Too long for data.seq_len (refused, or cut through an image), or more tiles than
+  data.tiles_per_row: named with its file and line when the iterator is made, not when a
+  step first draws it."""
+  Image.new('RGB', (48, 48), (255, 0, 0)).save(tmp_path / 'red.png')
+  short = image_chat('Colour?', 'red', ['red.png'])
+  cases = {
+      'error': (image_chat('word ' * 40, 'red', ['red.png']), 'with its images, longer than'),
+      'truncate': (
+          image_chat('word ' * 40, 'red', ['red.png'], text_first=True),
+          'longer than data.seq_len \\+ 1 = 49 even when cut after its last image',
+      ),
+  }
+  for overlong, (record, message) in cases.items():
+    path = write_jsonl(tmp_path / f'{overlong}.jsonl', [short] * 4 + [record])
+    config = mm_chat_config(path, chat_overlong=overlong)
+    cfg = config_lib.model_config(config)
+    with pytest.raises(text_data.DataError, match=f'^{path}:5: the conversation is .*{message}'):
+      chat.make_train_iterator(config, cfg, tok, workdir=str(tmp_path))
+    config.eval.max_batches = 1  # the 4 rows evaluated fit: the fifth is not read
+    [batch] = chat.make_eval_batches(config, cfg, tok, workdir=str(tmp_path))
+    assert batch['segment_ids'].any(axis=1).all()
+  path = write_jsonl(tmp_path / 'two.jsonl', [short, image_chat('Both?', 'red', ['red.png'] * 2)])
+  config = mm_chat_config(path)  # tiles_per_row: 1, for single-tile images
+  with pytest.raises(
+      text_data.DataError,
+      match=f'^{path}:2: its 2 images need 2 tiles, more than data.tiles_per_row=1',
+  ):
+    chat.make_train_iterator(config, config_lib.model_config(config), tok, workdir=str(tmp_path))
+
+
+def test_the_check_agrees_with_image_row(tok, tmp_path):
+  """Conversation by conversation, the check when the split is read raises what image_row
+  would (reading only image headers), and leaves out exactly the rows that learn nothing."""
+  Image.new('RGB', (48, 48)).save(tmp_path / 'square.png')  # 1 tile
+  Image.new('RGB', (96, 40)).save(tmp_path / 'wide.png')  # 2 tiles wide, and the global one
+  turned = Image.new('RGB', (96, 40))
+  exif = turned.getexif()
+  exif[0x0112] = 6  # a quarter turn: loaded 40 wide, 96 high, as 2 tiles high
+  turned.save(tmp_path / 'turned.jpg', exif=exif)
+  config = mm_chat_config('')
+  vision = config_lib.model_config(config).vision
+  vision = vision.__class__(**{**vision.to_dict(), 'max_tiles': 4})
+  outcomes = set()
+  for tiles_per_row in (5, 2):
+    maker = image_text.RowMaker(vision, tok, seq_len=100, tiles_per_row=tiles_per_row)
+    for images in ([], ['square.png'], ['wide.png'], ['turned.jpg', 'square.png']):
+      for words in range(0, 60, 6):
+        for answer, text_first, overlong in itertools.product(
+            ('ok', 'word ' * 30), (False, True), chat.OVERLONG
+        ):
+          record = image_chat('word ' * words, answer, images, text_first)
+          conversation = chat.parse_record(record, str(tmp_path), 'chats.jsonl:1')
+          try:
+            row = chat.image_row(conversation, maker, overlong)
+            row_outcome = 'row' if row['weights'].any() else 'nothing to learn'
+          except text_data.DataError as e:
+            row_outcome = str(e)
+          try:
+            made = chat.check_image_conversations([conversation], maker, overlong)
+            check_outcome = 'row' if made.conversations else 'nothing to learn'
+          except text_data.DataError as e:
+            check_outcome = str(e)
+          assert check_outcome == row_outcome, (tiles_per_row, images, words, answer, overlong)
+          outcomes.add(re.sub(r'\d+', 'n', check_outcome.removeprefix('chats.jsonl:1: ')))
+  assert outcomes == {
+      'row',
+      'nothing to learn',
+      'the conversation is n tokens, longer than data.seq_len + n = n '
+      '(set config.data.chat_overlong=truncate to cut it)',
+      'the conversation is n tokens with its images, longer than data.seq_len + n = n '
+      '(set config.data.chat_overlong=truncate to cut it)',
+      'the conversation is n tokens with its images, longer than data.seq_len + n = n '
+      'even when cut after its last image',
+      'its n images need n tiles, more than data.tiles_per_row=n '
+      '(raise it, or lower model.vision.max_tiles)',
+      'the image needs n tiles, more than data.tiles_per_row=n '
+      '(raise it, or lower model.vision.max_tiles)',
+  }

@@ -2,13 +2,15 @@
 
 import glob
 import os
+import shutil
 
 import ml_collections as mlc
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from llama4_jax import config_lib, sharding
+from llama4_jax import checkpoint, config_lib, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, 'configs', '*.py')))
@@ -145,6 +147,29 @@ def test_a_fine_tune_takes_the_architecture_of_its_init_model(tmp_path):
   assert (merged.model.param_dtype, merged.model.remat) == ('float32', 'layer')
   config.train.model_from_init = False
   assert config_lib.with_init_model(config).model.hidden_size == 128
+
+
+def test_a_fine_tune_resumes_with_its_own_model_once_its_init_model_is_gone(tmp_path):
+  """A resume (the run's config.json and a checkpoint in its workdir) takes the model from its
+  own saved config; init_from may be gone. A fresh start still needs init_from."""
+  init, run = tmp_path / 'init', tmp_path / 'run'
+  saved = parse(f'--config={REPO}/configs/tiny.py', '--config.model.hidden_size=64')
+  config_lib.save(saved, str(init))
+  config = parse(f'--config={REPO}/configs/sft.py:tiny', f'--config.train.init_from={init}')
+  config_lib.save(config_lib.with_init_model(config, str(run)), str(run))  # as the trainer does
+  ckpt = checkpoint.TrainCheckpointer(str(run), keep=1)
+  ckpt.save(2, {'params': {}, 'opt_state': {}, 'step': np.array(2, np.int32)}, ['{}'])
+  ckpt.close()
+  shutil.rmtree(init)
+
+  config.model.remat = 'layer'
+  resumed = config_lib.with_init_model(config, str(run))
+  assert resumed.model.hidden_size == 64 and resumed.model.remat == 'layer'
+  with pytest.raises(FileNotFoundError, match=f'{init}/config.json: missing'):
+    config_lib.with_init_model(config, str(tmp_path / 'fresh'))
+  shutil.rmtree(checkpoint.checkpoint_root(str(run)))  # killed before its first checkpoint
+  with pytest.raises(FileNotFoundError, match=f'{init}/config.json: missing'):
+    config_lib.with_init_model(config, str(run))
 
 
 @pytest.mark.parametrize('name', ['scout', 'maverick'])

@@ -209,25 +209,38 @@ def test_resume_from_checkpointed_state(tok, tmp_path):
 
 
 def test_processes_split_the_same_global_batch(tok, tmp_path):
-  """Process p keeps rows [p*B/P, (p+1)*B/P) of the batch one process would see."""
+  """A process keeps its rows of the batch one process would see: any rows, far apart where
+  a model axis spans the hosts (sharding.process_batch_rows)."""
   files = _write_jsonl(tmp_path / 'docs.jsonl', [f'unique text {i}' for i in range(60)])
-  make = lambda index, count: text_data.make_train_iterator(
-      _config(train_files=files),
-      tok,
-      batch_size=4,
-      seq_len=SEQ_LEN,
-      seed=0,
-      process_index=index,
-      process_count=count,
+  make = lambda rows: text_data.make_train_iterator(
+      _config(train_files=files), tok, batch_size=4, seq_len=SEQ_LEN, seed=0, rows=rows
   )
-  whole = _take(make(0, 1), 10)
-  halves = [_take(make(index, 2), 10) for index in range(2)]
+  whole = _take(make(None), 10)
+  parts = [np.array([0, 3]), np.array([1, 2])]
+  halves = [_take(make(text_data.BatchRows(indices, 4)), 10) for indices in parts]
   assert halves[0][0]['inputs'].shape == (2, SEQ_LEN)
   for step, batch in enumerate(whole):
     for key, x in batch.items():
-      np.testing.assert_array_equal(np.concatenate([halves[0][step][key], halves[1][step][key]]), x)
-  with pytest.raises(ValueError, match='not divisible'):
-    text_data.make_train_iterator(_config(), tok, batch_size=3, seq_len=8, seed=0, process_count=2)
+      for indices, half in zip(parts, halves):
+        np.testing.assert_array_equal(half[step][key], x[indices])
+
+
+def test_evaluation_pads_the_batch_to_fill_the_shards_with_weight_0_rows(tok, tmp_path):
+  """Filling the mesh's batch shards adds padding rows, not more of the data: the loss does
+  not depend on the number of devices."""
+  files = _write_jsonl(tmp_path / 'docs.jsonl', [f'unique text {i}' for i in range(60)])
+  make = lambda rows: text_data.make_eval_batches(
+      _config(eval_files=files), tok, batch_size=3, seq_len=SEQ_LEN, rows=rows
+  )
+  whole = make(None)
+  filled = make(text_data.BatchRows(np.arange(4), 4))  # 3 rows on 4 devices
+  second = make(text_data.BatchRows(np.array([2, 3]), 4))  # a process with the last two
+  assert len(whole) == len(filled) == len(second) > 1
+  for batch, padded, last_two in zip(whole, filled, second):
+    for key, x in batch.items():
+      np.testing.assert_array_equal(padded[key][:3], x)
+      np.testing.assert_array_equal(last_two[key], padded[key][2:])
+    assert not padded['weights'][3].any() and not padded['segment_ids'][3].any()
 
 
 # ---------------------------------------------------------------- errors ---

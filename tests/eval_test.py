@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llama4_jax import checkpoint, evaluation
+from llama4_jax import checkpoint, evaluation, sharding
 from llama4_jax import workdir as workdir_lib
 from llama4_jax.data import text as text_data
 from llama4_jax.data import tokenizer as tokenizer_lib
@@ -85,8 +85,11 @@ def test_eval_loss_equals_transformers(converted, tmp_path):
   ours = json.loads((tmp_path / 'result.json').read_text())
 
   windows = text_data.token_windows(tokens, 32)
-  assert windows.shape == (30, 33) and ours['tokens'] == 30 * 32  # 10 leftover tokens dropped
-  reference = hf_window_loss(hf, windows)
+  # Each of the 999 predictions once: 31 windows of 33 tokens sharing their end tokens, and
+  # the 8 tokens left.
+  assert [len(w) for w in windows] == [33] * 31 + [8] and ours['tokens'] == 999
+  full, rest = hf_window_loss(hf, np.stack(windows[:-1])), hf_window_loss(hf, windows[-1][None])
+  reference = (full * 31 * 32 + rest * 7) / 999
   assert reference > 1.0
   assert abs(ours['loss'] - reference) / reference <= 1e-5
   assert abs(ours['perplexity'] - np.exp(reference)) / np.exp(reference) <= 1e-4
@@ -141,6 +144,21 @@ def test_default_data_is_the_runs_validation_as_in_training(trained, tmp_path):
   np.testing.assert_allclose(ours['perplexity'], np.exp(ours['loss']), rtol=1e-9)
   scalars = tensorboard_scalars(workdir)
   np.testing.assert_allclose(scalars['eval/loss'][4], ours['loss'], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_loss_does_not_depend_on_the_number_of_devices(trained, devices):
+  """3 rows a batch on 8 devices: padding rows fill the batch shards, not more data."""
+  workdir, _ = trained
+  scores = []
+  for mesh_devices in (devices[:1], devices):
+    evaluator = evaluation.CheckpointEvaluator(
+        str(workdir), sharding.make_mesh({'fsdp': -1}, mesh_devices)
+    )
+    scores.append(evaluator.score(4, evaluator.batches(batch_size=3, max_batches=2)))
+  one, eight = scores
+  assert one['tokens'] == eight['tokens']
+  np.testing.assert_allclose(eight['loss'], one['loss'], rtol=1e-5)
 
 
 @pytest.mark.slow

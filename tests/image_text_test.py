@@ -223,6 +223,40 @@ def test_place_images_fills_markers_in_order(tok):
     image_text.place_images([[1, ids.image], [1, 40]], images, vcfg, ids)
 
 
+def test_chat_prompts_put_images_inside_the_user_turn(tok):
+  """generate.py --chat: an image goes where its `<|image|>` is in the user's text, inside
+  the user turn as in training, or first in it for a single prompt without markers."""
+  tokenizer = tok[0]
+  ids = image_processing.ImageTokenIds.from_tokenizer(tokenizer)
+  vcfg = config_lib.model_config(tiny_mm.get_config()).vision
+  layout = image_processing.image_token_layout((1, 1), vcfg.tokens_per_tile, ids)
+  images = [Image.new('RGB', (48, 48), c) for c in ((255, 0, 0), (0, 0, 255))]
+  start, end = (tokenizer.special_token_id(f'<|header_{s}|>') for s in ('start', 'end'))
+  user = [tokenizer.bos_id, start, *tokenizer.encode_text('user'), end]
+  answer = [tokenizer.eot_id, start, *tokenizer.encode_text('assistant'), end]
+  answer += tokenizer.encode_text('\n\n')
+  question = 'What colour are the shapes?'
+
+  prompts = image_text.chat_prompts(tokenizer, [question], num_images=1)
+  (single,), pixels = image_text.place_images(prompts, images[:1], vcfg, ids)
+  newlines, text = tokenizer.encode_text('\n\n'), tokenizer.encode_text(question)
+  assert single == user + newlines + layout + text + answer
+  assert pixels.shape == (1, 1, 3, 48, 48)
+
+  texts = [f'<|image|>{question}', 'How many shapes? <|image|>']
+  prompts, pixels = image_text.place_images(
+      image_text.chat_prompts(tokenizer, texts, num_images=2), images, vcfg, ids
+  )
+  assert prompts[0] == user + newlines + layout + text + answer
+  assert prompts[1] == user + tokenizer.encode_text('\n\nHow many shapes? ') + layout + answer
+  assert pixels[0, 0, 0, 0, 0] == 1.0 and pixels[1, 0, 2, 0, 0] == 1.0  # red, then blue
+  # Without markers, two prompts do not say where their images go.
+  with pytest.raises(ValueError, match=re.escape('0 <|image|> placeholders but 2 images')):
+    image_text.place_images(
+        image_text.chat_prompts(tokenizer, ['a', 'b'], num_images=2), images, vcfg, ids
+    )
+
+
 @pytest.mark.slow
 def test_freezing_keeps_the_frozen_parts(config):
   cfg = config_lib.model_config(config)
@@ -281,6 +315,19 @@ def test_generate_script_with_an_image(trained, tok, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   ids = json.loads(out.read_text())['ids']
   assert len(ids) == 1 and 1 <= len(ids[0]) <= 4
+  # --chat: one prompt (its image first in its user turn), or two with a marker each.
+  one, two = small_run.run_scripts(
+      tmp_path,
+      [
+          ['generate.py', f'--workdir={workdir}', f'--image={image}', '--chat']
+          + ['--prompt=What colour are the shapes?', '--max_new_tokens=2'],
+          ['generate.py', f'--workdir={workdir}', f'--image={image}', f'--image={image}']
+          + ['--chat', '--prompt=<|image|>Colour?', '--prompt=Shape? <|image|>']
+          + ['--max_new_tokens=2', f'--output={out}'],
+      ],
+  )
+  assert one['status'] == 0 and two['status'] == 0, (one['output'][-2000:], two['output'][-2000:])
+  assert len(json.loads(out.read_text())['ids']) == 2
 
 
 @pytest.mark.slow
@@ -294,33 +341,41 @@ def test_eval_scores_an_image_text_run_as_training_did(trained):
 
 
 def test_each_process_decodes_only_its_own_rows(config, tok, tmp_path, monkeypatch):
-  """2 processes: each decodes half of each global batch's images; together, in order, they
-  are the 1-process batches."""
+  """2 processes, each holding every other row (as where a model axis spans the hosts):
+  each decodes half of each global batch's images, and its rows are the 1-process batches'.
+  Evaluation fills one more batch shard with a padding row."""
   cfg = config_lib.model_config(config)
   decoded = []
   load_image = image_text.image_processing.load_image
   monkeypatch.setattr(
       image_text.image_processing, 'load_image', lambda p: decoded.append(p) or load_image(p)
   )
-
-  def batches(index, count):
-    where = dict(workdir=str(tmp_path), process_index=index, process_count=count)
-    it = image_text.make_train_iterator(config, cfg, tok[0], **where)
-    train = [next(it) for _ in range(2)]
-    return train, image_text.make_eval_batches(config, cfg, tok[0], **where)
-
-  whole = batches(0, 1)
-  decoded.clear()
-  halves = [batches(i, 2) for i in range(2)]
   B, E = config.train.batch_size, config.eval.batch_size
+
+  def batches(train_rows, eval_rows):
+    it = image_text.make_train_iterator(config, cfg, tok[0], workdir=str(tmp_path), rows=train_rows)
+    train = [next(it) for _ in range(2)]
+    evals = image_text.make_eval_batches(config, cfg, tok[0], workdir=str(tmp_path), rows=eval_rows)
+    return train, evals
+
+  whole = batches(None, None)
+  decoded.clear()
+  train_parts = [np.arange(p, B, 2) for p in range(2)]
+  eval_parts = [np.arange(p, E + 1, 2) for p in range(2)]  # E + 1 rows: the last is padding
+  halves = [
+      batches(text_data.BatchRows(t, B), text_data.BatchRows(e, E + 1))
+      for t, e in zip(train_parts, eval_parts)
+  ]
   evals = len(whole[1])
-  # Per process: 2 train batches of B/2 rows, eval batches of E/2 rows (+1 template each).
-  assert len(decoded) <= 2 * (2 * B // 2 + evals * E // 2 + 2)
-  for split in (0, 1):
+  # Per process: 2 train batches of B/2 rows, eval batches of about E/2 rows (+1 template each).
+  assert len(decoded) <= 2 * (2 * B // 2 + evals * (E // 2 + 1) + 2)
+  for split, parts in ((0, train_parts), (1, eval_parts)):
     for i, batch in enumerate(whole[split]):
-      for key in batch:
-        joined = np.concatenate([halves[0][split][i][key], halves[1][split][i][key]])
-        np.testing.assert_array_equal(joined, batch[key])
+      if split:  # as the padding rows of the last batch are made
+        batch = text_data.pad_rows(batch, rows=E + 1, fill={'inputs': tok[0].pad_id})
+      for p, indices in enumerate(parts):
+        for key, x in batch.items():
+          np.testing.assert_array_equal(halves[p][split][i][key], x[indices])
 
 
 def test_train_iterator_resumes_from_its_state(config, tok, tmp_path):

@@ -39,6 +39,28 @@ CHATS = [
             'content': [{'type': 'text', 'text': 'Two:'}, {'type': 'image'}, {'type': 'image'}],
         }
     ],
+    # Adjacent text parts are one text to the template: BPE merges across their boundary.
+    [
+        {
+            'role': 'user',
+            'content': [
+                {'type': 'text', 'text': 'The qu'},
+                {'type': 'text', 'text': 'ick brown fox'},
+                {'type': 'image'},
+                {'type': 'text', 'text': ' jum'},
+                {'type': 'text', 'text': 'ps'},
+            ],
+        },
+        {
+            'role': 'assistant',
+            'content': [{'type': 'text', 'text': 'The la'}, {'type': 'text', 'text': 'zy dog.'}],
+        },
+    ],
+    # A leading system message as one text part: trimmed, as a string is.
+    [
+        {'role': 'system', 'content': [{'type': 'text', 'text': ' Be brief. '}]},
+        {'role': 'user', 'content': 'Hi'},
+    ],
 ]
 
 
@@ -101,6 +123,25 @@ def test_chat_format_equals_the_released_template(ours, theirs, folder, chat, ge
   assert ours.format_chat(CHATS[chat], add_generation_prompt=generation_prompt) == expected
 
 
+def test_adjacent_text_parts_are_encoded_as_one_text(ours):
+  split = [{'type': 'text', 'text': 'The qu'}, {'type': 'text', 'text': 'ick brown fox'}]
+  joined = [{'role': 'user', 'content': 'The quick brown fox'}]
+  assert ours.format_chat([{'role': 'user', 'content': split}]) == ours.format_chat(joined)
+
+
+def test_a_system_message_of_several_parts_keeps_all_its_text(ours, theirs, folder):
+  """The documented difference: the template keeps only the first part's text."""
+  parts = [{'type': 'text', 'text': ' Be brief. '}, {'type': 'text', 'text': 'Be kind. '}]
+  chat = [{'role': 'system', 'content': parts}, {'role': 'user', 'content': 'Hi'}]
+  as_string = [{'role': 'system', 'content': 'Be brief. Be kind.'}, chat[1]]
+  assert ours.format_chat(chat) == ours.format_chat(as_string)
+  template = json.loads((folder / 'tokenizer_config.json').read_text())['chat_template']
+  text = theirs.apply_chat_template(
+      chat, chat_template=template, tokenize=False, bos_token='<|begin_of_text|>'
+  )
+  assert 'system<|header_end|>\n\nBe brief.<|eot|>' in text
+
+
 def test_assistant_tokens_are_its_content_and_closing_eot(ours):
   chat = ours.chat_tokens(CHATS[1])
   learned = [i for i, a in zip(chat.ids, chat.is_assistant) if a]
@@ -120,3 +161,21 @@ def test_load_reads_either_kind_and_names_bad_files(folder, tmp_path):
   sp.write_bytes(b'garbage')
   with pytest.raises(ValueError, match='not a SentencePiece model'):
     tokenizer_lib.load(str(sp))
+
+
+def test_a_tokenizer_json_of_any_name_is_inherited_as_the_run_s(folder, tmp_path):
+  """A fine-tune copies its tokenizer into <workdir>/tokenizer under a name that eval.py and
+  generate.py look for (workdir_tokenizer_file), whatever the given file was called."""
+  other = tmp_path / 'llama4_tok.json'
+  other.write_text((folder / 'tokenizer.json').read_text())
+  run = tmp_path / 'run'
+  names = tokenizer_lib.copy_tokenizer_files(str(other), str(run / tokenizer_lib.TOKENIZER_DIR))
+  assert names == ['tokenizer.json']
+  found = tokenizer_lib.workdir_tokenizer_file(str(run))
+  assert found == str(run / 'tokenizer' / 'tokenizer.json')
+  assert tokenizer_lib.load(found).encode('The quick') == tokenizer_lib.load(str(other)).encode(
+      'The quick'
+  )
+  # A released tokenizer.json brings its side files, under their own names.
+  names = tokenizer_lib.copy_tokenizer_files(str(folder / 'tokenizer.json'), str(tmp_path / 'hf'))
+  assert sorted(names) == sorted(tokenizer_lib.RELEASED_FILES)

@@ -3,6 +3,7 @@ its report, its workdir, and a resume after SIGKILL."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -116,10 +117,12 @@ def test_fine_tune_reports_before_and_after_and_its_workdir_stands_alone(
 
 def test_fine_tune_killed_resumes_bit_exact(base, fine_tuned, tmp_path):
   """Killed once it has saved a checkpoint, the rerun resumes and ends as the uninterrupted
-  fine-tune does: every logged loss and the final parameters."""
-  whole, killed = fine_tuned[0], tmp_path / 'killed'
+  fine-tune does: every logged loss and the final parameters, even with the model it started
+  from gone by then (a converted checkpoint on scratch storage)."""
+  whole, killed, init = fine_tuned[0], tmp_path / 'killed', tmp_path / 'init'
+  shutil.copytree(base, init)
   process = subprocess.Popen(
-      sft_command(killed, base, tmp_path / 'task'),
+      sft_command(killed, init, tmp_path / 'task'),
       cwd=small_run.REPO,
       env=small_run.script_env(),
       stdout=subprocess.DEVNULL,
@@ -133,9 +136,12 @@ def test_fine_tune_killed_resumes_bit_exact(base, fine_tuned, tmp_path):
   process.kill()
   process.wait()
   assert checkpoint.latest_step(str(killed)) < 6, 'the run ended before it was killed'
-  result = run(sft_command(killed, base, tmp_path / 'task'))
+  shutil.rmtree(init)
+  result = run(sft_command(killed, init, tmp_path / 'task', train__sample_tokens=4))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resumed from step' in result.stdout + result.stderr
+  # What it started from, as the uninterrupted run logged it at step 0.
+  assert 'validation loss before fine-tuning' in result.stdout
   expected = losses(whole)
   assert losses(killed) == expected
   small_run.assert_same_params(small_run.saved_params(whole, 6), small_run.saved_params(killed, 6))

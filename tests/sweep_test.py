@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import ml_collections as mlc
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -138,6 +140,39 @@ def test_results_of_a_resumed_run_being_written(tmp_path):
   assert (row['best_eval_step'], row['best_eval_loss']) == (4, 5.3)
 
 
+def finished_run(workdir, steps: int, checkpoint_step: int, eval_steps) -> str:
+  """A run's workdir as the trainer leaves it: config.json, a checkpoint at `checkpoint_step`
+  (a tiny state: run_status only lists checkpoints) and validation losses at `eval_steps`."""
+  config_lib.save(mlc.ConfigDict({'train': {'steps': steps}}), str(workdir))
+  ckpt = checkpoint.TrainCheckpointer(str(workdir), keep=1)
+  state = {'params': {}, 'opt_state': {}, 'step': np.array(checkpoint_step, np.int32)}
+  ckpt.save(checkpoint_step, state, ['{}'])
+  ckpt.close()
+  rows = [{'step': s, 'eval_loss': 6.0 - s / 10} for s in eval_steps]
+  with open(workdir / sweep.METRICS_FILE, 'w') as f:
+    f.writelines(json.dumps(row) + '\n' for row in rows)
+  return str(workdir)
+
+
+def test_a_run_killed_in_its_final_evaluation_is_resumed_not_done(tmp_path):
+  """The trainer saves the last step's checkpoint before evaluating it: without that
+  evaluation the run is partial (its rerun evaluates), and no earlier one is taken as final."""
+  workdir = finished_run(tmp_path / 'run', steps=6, checkpoint_step=6, eval_steps=[3])
+  assert sweep.run_status(workdir, 6) == 'partial'
+  row = sweep.run_result(workdir)
+  assert row['status'] == 'partial' and row['final_eval_step'] == 3
+  run = sweep.Run('run', {}, workdir, mlc.ConfigDict({'train': {'steps': 6}}), ('true',))
+  assert sweep.emit([run], str(tmp_path), 'commands') == [str(tmp_path / sweep.COMMANDS_FILE)]
+
+  with open(tmp_path / 'run' / sweep.METRICS_FILE, 'a') as f:
+    f.write(json.dumps({'step': 6, 'eval_loss': 5.4}) + '\n')
+  assert sweep.run_status(workdir, 6) == 'done'
+  assert sweep.run_result(workdir)['status'] == 'done'
+  assert sweep.emit([run], str(tmp_path), 'commands') == []
+  # A checkpoint past the steps (a longer run's): a rerun would neither train nor evaluate.
+  assert sweep.run_status(workdir, 4) == 'done'
+
+
 def read_csv(path):
   with open(path) as f:
     return list(csv.DictReader(f))
@@ -145,7 +180,8 @@ def read_csv(path):
 
 @pytest.mark.slow
 def test_small_sweep_end_to_end(tmp_path, monkeypatch):
-  """Two runs two at a time; the SLURM script; skip a finished run, resume a cut one; summary."""
+  """Two runs two at a time; the SLURM script; resume a run cut in its final evaluation and one
+  cut mid-run, then skip both; summary."""
   monkeypatch.setenv('XLA_FLAGS', xla_env.xla_flags(1))  # cheapest runs
   root = tmp_path / 'root'
   config = sweep_file(tmp_path, "  for lr in (3e-3, 1e-2):\n    add(**{'optim.lr': lr})\n")
@@ -168,19 +204,27 @@ def test_small_sweep_end_to_end(tmp_path, monkeypatch):
     assert json.load(open(os.path.join(run.workdir, sweep.OVERRIDES_FILE))) == run.overrides
     assert sweep.run_status(run.workdir, 6) == 'done'
 
-  # Cut the second run back to its step-4 checkpoint, as if it had been killed.
+  # As if killed: the first run in its final evaluation (after the final checkpoint), the
+  # second back at its step-4 checkpoint.
+  metrics_path = os.path.join(runs[0].workdir, sweep.METRICS_FILE)
+  metrics = metrics_lib.read_metrics(runs[0].workdir)
+  kept = [m for m in metrics if not (m['step'] == 6 and 'eval_loss' in m)]
+  assert len(kept) == len(metrics) - 1
+  with open(metrics_path, 'w') as f:
+    f.writelines(json.dumps(m) + '\n' for m in kept)
   shutil.rmtree(checkpoint.step_path(runs[1].workdir, 6))
   rows, _ = sweep.summarize(str(root))  # a summary of a sweep in progress
-  assert [r['status'] for r in rows] == ['done', 'partial']
+  assert [r['status'] for r in rows] == ['partial', 'partial']
   log.clear()
   sweep.run_local(runs, log=log.append, poll_s=0.1)
-  assert log == [
-      f'{runs[0].name}: done, skipped',
-      f'{runs[1].name}: resuming',
-      f'{runs[1].name}: finished',
-  ]
+  assert log == [f'{r.name}: {w}' for r in runs for w in ('resuming', 'finished')]
+  rerun = open(os.path.join(runs[0].workdir, sweep.LOG_FILE)).read().split('$ ')[-1]
+  assert 'resumed from step 6' in rerun and 'step 6: validation loss' in rerun
   assert 'resumed from step 4' in open(os.path.join(runs[1].workdir, sweep.LOG_FILE)).read()
-  assert open(os.path.join(runs[0].workdir, sweep.LOG_FILE)).read().count('$ ') == 1
+  log.clear()
+  sweep.run_local(runs, log=log.append, poll_s=0.1)
+  assert log == [f'{r.name}: done, skipped' for r in runs]
+  assert open(os.path.join(runs[0].workdir, sweep.LOG_FILE)).read().count('$ ') == 2
   assert sweep.emit(runs, str(root), 'slurm') == []  # nothing left to launch
 
   rows, paths = sweep.summarize(str(root))

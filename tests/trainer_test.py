@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +188,41 @@ def test_skip_nonfinite_counts_skipped_steps(tmp_path):
     applied_before = row['step'] - 1 - skipped_before
     assert row['learning_rate'] == pytest.approx(float(schedule(applied_before)), rel=1e-6)
     skipped_before = row['skipped_steps']
+
+
+def test_skipped_steps_count_the_whole_run_across_a_resume(tmp_path):
+  """A resumed run goes on counting from the steps its predecessor skipped."""
+  overrides = dict(
+      optim__lr=1e30, optim__warmup_steps=0, optim__clip_norm=0.0, train__skip_nonfinite=True
+  )
+  for steps in (4, 6):  # the second run resumes the first's step-4 checkpoint
+    result = small_run.run_train(tmp_path, train__steps=steps, **overrides)
+    assert result.returncode == 0, result.stderr[-2000:]
+  skipped = [
+      row['skipped_steps'] for row in metrics_lib.read_metrics(str(tmp_path)) if 'loss' in row
+  ]
+  # Every update after the first is non-finite, so each step adds one, through the resume too.
+  assert skipped == [0, 1, 2, 3, 4, 5]
+
+
+def test_throughput_times_the_train_steps_alone(tmp_path, monkeypatch):
+  """tokens_per_sec (and mfu) leave out the compile, evaluations and saves: a window after a
+  slow evaluation reads like any other."""
+  evaluate = trainer.evaluate
+
+  def slow_evaluate(*args):
+    time.sleep(2.0)
+    return evaluate(*args)
+
+  monkeypatch.setattr(trainer, 'evaluate', slow_evaluate)
+  config = small_run.config(train__steps=6, train__eval_every=2)
+  trainer.train_and_evaluate(config, str(tmp_path))
+  rows = [row for row in metrics_lib.read_metrics(str(tmp_path)) if 'tokens_per_sec' in row]
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  seconds = {row['step']: tokens_per_step / row['tokens_per_sec'] for row in rows}
+  assert sorted(seconds) == [1, 2, 3, 4, 5, 6]
+  # Step 1 would hold the compile, steps 3 and 5 the evaluations of steps 2 and 4 (2 s each).
+  assert max(seconds.values()) < 1.0, seconds
 
 
 def free_port() -> int:

@@ -12,8 +12,11 @@ inside its folder unless data.images_anywhere). Each conversation is laid out in
 
 Text conversations are packed into rows like text documents (data/text.py: segment ids
 keep attention inside each, positions restart); one longer than data.seq_len + 1 tokens
-is cut to it, or refused, as data.chat_overlong says. Conversations with images are one
-per row, with their tiles, as image-text records are (data/image_text.py).
+is cut to it, or refused, as data.chat_overlong says, and one the cut leaves nothing to
+learn is dropped. In a split with any image, every conversation is a row of its own, with
+its tiles, as image-text records are (data/image_text.py); one too long is cut or refused
+alike, but refused if the cut would split an image, and every row is checked to fit
+(tokens and data.tiles_per_row) when the split is read.
 
 With data.train_files / eval_files empty, the data are the built-in table questions
 (data/chat_task.py).
@@ -168,14 +171,39 @@ def conversation_pieces(
 # Conversations with images: one row each ------------------------------------------------
 
 
+def _row_length(
+    num_tokens: int, last_image_end: int, seq_len: int, overlong: str, conversation: Conversation
+) -> int:
+  """How many of a row's `num_tokens` (images expanded) it keeps: all, or seq_len + 1 if
+  data.chat_overlong=truncate and the cut leaves every image whole in the inputs (its last
+  `<|image_end|>` before position seq_len; -1 without images); else the DataError."""
+  if num_tokens <= seq_len + 1:
+    return num_tokens
+  cut_fits = last_image_end < seq_len
+  if overlong == 'error' or not cut_fits:
+    raise DataError(
+        f'{conversation.source}: the conversation is {num_tokens} tokens'
+        + (' with its images' if conversation.images else '')
+        + f', longer than data.seq_len + 1 = {seq_len + 1}'
+        + (
+            ' (set config.data.chat_overlong=truncate to cut it)'
+            if cut_fits
+            else ' even when cut after its last image'
+        )
+    )
+  return seq_len + 1
+
+
 def image_row(
     conversation: Conversation, maker: image_text.RowMaker, overlong: str
 ) -> dict[str, np.ndarray]:
-  """The training row of a conversation with images: its image slots expanded into the
-  images' token layouts, its tiles in order, its assistant tokens learned."""
+  """The training row of a conversation of a split with images: its image slots expanded
+  into the images' token layouts, its tiles in order, its assistant tokens learned; cut
+  or refused beyond data.seq_len + 1 tokens as `overlong` says (`_row_length`)."""
   chat = maker.tokenizer.chat_tokens(conversation.messages)
   tokens, learn, tiles = [], [], []
   images = iter(conversation.images)
+  last_image_end = -1
   for token, is_assistant in zip(chat.ids, chat.is_assistant):
     if token != maker.ids.image:
       tokens.append(token)
@@ -187,21 +215,13 @@ def image_row(
     tokens += layout
     learn += [False] * len(layout)
     tiles.append(image_tiles)
+    last_image_end = len(tokens) - 1
   S, where = maker.seq_len, conversation.source
-  if len(tokens) > S + 1:
-    last_image_token = max(i for i, t in enumerate(tokens) if t == maker.ids.image_end)
-    if overlong == 'error' or last_image_token >= S:
-      raise DataError(
-          f'{where}: the conversation is {len(tokens)} tokens with its images, longer than '
-          f'data.seq_len + 1 = {S + 1}'
-          + ('' if overlong == 'error' else ' even when cut after its last image')
-      )
-    tokens, learn = tokens[: S + 1], learn[: S + 1]
-  n = len(tokens)
+  n = _row_length(len(tokens), last_image_end, S, overlong, conversation)
   v = maker.vision
   no_tiles = np.zeros((0, v.num_channels, v.image_size, v.image_size), np.float32)
   padded = np.full(S + 1, maker.tokenizer.pad_id, np.int32)
-  padded[:n] = tokens
+  padded[:n] = tokens[:n]
   weights = np.zeros(S, np.float32)
   weights[: n - 1] = learn[1:n]
   return {
@@ -210,8 +230,60 @@ def image_row(
       'weights': weights,
       'segment_ids': (np.arange(S) < n).astype(np.int32),
       'positions': np.arange(S, dtype=np.int32),
-      'pixels': maker.pad_tiles(np.concatenate(tiles) if tiles else no_tiles, where),
+      'pixels': maker.pad_tiles(
+          np.concatenate(tiles) if tiles else no_tiles, where, len(conversation.images)
+      ),
   }
+
+
+class ImageConversations(NamedTuple):
+  conversations: list[Conversation]  # those whose row learns something
+  cut: int  # rows cut to seq_len + 1
+  dropped: int  # of those, left with nothing to learn
+
+
+def check_image_conversations(
+    conversations: Sequence[Conversation], maker: image_text.RowMaker, overlong: str
+) -> ImageConversations:
+  """Raises the DataError that `image_row` would raise for any conversation (too many
+  tokens or tiles) now, not when a step first draws it, hours into a run perhaps; leaves
+  out those whose cut row would learn nothing, as text conversations are.
+
+  Each conversation is tokenized; its images' headers are read only where their sizes
+  decide: a long conversation, or data.tiles_per_row below the most tiles its images may
+  take (`RowMaker.longest_layout`).
+  """
+  if overlong not in OVERLONG:
+    raise ValueError(f'config.data.chat_overlong: {overlong!r} is not one of {OVERLONG}')
+  S = maker.seq_len
+  most_tokens, most_tiles = maker.longest_layout()
+  kept, cut, dropped = [], 0, 0
+  for conversation in conversations:
+    chat = maker.tokenizer.chat_tokens(conversation.messages)
+    slots = [i for i, token in enumerate(chat.ids) if token == maker.ids.image]
+    k = len(slots)  # = len(conversation.images): chat_tokens writes one id per image part
+    if k * most_tiles <= maker.tiles_per_row and len(chat.ids) + k * (most_tokens - 1) <= S + 1:
+      kept.append(conversation)
+      continue
+    try:
+      layouts = [maker.layout_size(path) for path in conversation.images]
+    except image_processing.ImageError as e:
+      raise DataError(f'{conversation.source}: {e}') from None
+    # Each image slot becomes its layout, which ends with <|image_end|>.
+    added = [tokens - 1 for tokens, _ in layouts]
+    num_tokens = len(chat.ids) + sum(added)
+    last_image_end = slots[-1] + sum(added) if slots else -1
+    n = _row_length(num_tokens, last_image_end, S, overlong, conversation)
+    maker.check_tiles(sum(tiles for _, tiles in layouts), conversation.source, k)
+    if n < num_tokens:
+      cut += 1
+      # Where the first learned token lands (there is one: each assistant turn's <|eot|>).
+      first = chat.is_assistant.index(True)
+      if first + sum(a for a, slot in zip(added, slots) if slot < first) > S:
+        dropped += 1
+        continue
+    kept.append(conversation)
+  return ImageConversations(kept, cut, dropped)
 
 
 def has_images(conversations: Sequence[Conversation]) -> bool:
@@ -227,30 +299,49 @@ class _Split(NamedTuple):
   image_row: Callable[[Conversation], dict[str, np.ndarray]] | None  # one row each, with images
 
 
-def _read_split(config, cfg, tokenizer, split: str, workdir: str, process_index: int) -> _Split:
+def _read_split(
+    config, cfg, tokenizer, split: str, workdir: str, report: bool, limit: int = 0
+) -> _Split:
+  """The conversations of a split, checked to make rows now; with images, only the first
+  `limit` of them (if given) are checked and kept. `report`: print how many were cut."""
   conversations = split_conversations(config, split, workdir)
   overlong = config.data.get('chat_overlong', 'truncate')
   if has_images(conversations):
     maker = _image_row_maker(config, cfg, tokenizer)
-    return _Split(conversations, None, lambda c: image_row(c, maker, overlong))
+    conversations = conversations[:limit] if limit else conversations
+    made = check_image_conversations(conversations, maker, overlong)
+    _report_cuts(split, len(conversations), made, config.data.seq_len, report)
+    if not made.conversations:
+      raise DataError(
+          f'chat data ({split}): no conversation has an assistant token within '
+          f'data.seq_len + 1 = {config.data.seq_len + 1} tokens'
+      )
+    return _Split(made.conversations, None, lambda c: image_row(c, maker, overlong))
   made = conversation_pieces(conversations, tokenizer, config.data.seq_len, overlong)
-  if made.cut and process_index == 0:
-    print(
-        f'chat data ({split}): {made.cut} of {len(conversations)} conversations cut to '
-        f'data.seq_len + 1 = {config.data.seq_len + 1} tokens'
-        + (f', {made.dropped} of them dropped (no assistant token left)' if made.dropped else ''),
-        flush=True,
-    )
+  _report_cuts(split, len(conversations), made, config.data.seq_len, report)
   return _Split(conversations, made.pieces, None)
 
 
+def _report_cuts(
+    split: str, total: int, made: Pieces | ImageConversations, seq_len: int, report: bool
+) -> None:
+  if made.cut and report:
+    print(
+        f'chat data ({split}): {made.cut} of {total} conversations cut to '
+        f'data.seq_len + 1 = {seq_len + 1} tokens'
+        + (f', {made.dropped} of them dropped (no assistant token left)' if made.dropped else ''),
+        flush=True,
+    )
+
+
 def make_train_iterator(
-    config, cfg, tokenizer, *, workdir: str, process_index: int = 0, process_count: int = 1
+    config, cfg, tokenizer, *, workdir: str, rows: text_data.BatchRows | None = None
 ) -> grain.DatasetIterator:
-  """Shuffled, repeating batches of this process's rows (checkpointable, like data/text.py's)."""
+  """Shuffled, repeating batches of this process's rows (default: all; checkpointable, like
+  data/text.py's)."""
   batch_size = config.train.batch_size
-  rows = text_data.process_rows(batch_size, process_index, process_count)
-  split = _read_split(config, cfg, tokenizer, 'train', workdir, process_index)
+  rows = text_data.all_rows(batch_size) if rows is None else rows
+  split = _read_split(config, cfg, tokenizer, 'train', workdir, _reports(rows))
   if split.pieces is None:
     return image_text.row_iterator(
         split.conversations, split.image_row, batch_size, config.seed, rows
@@ -268,18 +359,18 @@ def make_train_iterator(
 
 
 def make_eval_batches(
-    config, cfg, tokenizer, *, workdir: str, process_index: int = 0, process_count: int = 1
+    config, cfg, tokenizer, *, workdir: str, rows: text_data.BatchRows | None = None
 ) -> list[dict[str, np.ndarray]]:
-  """The validation conversations in order; the last batch padded with weight-0 rows."""
+  """The validation conversations in order, this process's `rows` of each batch (default:
+  all); the last batch, and every batch up to `rows.size`, padded with weight-0 rows."""
   batch_size = config.eval.batch_size
-  rows = text_data.process_rows(batch_size, process_index, process_count)
-  split = _read_split(config, cfg, tokenizer, 'validation', workdir, process_index)
+  rows = text_data.all_rows(batch_size) if rows is None else rows
+  # With images, only the rows eval.max_batches keeps are checked (text is packed first).
+  limit = config.eval.max_batches * batch_size
+  split = _read_split(config, cfg, tokenizer, 'validation', workdir, _reports(rows), limit)
   if split.pieces is None:
-    conversations = split.conversations
-    if config.eval.max_batches:
-      conversations = conversations[: config.eval.max_batches * batch_size]
     return image_text.row_eval_batches(
-        conversations, split.image_row, batch_size, rows, tokenizer.pad_id
+        split.conversations, split.image_row, batch_size, rows, tokenizer.pad_id
     )
   return text_data.packed_eval_batches(
       split.pieces,
@@ -290,6 +381,11 @@ def make_eval_batches(
       max_batches=config.eval.max_batches,
       rows=rows,
   )
+
+
+def _reports(rows: text_data.BatchRows) -> bool:
+  """Whether this process prints what the data lost: the one (or the peers) feeding row 0."""
+  return 0 in rows.indices
 
 
 def _image_row_maker(config, cfg, tokenizer) -> image_text.RowMaker:

@@ -97,10 +97,13 @@ class RowMaker:
     except ValueError as e:
       raise DataError(str(e)) from None
 
-  def _check_tiles(self, num_tiles: int, source: str) -> None:
+  def check_tiles(self, num_tiles: int, source: str, images: int = 1) -> None:
+    """A DataError naming `source` if a row's `images` need more than data.tiles_per_row
+    tiles."""
     if num_tiles > self.tiles_per_row:
+      need = 'the image needs' if images == 1 else f'its {images} images need'
       raise DataError(
-          f'{source}: the image needs {num_tiles} tiles, more than '
+          f'{source}: {need} {num_tiles} tiles, more than '
           f'data.tiles_per_row={self.tiles_per_row} (raise it, or lower model.vision.max_tiles)'
       )
 
@@ -111,25 +114,39 @@ class RowMaker:
           f'not fit data.seq_len={self.seq_len} + 1'
       )
 
-  def pad_tiles(self, tiles_NCHW: np.ndarray, source: str) -> np.ndarray:
-    """[N, C, I, I] -> [M, C, I, I], zero tiles after the image's."""
-    self._check_tiles(len(tiles_NCHW), source)
+  def pad_tiles(self, tiles_NCHW: np.ndarray, source: str, images: int = 1) -> np.ndarray:
+    """[N, C, I, I] -> [M, C, I, I], zero tiles after those of the row's `images`."""
+    self.check_tiles(len(tiles_NCHW), source, images)
     M = self.tiles_per_row
     return np.concatenate(
         [tiles_NCHW, np.zeros((M - len(tiles_NCHW),) + tiles_NCHW.shape[1:], tiles_NCHW.dtype)]
     )
+
+  def longest_layout(self) -> tuple[int, int]:
+    """(tokens, tiles) of the longest layout an image may take, a bound on every image's
+    `layout_size`: both grow with the grid's tiles, so it is the 1 x max_tiles grid's."""
+    return self._layout_size((1, self.vision.max_tiles))
+
+  def layout_size(self, path: str) -> tuple[int, int]:
+    """(tokens, tiles) of the layout of the image file at `path`, as `image_tokens` would
+    make it, from the file's header alone (an EXIF turn transposes the grid, of as many
+    tiles and tokens). Raises image_processing.ImageError."""
+    height, width = image_processing.image_size(path)
+    v = self.vision
+    return self._layout_size(
+        image_processing.best_fit_tiling(height, width, v.image_size, v.max_tiles)
+    )
+
+  def _layout_size(self, tiling: tuple[int, int]) -> tuple[int, int]:
+    layout = image_processing.image_token_layout(tiling, self.vision.tokens_per_tile, self.ids)
+    return len(layout), image_processing.tile_count(tiling)
 
   def check_records(self, records: Sequence[Record], source: str) -> None:
     """Raises the DataError that `row` would raise for any record (too many tokens or
     tiles) now, not when a step first draws it, hours into a run perhaps. The texts are
     tokenized in the tokenizer's threads; an image's header is read only where its size
     decides: a long text, or data.tiles_per_row below the most tiles an image may take."""
-    v = self.vision
-    most_tiles = (1, v.max_tiles)  # the longest layout: it grows with the grid's tiles
-    image_tokens_bound = 1 + len(
-        image_processing.image_token_layout(most_tiles, v.tokens_per_tile, self.ids)
-    )
-    tiles_fit = image_processing.tile_count(most_tiles) <= self.tiles_per_row
+    most_tokens, most_tiles = self.longest_layout()
     text_lengths = [
         len(ids)
         for start in range(0, len(records), _ENCODE_CHUNK)
@@ -139,19 +156,16 @@ class RowMaker:
     ]
     for i, (record, text_length) in enumerate(zip(records, text_lengths), 1):
       text_tokens = text_length + 1  # and EOS
-      if tiles_fit and image_tokens_bound + text_tokens <= self.seq_len + 1:
+      if most_tiles <= self.tiles_per_row and 1 + most_tokens + text_tokens <= self.seq_len + 1:
         continue
       where = f'{source}: record {i} ({record.image})'
       try:
-        height, width = image_processing.image_size(record.image)
+        layout_tokens, tiles = self.layout_size(record.image)
       except image_processing.ImageError as e:
         raise DataError(f'{source}: record {i}: {e}') from None
-      tiling = image_processing.best_fit_tiling(height, width, v.image_size, v.max_tiles)
-      num_image_tokens = 1 + len(
-          image_processing.image_token_layout(tiling, v.tokens_per_tile, self.ids)
-      )
+      num_image_tokens = 1 + layout_tokens  # and BOS
       self._check_length(num_image_tokens + text_tokens, num_image_tokens, where)
-      self._check_tiles(image_processing.tile_count(tiling), where)
+      self.check_tiles(tiles, where)
 
   def row(self, image, text: str, source: str) -> dict[str, np.ndarray]:
     layout, tiles = image_tokens(image, self.vision, self.ids)
@@ -248,63 +262,92 @@ def split_records(
 
 
 def make_train_iterator(
-    config, cfg, tokenizer, *, workdir: str, process_index: int = 0, process_count: int = 1
+    config, cfg, tokenizer, *, workdir: str, rows: text_data.BatchRows | None = None
 ) -> grain.DatasetIterator:
-  """Shuffled, repeating batches of this process's rows (checkpointable, like data/text.py's)."""
+  """Shuffled, repeating batches of this process's rows (default: all; checkpointable, like
+  data/text.py's)."""
   batch_size = config.train.batch_size
-  local_rows = text_data.process_rows(batch_size, process_index, process_count)
+  rows = text_data.all_rows(batch_size) if rows is None else rows
   maker = row_maker(config, cfg, tokenizer)
   records = split_records(config, 'train', workdir, maker)
-  return row_iterator(records, lambda r: _load_row(r, maker), batch_size, config.seed, local_rows)
+  return row_iterator(records, lambda r: _load_row(r, maker), batch_size, config.seed, rows)
 
 
 def row_iterator(
-    records: Sequence[Any], load_row, batch_size: int, seed: int, local_rows: slice
+    records: Sequence[Any], load_row, batch_size: int, seed: int, rows: text_data.BatchRows
 ) -> grain.DatasetIterator:
-  """Shuffled, repeating batches of `load_row(record)` rows, this process's `local_rows` of
-  each global batch: each process decodes only its own rows' images."""
+  """Shuffled, repeating batches of `load_row(record)` rows, this process's `rows` of each
+  global batch: each process decodes only its own rows' images."""
   load_row(records[0])  # fail on a bad record or layout now, not in the first step
   ds = (
       grain.MapDataset.source(records)
       .shuffle(seed % 2**32)
       .repeat()
       .batch(batch_size, drop_remainder=True, batch_fn=list)
-      .map(lambda batch: _collate([load_row(r) for r in batch[local_rows]]))
+      .map(lambda batch: _collate([load_row(batch[i]) for i in rows.indices]))
   )
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def make_eval_batches(
-    config, cfg, tokenizer, *, workdir: str, process_index: int = 0, process_count: int = 1
+    config, cfg, tokenizer, *, workdir: str, rows: text_data.BatchRows | None = None
 ) -> list[dict[str, np.ndarray]]:
-  """The validation split in order; the last batch padded with weight-0 rows."""
+  """The validation split in order, this process's `rows` of each batch (default: all); the
+  last batch, and every batch up to `rows.size`, padded with weight-0 rows."""
   batch_size = config.eval.batch_size
-  local_rows = text_data.process_rows(batch_size, process_index, process_count)
+  rows = text_data.all_rows(batch_size) if rows is None else rows
   maker = row_maker(config, cfg, tokenizer)
   records = split_records(
       config, 'validation', workdir, maker, config.eval.max_batches * batch_size
   )
   return row_eval_batches(
-      records, lambda r: _load_row(r, maker), batch_size, local_rows, tokenizer.pad_id
+      records, lambda r: _load_row(r, maker), batch_size, rows, tokenizer.pad_id
   )
 
 
 def row_eval_batches(
-    records: Sequence[Any], load_row, batch_size: int, local_rows: slice, pad_id: int
+    records: Sequence[Any], load_row, batch_size: int, rows: text_data.BatchRows, pad_id: int
 ) -> list[dict[str, np.ndarray]]:
-  """Batches of `load_row(record)` rows in order, this process's `local_rows` of each; past
-  the last record, padding rows (weight 0)."""
+  """Batches of `batch_size` records' `load_row(record)` rows in order, this process's `rows`
+  of each; past the last record, and up to `rows.size`, padding rows (weight 0)."""
   empty = {k: v[:0] for k, v in _collate([load_row(records[0])]).items()}
   batches = []
   for start in range(0, len(records), batch_size):
-    rows = [load_row(r) for r in records[start : start + batch_size][local_rows]]
-    batch = _collate(rows) if rows else empty
-    size = local_rows.stop - local_rows.start
-    batches.append(text_data.pad_rows(batch, rows=size, fill={'inputs': pad_id}))
+    batch_records = records[start : start + batch_size]
+    # The indices are sorted: this process's real rows come first, then its padding.
+    loaded = [load_row(batch_records[i]) for i in rows.indices if i < len(batch_records)]
+    batch = _collate(loaded) if loaded else empty
+    batches.append(text_data.pad_rows(batch, rows=len(rows.indices), fill={'inputs': pad_id}))
   return batches
 
 
 # Prompts with images ----------------------------------------------------------------
+
+
+IMAGE_MARKER = '<|image|>'  # in a prompt's text: where an image goes
+
+
+def chat_prompts(tokenizer, texts: Sequence[str], num_images: int = 0) -> list[list[int]]:
+  """Token ids of each text as the user turn of a chat, with the assistant's header open
+  for the answer (scripts/generate.py --chat).
+
+  Each `<|image|>` in a text makes an image part of the turn there, so the `<|image|>` id
+  of the chat format, which `place_images` expands, stands inside the user turn, as in
+  training (chat.image_row); the chat format keeps any other special-token string in a
+  text as text. A single text without markers gets the `num_images` images at the start
+  of its turn, as Llama 4's chat examples put them.
+  """
+  contents = []
+  for text in texts:
+    pieces = text.split(IMAGE_MARKER)
+    content = [{'type': 'text', 'text': pieces[0]}] if pieces[0] else []
+    for piece in pieces[1:]:
+      content.append({'type': 'image'})
+      content += [{'type': 'text', 'text': piece}] if piece else []
+    contents.append(content)
+  if len(texts) == 1 and IMAGE_MARKER not in texts[0]:
+    contents[0][:0] = [{'type': 'image'}] * num_images
+  return [tokenizer.format_chat([{'role': 'user', 'content': c}]) for c in contents]
 
 
 def place_images(

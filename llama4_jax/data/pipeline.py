@@ -13,24 +13,17 @@ def train_and_eval_data(
     tokenizer,
     workdir: str,
     *,
-    process_index: int = 0,
-    process_count: int = 1,
-    eval_batch_size: int | None = None,
+    train_rows: text_data.BatchRows | None = None,
+    eval_rows: text_data.BatchRows | None = None,
 ):
-  """(training iterator, validation batches) of this process's rows.
-
-  eval_batch_size: rows per validation batch (default config.eval.batch_size); the trainer
-  fills the mesh's batch shards with it.
-  """
-  where = dict(process_index=process_index, process_count=process_count)
-  if eval_batch_size is not None:
-    config = mlc.ConfigDict(config.to_dict())
-    config.eval.batch_size = eval_batch_size
+  """(training iterator, validation batches) of this process's rows of each global batch
+  (default: all; `eval_rows.size` may exceed eval.batch_size: padding rows that fill the
+  mesh's batch shards)."""
   module = _row_module(config)
   if module is not None:
     return (
-        module.make_train_iterator(config, cfg, tokenizer, workdir=workdir, **where),
-        module.make_eval_batches(config, cfg, tokenizer, workdir=workdir, **where),
+        module.make_train_iterator(config, cfg, tokenizer, workdir=workdir, rows=train_rows),
+        module.make_eval_batches(config, cfg, tokenizer, workdir=workdir, rows=eval_rows),
     )
   seq_len = config.data.seq_len
   train_iter = text_data.make_train_iterator(
@@ -39,7 +32,7 @@ def train_and_eval_data(
       batch_size=config.train.batch_size,
       seq_len=seq_len,
       seed=config.seed,
-      **where,
+      rows=train_rows,
   )
   eval_batches = text_data.make_eval_batches(
       config.data,
@@ -47,7 +40,7 @@ def train_and_eval_data(
       batch_size=config.eval.batch_size,
       seq_len=seq_len,
       max_batches=config.eval.max_batches,
-      **where,
+      rows=eval_rows,
   )
   return train_iter, eval_batches
 
@@ -62,8 +55,10 @@ def eval_batches(
     seq_len: int,
     max_batches: int = 0,
     workdir: str = '',
+    rows: text_data.BatchRows | None = None,
 ) -> list[dict[str, np.ndarray]]:
-  """Packed batches of `files` (text, JSONL, .npy globs), or of the run's validation data.
+  """Packed batches of `files` (text, JSONL, .npy globs), or of the run's validation data,
+  of `batch_size` rows each, `rows` of them kept (see `train_and_eval_data`).
 
   An image-text or chat run's data (and `files`: JSON Lines of its records) are scored
   as its training scored them (image_text / chat.make_eval_batches).
@@ -75,9 +70,14 @@ def eval_batches(
   if module is not None:
     config.data.seq_len, config.eval.batch_size = seq_len, batch_size
     config.eval.max_batches = max_batches
-    return module.make_eval_batches(config, cfg, tokenizer, workdir=workdir)
+    return module.make_eval_batches(config, cfg, tokenizer, workdir=workdir, rows=rows)
   return text_data.make_eval_batches(
-      config.data, tokenizer, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches
+      config.data,
+      tokenizer,
+      batch_size=batch_size,
+      seq_len=seq_len,
+      max_batches=max_batches,
+      rows=rows,
   )
 
 

@@ -11,7 +11,7 @@ Each document becomes [BOS] + tokens + [EOS] and is cut into pieces of at most
 S + 1 tokens (`split_document`). Pieces are shuffled
 (a new order each epoch) and packed first-fit into rows of S + 1 tokens; a row
 gives `inputs = row[:-1]` and `targets = row[1:]`. Batches are dicts of numpy
-arrays of shape [B, S], B = batch_size // process_count per process:
+arrays of shape [B, S], B the rows of each global batch a process feeds (`BatchRows`):
 
   inputs, targets: int32 token ids, pad_id in the padding.
   segment_ids: int32, 1, 2, ... per piece within the row, 0 = padding.
@@ -29,8 +29,8 @@ import itertools
 import json
 import os
 import sysconfig
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
@@ -217,28 +217,34 @@ def read_token_file(path: str, vocab_size: int) -> np.ndarray:
   return tokens
 
 
-def token_windows(tokens: np.ndarray, seq_len: int) -> np.ndarray:
-  """Consecutive non-overlapping windows of seq_len + 1 tokens; the remainder is dropped."""
+def token_windows(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
+  """Windows of at most seq_len + 1 tokens that score each next-token prediction of the
+  stream once: neighbours share a token (`split_document`), the last may be shorter."""
   tokens = np.asarray(tokens)
   if tokens.ndim != 1:
     raise ValueError(f'expected a 1-D array of token ids, got shape {tokens.shape}')
-  n = len(tokens) // (seq_len + 1)
-  if n == 0:
-    raise ValueError(
-        f'{len(tokens)} tokens are fewer than one window of seq_len + 1 = ' f'{seq_len + 1}'
-    )
-  return tokens[: n * (seq_len + 1)].reshape(n, seq_len + 1)
+  if len(tokens) < 2:
+    raise ValueError(f'{len(tokens)} token(s), fewer than 2: no next token to predict')
+  return split_document(tokens, seq_len + 1)
 
 
-def windows_to_batches(windows: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
-  """Batches of inputs/targets/weights; the last batch is padded with weight-0 rows."""
+def windows_to_batches(
+    windows: Sequence[np.ndarray], batch_size: int, seq_len: int | None = None
+) -> list[dict[str, np.ndarray]]:
+  """Batches of one window a row, in order, each row seq_len + 1 tokens (default: the
+  longest window's); shorter windows and the last batch are padded with weight 0."""
+  length = max(len(w) for w in windows) if seq_len is None else seq_len + 1
   batches = []
   for start in range(0, len(windows), batch_size):
-    rows = windows[start : start + batch_size]
+    group = windows[start : start + batch_size]
+    tokens = np.zeros((len(group), length), np.int32)
+    for row, window in enumerate(group):
+      tokens[row, : len(window)] = window
+    lengths = np.array([len(window) for window in group])
     packed = {
-        'tokens': rows,
-        'tokens_segment_ids': np.ones_like(rows),
-        'tokens_positions': np.broadcast_to(np.arange(rows.shape[1]), rows.shape),
+        'tokens': tokens,
+        'tokens_segment_ids': (np.arange(length) < lengths[:, None]).astype(np.int32),
+        'tokens_positions': np.broadcast_to(np.arange(length), tokens.shape),
     }
     batches.append(_to_features(pad_rows(packed, rows=batch_size)))
   return batches
@@ -380,14 +386,21 @@ def _to_features(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
-def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
-  """This process's block of rows of every global batch (each process builds them all)."""
-  if batch_size % process_count:
-    raise ValueError(
-        f'batch_size {batch_size} is not divisible by ' f'process_count {process_count}.'
-    )
-  local = batch_size // process_count
-  return slice(process_index * local, (process_index + 1) * local)
+class BatchRows(NamedTuple):
+  """The rows of every global batch that a process feeds (each process builds them all).
+
+  `indices`, sorted, are those its devices hold (`sharding.process_batch_rows`); `size` is
+  the global batch's: its real rows, then, where evaluation fills the mesh's batch shards,
+  rows of padding (weight 0).
+  """
+
+  indices: np.ndarray
+  size: int
+
+
+def all_rows(batch_size: int) -> BatchRows:
+  """Every row: what one process on its own feeds."""
+  return BatchRows(np.arange(batch_size), batch_size)
 
 
 def _num_bins(data_config, batch_size: int) -> int:
@@ -395,8 +408,12 @@ def _num_bins(data_config, batch_size: int) -> int:
   return data_config.get('packing_bins', 0) or max(4 * batch_size, 64)
 
 
-def take_rows(batch: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
-  return {key: x[rows] for key, x in batch.items()}
+def take_rows(
+    batch: dict[str, np.ndarray], rows: BatchRows, fill: dict[str, int] | None = None
+) -> dict[str, np.ndarray]:
+  """A process's `rows` of a global batch, padded first to `rows.size` (see `pad_rows`)."""
+  batch = pad_rows(batch, rows=rows.size, fill=fill)
+  return {key: x[rows.indices] for key, x in batch.items()}
 
 
 def make_train_iterator(
@@ -406,13 +423,12 @@ def make_train_iterator(
     batch_size: int,
     seq_len: int,
     seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows: BatchRows | None = None,
 ) -> grain.DatasetIterator:
   """Infinite iterator of shuffled, packed training batches for one process.
 
-  Every process builds the same global batch and keeps its own block of rows,
-  so the batches (and losses) do not depend on the number of processes.
+  Every process builds the same global batch and keeps its own rows, so the
+  batches (and losses) do not depend on the number of processes.
   Pieces are reshuffled every epoch. Checkpoint the iterator with
   `get_state()` / `set_state()` (a JSON-able dict); a restored iterator
   continues with exactly the same batches.
@@ -421,12 +437,10 @@ def make_train_iterator(
     data_config: ConfigDict with `train_files` (empty = built-in train split),
       `builtin_max_bytes` and optionally `packing_bins`.
     tokenizer: a `tokenizer.Tokenizer`.
-    batch_size: global batch size; each process gets batch_size //
-      process_count rows.
+    batch_size: global batch size.
     seq_len: S, the model's sequence length.
     seed: seed of the shuffles; same seed, same batches.
-    process_index: this process, in [0, process_count).
-    process_count: number of processes sharing the data.
+    rows: the rows this process feeds (default: all).
   """
   pieces = _load_pieces(
       data_config.train_files,
@@ -443,7 +457,7 @@ def make_train_iterator(
       batch_size=batch_size,
       seq_len=seq_len,
       seed=seed,
-      rows=process_rows(batch_size, process_index, process_count),
+      rows=all_rows(batch_size) if rows is None else rows,
   )
 
 
@@ -456,7 +470,7 @@ def packed_train_iterator(
     batch_size: int,
     seq_len: int,
     seed: int,
-    rows: slice,
+    rows: BatchRows,
 ) -> grain.DatasetIterator:
   """`make_train_iterator` of pieces already made (dicts of 1-D arrays, `padding`'s keys);
   `source` names them in errors."""
@@ -487,16 +501,16 @@ def make_eval_batches(
     batch_size: int,
     seq_len: int,
     max_batches: int | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
+    rows: BatchRows | None = None,
 ) -> list[dict[str, np.ndarray]]:
   """Deterministic evaluation batches, in corpus order, for one process.
 
   Arguments are those of `make_train_iterator`, with `eval_files` (empty =
   built-in validation split) in `data_config`, and `max_batches` (None or 0 =
-  all). Every process builds the same global batches and keeps its rows, so
-  all get the same number of batches. The last batch is padded with empty
-  rows (weights 0) to keep shapes static.
+  all). Every process builds the same global batches of `batch_size` rows and
+  keeps its rows, so all get the same number of batches. The last batch, and
+  every batch up to `rows.size`, is padded with empty rows (weights 0) to keep
+  shapes static.
   """
   pieces = _load_pieces(
       data_config.eval_files,
@@ -512,7 +526,7 @@ def make_eval_batches(
       batch_size=batch_size,
       seq_len=seq_len,
       max_batches=max_batches,
-      rows=process_rows(batch_size, process_index, process_count),
+      rows=all_rows(batch_size) if rows is None else rows,
   )
 
 
@@ -524,7 +538,7 @@ def packed_eval_batches(
     batch_size: int,
     seq_len: int,
     max_batches: int | None,
-    rows: slice,
+    rows: BatchRows,
 ) -> list[dict[str, np.ndarray]]:
   """`make_eval_batches` of pieces already made (see `packed_train_iterator`)."""
   ds = _pack(
@@ -540,7 +554,8 @@ def packed_eval_batches(
       .map(functools.partial(pad_rows, rows=batch_size, fill=padding))
       .map(_to_features)
   )
-  return [take_rows(batch, rows) for batch in itertools.islice(ds, max_batches or None)]
+  fill = {'inputs': padding['tokens'], 'targets': padding['tokens']}  # as _to_features pads
+  return [take_rows(batch, rows, fill) for batch in itertools.islice(ds, max_batches or None)]
 
 
 def unigram_loss(data_config, tokenizer, *, seq_len: int) -> float:

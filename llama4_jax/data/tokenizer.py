@@ -81,9 +81,16 @@ class ChatFormat:
   newlines, the content, `<|eot|>`; a generation prompt is an open assistant header. The
   ids equal those of `transformers`' `apply_chat_template` with the released template
   (tokenized without added specials) for system, user and assistant turns: a first
-  system message is stripped of surrounding whitespace, and image parts of a content
-  list become `<|image|>`. One difference, on purpose: special-token strings inside
-  message text stay text, as in all data text here.
+  system message is stripped of surrounding whitespace, the text parts of a content list
+  are concatenated between its image parts, and image parts become `<|image|>`. Two
+  differences:
+
+  * on purpose, special-token strings inside message text stay text, as in all data text
+    here;
+  * a first system message given as a list of parts is all its text parts, concatenated,
+    then stripped (image parts dropped); the template keeps only its first part's text
+    (`content[0]['text']`, marked FIXME there) and drops the other parts. They agree when
+    the list is one text part.
   """
 
   def format_chat(
@@ -162,10 +169,19 @@ class ChatFormat:
 
 
 def _content_segments(content) -> list:
-  """A message's content as text strings and image markers, in order."""
+  """A message's content as text strings and image markers, in order; adjacent text parts
+  are one string, as in the template's rendering, so BPE may merge across their boundary."""
   if isinstance(content, str):
     return [content]
-  return [_IMAGE if part['type'] == 'image' else part['text'] for part in content]
+  segments = []
+  for part in content:
+    if part['type'] == 'image':
+      segments.append(_IMAGE)
+    elif segments and segments[-1] is not _IMAGE:
+      segments[-1] += part['text']
+    else:
+      segments.append(part['text'])
+  return segments
 
 
 def _check_required(special_ids: dict[str, int], source: str, hint: str) -> None:
@@ -424,9 +440,10 @@ def workdir_tokenizer_file(workdir: str) -> str | None:
 def copy_tokenizer_files(source: str, destination: str) -> list[str]:
   """Copies a tokenizer file, or the RELEASED_FILES of a folder, into folder `destination`.
 
-  A `.json` file keeps its name and brings its released side files; any other file is a
-  SentencePiece model and becomes `tokenizer.model`. Returns the names copied (none from
-  a folder that has none, or does not exist).
+  A `tokenizer.json` brings its released side files; any other `.json` file is copied
+  alone, as `tokenizer.json`, and any other file is a SentencePiece model and becomes
+  `tokenizer.model`: the names `workdir_tokenizer_file` looks for. Returns the names
+  copied (none from a folder that has none, or does not exist).
   """
   source = epath.Path(source)
   if not source.exists():
@@ -440,7 +457,10 @@ def copy_tokenizer_files(source: str, destination: str) -> list[str]:
     files = [source]
   names = []
   for file in files:
-    name = file.name if file.name.endswith('.json') else RUN_FILES[1]
+    if file.name in RELEASED_FILES:
+      name = file.name
+    else:
+      name = RUN_FILES[0] if file.name.endswith('.json') else RUN_FILES[1]
     _write_atomically(str(epath.Path(destination) / name), file.read_bytes())
     names.append(name)
   return names

@@ -11,8 +11,9 @@ swept values, e.g. `lr=0.001`) holding `overrides.json`, and the command
 `scripts/train.py --config=FILE --workdir=ROOT/<name> --config.optim.lr=0.001`.
 Every entry is checked (keys exist, types match, `config_lib.validate`) before
 any run starts. Runs go one after another or N at a time on this machine, or
-into a SLURM array script. A run whose final checkpoint exists is skipped;
-any other resumes from its newest checkpoint (the trainer's resume).
+into a SLURM array script. A run whose final checkpoint exists and whose final
+validation loss is logged is skipped; any other resumes from its newest checkpoint
+(the trainer's resume, which also evaluates a final checkpoint not yet evaluated).
 
 `summarize(ROOT)` reads each run's metrics.jsonl (also while runs are going)
 and writes summary.md, summary.csv and summary.png (validation loss against
@@ -183,10 +184,17 @@ def write_overrides(runs: Sequence[Run]):
 
 
 def run_status(workdir: str, steps: int | None) -> str:
-  """'done' (final checkpoint saved), 'partial' (started) or 'new'."""
+  """'done' (final checkpoint saved and its validation loss logged), 'partial' (started) or 'new'.
+
+  Every run evaluates its last step (`train.eval_every` or not), after saving its checkpoint; a
+  run killed in between is 'partial': its rerun evaluates that checkpoint (trainer.py).
+  """
   latest = checkpoint.latest_step(workdir) if os.path.isdir(workdir) else None
   if latest is not None and steps is not None and latest >= steps:
-    return 'done'
+    # A checkpoint past `steps` (a longer run's) leaves a rerun nothing to train or evaluate.
+    if latest > steps or steps in _eval_losses(metrics_lib.read_metrics(workdir)):
+      return 'done'
+    return 'partial'
   started = any(
       os.path.exists(os.path.join(workdir, f))
       for f in (config_lib.CONFIG_FILE, METRICS_FILE, checkpoint.CHECKPOINT_DIR)
