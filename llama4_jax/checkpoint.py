@@ -329,6 +329,9 @@ def param_names(path) -> dict[str, Any]:
   return dict(_saved_tree(epath.Path(path))['params'])
 
 
+PARTIAL_SAVE_SUFFIX = '.partial_save'  # where Orbax stages a partial save before finalize
+
+
 def write_params_streaming(
     path, named_arrays: Iterable[tuple[str, np.ndarray]], group_bytes: int = 4 << 20
 ):
@@ -345,6 +348,11 @@ def write_params_streaming(
   if path.exists():
     raise FileExistsError(f'{path} exists; refusing to overwrite a checkpoint')
   path.parent.mkdir(parents=True, exist_ok=True)
+  # What a write killed before its finalize left (Orbax refuses to add to it): start afresh.
+  staged = path.parent / f'{path.name}{PARTIAL_SAVE_SUFFIX}'
+  if staged.exists():
+    logging.warning('%s: removing the partial save a killed write left', staged)
+    staged.rmtree()
   group, size = {}, 0
 
   def flush():

@@ -134,20 +134,20 @@ def run_main(main: Callable, *, repeats_steps: bool = False):
   def wrapped(argv):
     if not any(a.startswith(('--verbosity', '-v')) for a in sys.argv):
       logging.set_verbosity(logging.WARNING)  # Orbax logs every save and load at INFO
-    if '--traceback' not in sys.argv:
+    if not flags.FLAGS.traceback:  # parsed below, before app.run calls this
       for name in ('absl', 'asyncio'):  # Orbax logs through absl's logger
         py_logging.getLogger(name).addFilter(_drop_library_tracebacks)
       sys.unraisablehook = _drop_abandoned_io_errors
     try:
       return main(argv)
     except USER_ERRORS as e:
-      if '--traceback' in sys.argv:
+      if flags.FLAGS.traceback:
         raise
       message = ' '.join(str(e).split()) if isinstance(e, OSError) else str(e)
       print(f'error: {message}', file=sys.stderr)
       sys.exit(1)
 
-  if 'traceback' not in flags.FLAGS:  # read from sys.argv above; defined so that absl accepts it
+  if 'traceback' not in flags.FLAGS:
     flags.DEFINE_bool('traceback', False, 'On an error, raise it with its traceback, not one line.')
   app.define_help_flags()  # --help, --helpfull: defined by app.run, needed by the parse below
   try:  # parse once up front: a bad --config.key=value is one line, not a traceback

@@ -72,13 +72,12 @@ NUMERIC_RANGES = {
 }
 
 
-def validate(
-    config: mlc.ConfigDict, num_devices: int | None = None, num_processes: int = 1
-) -> model_lib.ModelConfig:
+def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> model_lib.ModelConfig:
   """Checks the values the code relies on before anything compiles; returns the ModelConfig.
 
-  With `num_devices`, also the mesh, and every batch against its batch shards and the
-  `num_processes` that load it.
+  With `num_devices`, also the mesh, and the training batch against its batch shards. (Any
+  number of processes feeds them: each the rows its devices hold, sharding.process_batch_rows;
+  evaluation pads its batch with rows of weight 0 to fill the shards.)
   """
   cfg = model_config(config)
 
@@ -133,23 +132,11 @@ def validate(
       fail('data.modality', '"image_text" needs a model with a vision tower (model.vision)')
   if 'train' in config:
     rows = config.train.batch_size // config.train.grad_accum_steps  # per micro-batch
-    for split, name in (
-        (shards, f'the {shards} batch shards of the mesh'),
-        (num_processes, f'{num_processes} processes'),
-    ):
-      if rows % split:
-        fail(
-            'train.batch_size',
-            f'{config.train.batch_size} sequences ({rows} per micro-batch) cannot be split over '
-            f'{name}',
-        )
-  if 'eval' in config and config.eval.batch_size > 0:
-    rows = sharding.fill_batch_shards(config.eval.batch_size, shards)
-    if rows % num_processes:
+    if rows % shards:
       fail(
-          'eval.batch_size',
-          f'{config.eval.batch_size} (filled to {rows} for {shards} batch shards) cannot be split '
-          f'over {num_processes} processes',
+          'train.batch_size',
+          f'{config.train.batch_size} sequences ({rows} per micro-batch) cannot be split over '
+          f'the {shards} batch shards of the mesh',
       )
   return cfg
 
@@ -235,8 +222,9 @@ def load(workdir: str) -> mlc.ConfigDict:
 
 
 def resumes(workdir: str) -> bool:
-  """Whether a run in `workdir` resumes: it holds the run's saved config and a checkpoint (the
-  test of workdir.check_resumable; the trainer then restores that checkpoint, or stops)."""
+  """Whether a run in `workdir` resumes: it holds the run's saved config and a checkpoint
+  (the trainer then restores that checkpoint, or stops; workdir.check_resumable compares the
+  configs)."""
   return bool(workdir) and (
       (epath.Path(workdir) / CONFIG_FILE).exists() and checkpoint.latest_step(workdir) is not None
   )

@@ -75,6 +75,8 @@ def check_image_placeholders(prompts: Sequence[Sequence[int]], pixels_BMCHW, vis
   tile never is one (8-bit pixels normalised with Llama 4's mean and std of 0.5 are never
   exactly 0: image_processing._normalise).
   """
+  if pixels_BMCHW is None:  # no image: no placeholder either
+    pixels_BMCHW = np.zeros((len(prompts), 0, 1, 1, 1), np.float32)
   pixels_BMCHW = np.asarray(pixels_BMCHW)
   if pixels_BMCHW.ndim != 5 or pixels_BMCHW.shape[0] != len(prompts):
     raise ValueError(
@@ -82,7 +84,8 @@ def check_image_placeholders(prompts: Sequence[Sequence[int]], pixels_BMCHW, vis
         f'got shape {pixels_BMCHW.shape}'
     )
   per_tile = vision_cfg.tokens_per_tile
-  is_image_BM = pixels_BMCHW.reshape(pixels_BMCHW.shape[:2] + (-1,)).any(axis=-1)
+  B, M = pixels_BMCHW.shape[:2]
+  is_image_BM = pixels_BMCHW.reshape(B, M, -1).any(axis=-1) if M else np.zeros((B, 0), bool)
   for row, (prompt, is_image_M) in enumerate(zip(prompts, is_image_BM)):
     tiles = int(np.flatnonzero(is_image_M)[-1]) + 1 if is_image_M.any() else 0
     placeholders = sum(1 for t in prompt if t == vision_cfg.image_token_id)
@@ -166,7 +169,7 @@ def generate(
   if not 0 < top_p <= 1:
     raise ValueError(f'top_p must be in (0, 1], got {top_p}')
   tokens, segments = left_pad(prompts, pad_id)
-  if pixels_BMCHW is not None and cfg.vision is not None:
+  if cfg.vision is not None:
     check_image_placeholders(prompts, pixels_BMCHW, cfg.vision)
   if tokens.shape[1] + max_new_tokens > cfg.max_position_embeddings:
     raise ValueError(

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -79,10 +80,28 @@ def make_mesh(shape: dict[str, int], devices=None) -> jax.sharding.Mesh:
 
   Axes are Auto (GSPMD): jax 0.10 defaults to Explicit, under which the
   logical-rules style needs an out_sharding on every ambiguous op.
+
+  Devices of several TPU slices (multi-slice) put the slices on the `data` axis: only its
+  gradient reduction crosses the data-centre network between slices, every other axis stays
+  inside a slice's interconnect. `mesh.data` must then be a multiple of the slice count.
   """
   devices = jax.devices() if devices is None else devices
   sizes = mesh_shape(shape, len(devices))
-  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(sizes), devices=devices)
+  axis_types = (AxisType.Auto,) * len(sizes)
+  num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if num_slices == 1:
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+  data = MESH_AXES.index('data')
+  if sizes[data] % num_slices:
+    raise ValueError(
+        f'mesh: the devices span {num_slices} slices, which go on the data axis, but data is '
+        f'{sizes[data]} (set config.mesh.data to a multiple of {num_slices})'
+    )
+  per_slice = list(sizes)
+  per_slice[data] //= num_slices
+  between_slices = [num_slices if i == data else 1 for i in range(len(sizes))]
+  devices_array = mesh_utils.create_hybrid_device_mesh(per_slice, between_slices, devices)
+  return jax.sharding.Mesh(devices_array, MESH_AXES, axis_types=axis_types)
 
 
 _platform = contextvars.ContextVar('platform', default=None)
@@ -175,31 +194,32 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
 
 
 def process_batch_rows(
-    mesh: jax.sharding.Mesh, rows: int, process_index: int | None = None
+    mesh: jax.sharding.Mesh, global_rows: int, process_index: int | None = None
 ) -> np.ndarray:
-  """The rows of a global batch of `rows` that a process feeds (default: this one): those
-  its devices hold under `batch_sharding`, in order, as `to_global_batch` places them.
+  """The rows of a global batch of `global_rows` that a process feeds (default: this one):
+  those its devices hold under `batch_sharding`, in order, as `to_global_batch` places them.
 
-  A block of rows / process_count when the batch axes alone span the processes. Where a
+  A block of global_rows / process_count when the batch axes alone span the processes. Where a
   model axis spans them too (Maverick's tensor axis of 4 over v5p hosts of 4 chips), a
   process holds rows far apart, the same as its peers on that axis, and feeds them alike.
   """
   process_index = jax.process_index() if process_index is None else process_index
   held = set()
-  for device, (row_slice,) in batch_sharding(mesh, 1).devices_indices_map((rows,)).items():
+  row_slices = batch_sharding(mesh, 1).devices_indices_map((global_rows,))
+  for device, (row_slice,) in row_slices.items():
     if device.process_index == process_index:
-      held.update(range(*row_slice.indices(rows)))
+      held.update(range(*row_slice.indices(global_rows)))
   return np.array(sorted(held), np.int64)
 
 
 def to_global_batch(
-    local_batch: dict[str, np.ndarray], batch_sharding, rows: int | None = None
+    local_batch: dict[str, np.ndarray], batch_sharding, global_rows: int | None = None
 ) -> dict[str, jax.Array]:
-  """This process's rows of a global batch of `rows` (its `process_batch_rows`; None: one
-  process feeds them all) -> global arrays sharded over the batch axes."""
+  """This process's rows of a global batch of `global_rows` (its `process_batch_rows`; None:
+  one process feeds them all) -> global arrays sharded over the batch axes."""
   return {
       k: jax.make_array_from_process_local_data(
-          batch_sharding, v, None if rows is None else (rows, *v.shape[1:])
+          batch_sharding, v, None if global_rows is None else (global_rows, *v.shape[1:])
       )
       for k, v in local_batch.items()
   }

@@ -239,16 +239,16 @@ def _eval_loss_at(workdir: str, step: int) -> float | None:
   every process."""
   rows = metrics_lib.read_metrics(workdir) if jax.process_index() == 0 else []
   losses = [row['eval_loss'] for row in rows if row.get('step') == step and 'eval_loss' in row]
-  loss = losses[-1] if losses else np.nan
-  if jax.process_count() > 1:
-    loss = float(multihost_utils.broadcast_one_to_all(np.array(loss, np.float64)))
-  return None if np.isnan(loss) else float(loss)
+  found_loss = np.array([bool(losses), losses[-1] if losses else 0.0], np.float64)
+  if jax.process_count() > 1:  # a logged NaN is a loss, not a missing row
+    found_loss = np.asarray(multihost_utils.broadcast_one_to_all(found_loss))
+  return float(found_loss[1]) if found_loss[0] else None
 
 
 def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics."""
   config = config_lib.with_init_model(config, workdir)
-  cfg = config_lib.validate(config, jax.device_count(), jax.process_count())
+  cfg = config_lib.validate(config, jax.device_count())
   workdir_lib.check_resumable(config, workdir)
   is_main = jax.process_index() == 0
   if is_main:
@@ -295,7 +295,9 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
     final = {}
 
     def evaluate_and_log(step: int, params, note: str = '') -> float:
-      eval_loss = evaluate(eval_fn, params, eval_batches, setup.batch_sharding, eval_rows.size)
+      eval_loss = evaluate(
+          eval_fn, params, eval_batches, setup.batch_sharding, eval_rows.global_size
+      )
       writer.write(step, {'eval_loss': eval_loss})
       progress.write(f'step {step}: validation loss {eval_loss:.4f}{note}')
       return eval_loss
@@ -317,7 +319,8 @@ def train_and_evaluate(config: mlc.ConfigDict, workdir: str) -> dict[str, Any]:
       final['eval_loss'] = evaluate_and_log(start, state['params'])
     try:
       batches = (
-          sharding.to_global_batch(b, setup.batch_sharding, train_rows.size) for b in train_iter
+          sharding.to_global_batch(b, setup.batch_sharding, train_rows.global_size)
+          for b in train_iter
       )
       if start < train_cfg.steps:  # compiled on the first batch before the clock starts
         first = next(batches)

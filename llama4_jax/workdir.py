@@ -2,7 +2,6 @@
 
 import jax
 import ml_collections as mlc
-from etils import epath
 from flax import nnx
 
 from llama4_jax import checkpoint, config_lib, sharding
@@ -51,10 +50,7 @@ def load_model(
 def check_resumable(config: mlc.ConfigDict, workdir: str):
   """A resumed run must have the model, the data stream and the optimizer state's structure of
   the run it resumes (config_lib.diff_model, diff_resume); say which keys differ."""
-  if (
-      not (epath.Path(workdir) / config_lib.CONFIG_FILE).exists()
-      or checkpoint.latest_step(workdir) is None
-  ):
+  if not config_lib.resumes(workdir):
     return
   saved = config_lib.load(workdir)
   changed = config_lib.diff_model(config, saved)

@@ -1,6 +1,6 @@
 """Will a config fit? Compiles its train step for TPUs, GPUs or simulated devices, allocating nothing.
 
-  python scripts/aot_check.py --config=configs/scout.py --topology=v5p-256 [--num_slices=2]
+  python scripts/aot_check.py --config=configs/scout.py --topology=v5p-256 [--num_slices=2 --config.mesh.data=2]
   python scripts/aot_check.py --config=configs/scout.py --topology=h100-32x8
   python scripts/aot_check.py --config=configs/scout.py --devices=256 [--accelerator=h100]
       [--num_layers=4] [--config.train.batch_size=...] [--output=report.json]
@@ -38,7 +38,10 @@ _TOPOLOGY = flags.DEFINE_string(
     '(h100-32x8, h200-4x8: hosts x GPUs per host).',
 )
 _NUM_SLICES = flags.DEFINE_integer(
-    'num_slices', 1, 'With a TPU --topology: slices (multi-slice).', lower_bound=1
+    'num_slices',
+    1,
+    "With a TPU --topology: slices (multi-slice), on the mesh's data axis.",
+    lower_bound=1,
 )
 _DEVICES = flags.DEFINE_integer(
     'devices', None, 'Simulated CPU devices (the mesh spans them).', lower_bound=1
@@ -88,6 +91,10 @@ def main(argv):
       print(f'compiled for {where} in {time.perf_counter() - start:.0f} s')
       print(aot.format_report(e.report, [accelerator]))
     print(f'{where}: {e}')
+    chip_gib = aot.ACCELERATORS.get(accelerator)
+    if e.report is None and chip_gib:  # refused by the TPU compiler
+      if note := aot.refusal_note(e.needed_gib, chip_gib, _MEMORY_BUDGET.value):
+        print(note)
     if _OUTPUT.value:
       result = {
           'fits': False,
@@ -102,10 +109,11 @@ def main(argv):
     sys.exit(1)
   print(f'compiled for {where} in {time.perf_counter() - start:.0f} s')
   print(aot.format_report(report, [accelerator] if accelerator else list(aot.ACCELERATORS)))
+  fits = aot.fits(report.footprint, accelerator) if accelerator else None
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'w') as f:
-      json.dump(aot.to_dict(report), f, indent=2)
-  if accelerator and not aot.fits(report.footprint, accelerator):
+      json.dump({**aot.to_dict(report), 'fits': fits}, f, indent=2)
+  if fits is False:
     sys.exit(1)
 
 

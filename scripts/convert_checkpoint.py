@@ -3,7 +3,9 @@
   python scripts/convert_checkpoint.py --hf_dir=HF_DIR --workdir=OUT
   python scripts/convert_checkpoint.py --to_hf --workdir=OUT --hf_dir=HF_OUT [--step=N]
 
-Streams tensor by tensor, so host memory stays near one (stacked) tensor.
+Streams tensor by tensor: host memory holds one Hugging Face tensor and one of our stacked
+tensors (Orbax's read of it too); --to_hf, one output shard (--max_shard_gb) and an MoE layer's
+two stacked gate and up projections, fused a layer at a time.
 """
 
 from absl import flags

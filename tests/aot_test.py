@@ -368,12 +368,25 @@ def test_small_config_compiles_for_a_tpu_slice(tmp_path):
   assert 'could not determine' not in result.stderr, result.stderr[-3000:]
   assert 'INVALID_ARGUMENT' not in result.stderr, result.stderr[-3000:]
   report = json.loads((tmp_path / 'report.json').read_text())
-  assert report['devices'] == 4 and report['mesh']['fsdp'] == 4
+  assert report['devices'] == 4 and report['mesh']['fsdp'] == 4 and report['fits'] is True
   assert report['temporaries'] > 0 and report['xla_flops'] > 0
   # The fit is judged by the compiler's own HBM total, which holds at least the arguments.
   assert report['arguments'] <= report['hbm'] == report['footprint']
   assert "the TPU compiler's own total" in result.stdout
   assert f'tpu-v5p   95 GiB  {aot.verdict(report["hbm"], 95)}' in result.stdout
+
+
+@pytest.mark.slow
+def test_two_slices_put_the_slices_on_the_data_axis(tmp_path):
+  """Multi-slice: the data axis crosses the slices (the data-centre network carries only its
+  gradient reduction); a mesh whose data axis cannot is refused naming mesh.data."""
+  result = run_topology_check(tmp_path, 'v5e-4', '--num_slices=2', '--config.mesh.data=2')
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report['devices'] == 8 and report['mesh']['data'] == 2 and report['mesh']['fsdp'] == 4
+  refused = run_topology_check(tmp_path, 'v5e-4', '--num_slices=2')
+  assert refused.returncode != 0
+  assert 'set config.mesh.data to a multiple of 2' in refused.stderr, refused.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -532,3 +545,11 @@ def test_a_program_too_big_for_the_gpu_is_a_report_not_a_traceback(tmp_path):
   assert report['fits'] is False and report['needed_gib'] > 100
   assert report['available_gib'] == pytest.approx(84942979072 / aot.GiB)
   assert report['report']['total'] == pytest.approx(report['needed_gib'] * aot.GiB)
+
+
+def test_a_refusal_within_the_fit_says_how_to_plan_for_it():
+  """Refused under the 80% plan, a program needing 85% of the chip would still fit (90%)."""
+  assert 'within the 90% a fit allows' in aot.refusal_note(13.6, 16, 0.8)
+  assert aot.refusal_note(15.0, 16, 0.8) == ''  # beyond 90%: it does not fit
+  assert aot.refusal_note(13.6, 16, 0.9) == ''  # the plan was the fit's
+  assert aot.refusal_note(None, 16, 0.8) == ''

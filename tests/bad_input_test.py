@@ -486,3 +486,13 @@ def test_no_loader_can_run_code():
     assert not unsafe.search(text), path
     for call in re.findall(r'np\.load\([^)]*\)', text):
       assert 'allow_pickle=False' in call, (path, call)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('flag', ['--traceback', '--traceback=true'])
+def test_traceback_flag_shows_the_traceback(flag, tmp_path):
+  """--traceback, in either of absl's spellings, raises the error with its traceback."""
+  result = small_run.run_script(
+      'convert_checkpoint.py', f'--hf_dir={tmp_path}/missing', f'--workdir={tmp_path}/w', flag
+  )
+  assert result.returncode == 1 and 'Traceback' in result.stderr, result.stderr[-3000:]

@@ -34,3 +34,9 @@ def test_train_speed_times_ours_then_transformers_in_a_process_of_its_own():
   assert row.ours_step_seconds > 0 and row.transformers_step_seconds > 0 and row.peak_flops > 0
   assert abs(row.ratio - row.transformers_step_seconds / row.ours_step_seconds) < 1e-9
   assert row.ours_step_memory_mib > 10 and row.transformers_step_memory_mib > 10
+
+
+def test_moe_tokens_must_fill_whole_rows():
+  """--tokens=1000 at rows of 1024 would have timed an empty batch."""
+  with pytest.raises(ValueError, match='--tokens=1000: must be a multiple of the rows of 1024'):
+    benchmarks.moe_scaling(tokens=1000)

@@ -70,7 +70,7 @@ def test_old_workdir_evaluates_and_generates_as_before(old_workdir, tmp_path):
   model, _, _ = workdir_lib.load_model(str(old_workdir))
   stream = np.load(tokens)
   old_windows = stream.reshape(10, 33)
-  old = evaluation.evaluate_batches(model, text_data.windows_to_batches(old_windows, 4))
+  old = evaluation.evaluate_batches(model, text_data.windows_to_batches(old_windows, 4, 32))
   np.testing.assert_allclose(old['loss'], OLD_EVAL_LOSS, rtol=1e-5)
   windows = text_data.token_windows(stream, 32)
   new = evaluation.evaluate_batches(model, text_data.windows_to_batches(windows, 4, 32))

@@ -6,9 +6,11 @@ import os
 import numpy as np
 import pytest
 import transformers
+from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from llama4_jax import checkpoint
 from llama4_jax import model as model_lib
 from llama4_jax.tools import hf_convert
 
@@ -278,3 +280,20 @@ def test_released_tokenizer_travels_with_the_checkpoint(tmp_path):
   for name in ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json'):
     assert (ours / 'tokenizer' / name).read_bytes() == (hf_dir / name).read_bytes(), name
     assert (tmp_path / 'back' / name).read_bytes() == (hf_dir / name).read_bytes(), name
+
+
+def test_export_yields_tensors_that_hold_no_stack():
+  """--to_hf streams: each yielded tensor owns its memory, so one waiting in a shard holds no
+  stacked tensor alive, and the fused gate_up of each layer is made alone, never of whole
+  stacks."""
+  cfg = model_lib.PRESETS['parity']
+  params = nnx.state(model_lib.abstract_model(cfg), nnx.Param)
+  rng = np.random.default_rng(0)
+  flat = {
+      name: rng.standard_normal(leaf.shape).astype(np.float32)
+      for name, leaf in checkpoint.flatten_tree(params).items()
+  }
+  yielded = list(hf_convert.iter_hf_tensors(flat.__getitem__, cfg))
+  assert {name for name, _ in yielded} == set(hf_convert.expected_hf_shapes(cfg))
+  for name, tensor in yielded:
+    assert tensor.flags.c_contiguous and tensor.flags.owndata, name

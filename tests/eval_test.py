@@ -217,7 +217,9 @@ def test_jsonl_files_at_a_step_equal_a_direct_computation(trained, tmp_path):
   for text in texts:
     ids = np.array([tokenizer.encode(text, bos=True, eos=True)], np.int32)
     assert ids.shape[1] <= 65  # one piece each
-    result = evaluation.evaluate_batches(model, text_data.windows_to_batches(ids, 1))
+    result = evaluation.evaluate_batches(
+        model, text_data.windows_to_batches(ids, 1, ids.shape[1] - 1)
+    )
     nll += result['loss'] * result['tokens']
     count += result['tokens']
   assert ours['step'] == step == 2 and ours['tokens'] == count

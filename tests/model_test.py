@@ -182,7 +182,7 @@ def test_blocked_attention_equals_dot_product_attention(kernel, chunked, offset)
 
   dense = lambda q, k, v: attention.dot_product_attention(q, k, v, mask)
   if kernel == 'blocked':
-    blocked = lambda q, k, v: attention.blocked_attention(q, k, v, inputs_, chunked, 16)
+    blocked = lambda q, k, v: attention.blocked_attention(q, k, v, inputs_.mask_parts(chunked), 16)
   else:  # key blocks of 8: some blocks of the chunked mask are empty and skipped
     blocked = lambda q, k, v: attention.flash_attention(q, k, v, inputs_, chunked, 16, 8)
   np.testing.assert_allclose(

@@ -636,3 +636,26 @@ def test_two_jax_processes_agree_through_their_collectives(tmp_path):
       '2',
       '3.unreadable',
   ]
+
+
+def test_a_streamed_write_killed_before_its_finalize_can_be_written_again(tmp_path):
+  """A conversion killed mid-write leaves Orbax's partial save, which Orbax refuses to add to;
+  the next conversion starts it afresh and commits the whole checkpoint."""
+  path = tmp_path / 'checkpoints' / '0'
+  arrays = {'embed': np.arange(6.0).reshape(2, 3), 'norm': np.ones(3)}
+
+  def killed_after_the_first_group():
+    yield 'embed', arrays['embed']
+    raise KeyboardInterrupt  # as a kill would: no finalize
+
+  with pytest.raises(KeyboardInterrupt):
+    checkpoint.write_params_streaming(path, killed_after_the_first_group(), group_bytes=1)
+  assert not path.exists() and path.with_name('0' + checkpoint.PARTIAL_SAVE_SUFFIX).exists()
+  checkpoint.write_params_streaming(path, arrays.items(), group_bytes=1)
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=one_device) for k, v in arrays.items()
+  }
+  restored = checkpoint.load_params(str(path), abstract)
+  for key, value in arrays.items():
+    np.testing.assert_array_equal(restored[key], value)

@@ -144,39 +144,14 @@ class Pieces(NamedTuple):
   dropped: int  # of those, left with nothing to learn
 
 
-def conversation_pieces(
-    conversations: Sequence[Conversation], tokenizer, seq_len: int, overlong: str
-) -> Pieces:
-  """Token pieces of text conversations, cut or refused beyond `seq_len` + 1 tokens."""
-  if overlong not in OVERLONG:
-    raise ValueError(f'config.data.chat_overlong: {overlong!r} is not one of {OVERLONG}')
-  pieces, cut, dropped = [], 0, 0
-  for conversation in conversations:
-    chat = tokenizer.chat_tokens(conversation.messages)
-    tokens, learn = np.array(chat.ids, np.int32), np.array(chat.is_assistant, np.int32)
-    if len(tokens) > seq_len + 1:
-      if overlong == 'error':
-        raise DataError(
-            f'{conversation.source}: the conversation is {len(tokens)} tokens, longer than '
-            f'data.seq_len + 1 = {seq_len + 1} (set config.data.chat_overlong=truncate to cut it)'
-        )
-      tokens, learn, cut = tokens[: seq_len + 1], learn[: seq_len + 1], cut + 1
-      if not learn[1:].any():  # the cut took every assistant token
-        dropped += 1
-        continue
-    pieces.append({'tokens': tokens, 'learn': learn})
-  return Pieces(pieces, cut, dropped)
-
-
-# Conversations with images: one row each ------------------------------------------------
-
-
 def _row_length(
     num_tokens: int, last_image_end: int, seq_len: int, overlong: str, conversation: Conversation
 ) -> int:
   """How many of a row's `num_tokens` (images expanded) it keeps: all, or seq_len + 1 if
   data.chat_overlong=truncate and the cut leaves every image whole in the inputs (its last
   `<|image_end|>` before position seq_len; -1 without images); else the DataError."""
+  if overlong not in OVERLONG:
+    raise ValueError(f'config.data.chat_overlong: {overlong!r} is not one of {OVERLONG}')
   if num_tokens <= seq_len + 1:
     return num_tokens
   cut_fits = last_image_end < seq_len
@@ -192,6 +167,27 @@ def _row_length(
         )
     )
   return seq_len + 1
+
+
+def conversation_pieces(
+    conversations: Sequence[Conversation], tokenizer, seq_len: int, overlong: str
+) -> Pieces:
+  """Token pieces of text conversations, cut or refused beyond `seq_len` + 1 tokens."""
+  pieces, cut, dropped = [], 0, 0
+  for conversation in conversations:
+    chat = tokenizer.chat_tokens(conversation.messages)
+    tokens, learn = np.array(chat.ids, np.int32), np.array(chat.is_assistant, np.int32)
+    n = _row_length(len(tokens), -1, seq_len, overlong, conversation)
+    if n < len(tokens):
+      tokens, learn, cut = tokens[:n], learn[:n], cut + 1
+      if not learn[1:].any():  # the cut took every assistant token
+        dropped += 1
+        continue
+    pieces.append({'tokens': tokens, 'learn': learn})
+  return Pieces(pieces, cut, dropped)
+
+
+# Conversations with images: one row each ------------------------------------------------
 
 
 def image_row(
@@ -237,6 +233,8 @@ def image_row(
 
 
 class ImageConversations(NamedTuple):
+  """What `check_image_conversations` keeps of a split with images, and what it cut."""
+
   conversations: list[Conversation]  # those whose row learns something
   cut: int  # rows cut to seq_len + 1
   dropped: int  # of those, left with nothing to learn
@@ -245,16 +243,15 @@ class ImageConversations(NamedTuple):
 def check_image_conversations(
     conversations: Sequence[Conversation], maker: image_text.RowMaker, overlong: str
 ) -> ImageConversations:
-  """Raises the DataError that `image_row` would raise for any conversation (too many
-  tokens or tiles) now, not when a step first draws it, hours into a run perhaps; leaves
-  out those whose cut row would learn nothing, as text conversations are.
+  """The conversations whose rows learn something, with the counts cut and dropped; raises
+  the DataError that `image_row` would raise for any conversation (too many tokens or
+  tiles) now, not when a step first draws it, hours into a run perhaps. A conversation
+  whose cut row would learn nothing is left out, as text conversations are.
 
   Each conversation is tokenized; its images' headers are read only where their sizes
   decide: a long conversation, or data.tiles_per_row below the most tiles its images may
   take (`RowMaker.longest_layout`).
   """
-  if overlong not in OVERLONG:
-    raise ValueError(f'config.data.chat_overlong: {overlong!r} is not one of {OVERLONG}')
   S = maker.seq_len
   most_tokens, most_tiles = maker.longest_layout()
   kept, cut, dropped = [], 0, 0
@@ -362,7 +359,7 @@ def make_eval_batches(
     config, cfg, tokenizer, *, workdir: str, rows: text_data.BatchRows | None = None
 ) -> list[dict[str, np.ndarray]]:
   """The validation conversations in order, this process's `rows` of each batch (default:
-  all); the last batch, and every batch up to `rows.size`, padded with weight-0 rows."""
+  all); the last batch, and every batch up to `rows.global_size`, padded with weight-0 rows."""
   batch_size = config.eval.batch_size
   rows = text_data.all_rows(batch_size) if rows is None else rows
   # With images, only the rows eval.max_batches keeps are checked (text is packed first).

@@ -293,7 +293,7 @@ def make_eval_batches(
     config, cfg, tokenizer, *, workdir: str, rows: text_data.BatchRows | None = None
 ) -> list[dict[str, np.ndarray]]:
   """The validation split in order, this process's `rows` of each batch (default: all); the
-  last batch, and every batch up to `rows.size`, padded with weight-0 rows."""
+  last batch, and every batch up to `rows.global_size`, padded with weight-0 rows."""
   batch_size = config.eval.batch_size
   rows = text_data.all_rows(batch_size) if rows is None else rows
   maker = row_maker(config, cfg, tokenizer)
@@ -309,7 +309,7 @@ def row_eval_batches(
     records: Sequence[Any], load_row, batch_size: int, rows: text_data.BatchRows, pad_id: int
 ) -> list[dict[str, np.ndarray]]:
   """Batches of `batch_size` records' `load_row(record)` rows in order, this process's `rows`
-  of each; past the last record, and up to `rows.size`, padding rows (weight 0)."""
+  of each; past the last record, and up to `rows.global_size`, padding rows (weight 0)."""
   empty = {k: v[:0] for k, v in _collate([load_row(records[0])]).items()}
   batches = []
   for start in range(0, len(records), batch_size):

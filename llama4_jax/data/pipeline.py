@@ -17,7 +17,7 @@ def train_and_eval_data(
     eval_rows: text_data.BatchRows | None = None,
 ):
   """(training iterator, validation batches) of this process's rows of each global batch
-  (default: all; `eval_rows.size` may exceed eval.batch_size: padding rows that fill the
+  (default: all; `eval_rows.global_size` may exceed eval.batch_size: padding rows that fill the
   mesh's batch shards)."""
   module = _row_module(config)
   if module is not None:

@@ -229,11 +229,11 @@ def token_windows(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
 
 
 def windows_to_batches(
-    windows: Sequence[np.ndarray], batch_size: int, seq_len: int | None = None
+    windows: Sequence[np.ndarray], batch_size: int, seq_len: int
 ) -> list[dict[str, np.ndarray]]:
-  """Batches of one window a row, in order, each row seq_len + 1 tokens (default: the
-  longest window's); shorter windows and the last batch are padded with weight 0."""
-  length = max(len(w) for w in windows) if seq_len is None else seq_len + 1
+  """Batches of one window a row, in order, each row seq_len + 1 tokens; shorter windows and
+  the last batch are padded with weight 0."""
+  length = seq_len + 1
   batches = []
   for start in range(0, len(windows), batch_size):
     group = windows[start : start + batch_size]
@@ -389,13 +389,13 @@ def _to_features(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class BatchRows(NamedTuple):
   """The rows of every global batch that a process feeds (each process builds them all).
 
-  `indices`, sorted, are those its devices hold (`sharding.process_batch_rows`); `size` is
-  the global batch's: its real rows, then, where evaluation fills the mesh's batch shards,
-  rows of padding (weight 0).
+  `indices`, sorted, are those its devices hold (`sharding.process_batch_rows`);
+  `global_size` is the global batch's rows: its real rows, then, where evaluation fills the
+  mesh's batch shards, rows of padding (weight 0).
   """
 
   indices: np.ndarray
-  size: int
+  global_size: int
 
 
 def all_rows(batch_size: int) -> BatchRows:
@@ -411,8 +411,8 @@ def _num_bins(data_config, batch_size: int) -> int:
 def take_rows(
     batch: dict[str, np.ndarray], rows: BatchRows, fill: dict[str, int] | None = None
 ) -> dict[str, np.ndarray]:
-  """A process's `rows` of a global batch, padded first to `rows.size` (see `pad_rows`)."""
-  batch = pad_rows(batch, rows=rows.size, fill=fill)
+  """A process's `rows` of a global batch, padded first to `rows.global_size` (see `pad_rows`)."""
+  batch = pad_rows(batch, rows=rows.global_size, fill=fill)
   return {key: x[rows.indices] for key, x in batch.items()}
 
 
@@ -509,7 +509,7 @@ def make_eval_batches(
   built-in validation split) in `data_config`, and `max_batches` (None or 0 =
   all). Every process builds the same global batches of `batch_size` rows and
   keeps its rows, so all get the same number of batches. The last batch, and
-  every batch up to `rows.size`, is padded with empty rows (weights 0) to keep
+  every batch up to `rows.global_size`, is padded with empty rows (weights 0) to keep
   shapes static.
   """
   pieces = _load_pieces(

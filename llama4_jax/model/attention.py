@@ -301,7 +301,7 @@ class Attention(nnx.Module):
           q_BTNH, k_BSKH, v_BSKH, inputs, self.use_chunked, block, self.cfg.attention_key_block
       )
     elif block and T > block:
-      y_BTNH = blocked_attention(q_BTNH, k_BSKH, v_BSKH, inputs, self.use_chunked, block)
+      y_BTNH = blocked_attention(q_BTNH, k_BSKH, v_BSKH, inputs.mask_parts(self.use_chunked), block)
     elif not self.use_chunked and cache is None and T % TRIANGLE_BLOCKS == 0:
       y_BTNH = triangular_attention(q_BTNH, k_BSKH, v_BSKH, inputs.causal_mask_BTS)
     else:
@@ -322,7 +322,7 @@ class Attention(nnx.Module):
     v_BRKH = jnp.concatenate([cache['v'].astype(v_BTKH.dtype), v_BTKH], axis=1)
     block = self.cfg.attention_query_block
     if block and T > block:
-      y_BTNH = query_blocks_attention(q_BTNH, k_BRKH, v_BRKH, inputs.ring_parts, block)
+      y_BTNH = blocked_attention(q_BTNH, k_BRKH, v_BRKH, inputs.ring_parts, block)
     else:
       ring_mask_BTR = mask_block(inputs.ring_parts, 0, T, 0, W + T)
       y_BTNH = dot_product_attention(q_BTNH, k_BRKH, v_BRKH, ring_mask_BTR)
@@ -355,24 +355,6 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
   return y_BTKGH.reshape(B, T, N, H)
 
 
-def query_blocks_attention(q_BTNH, k_BSKH, v_BSKH, parts: MaskParts, block: int) -> jax.Array:
-  """dot_product_attention of `block` queries at a time over all S keys (a ring cache's and
-  the new ones, for decoding: no backward pass), each block's [B, block, S] mask built from
-  `parts`: [B, N, block, S] scores and mask at once, never [B, T, S]. T is padded up to
-  whole blocks; the padding's queries see no key, and their rows are dropped."""
-  q_nBQNH = _into_blocks(q_BTNH, block)
-  # Through the barrier, as in _block_mask: no hoisting of every block's mask out of a layer scan.
-  parts, _ = jax.lax.optimization_barrier((parts, q_nBQNH))
-
-  def attend_block(xs):
-    q_BQNH, start = xs
-    mask_BQS = mask_block(parts, start, block, 0, k_BSKH.shape[1])
-    return dot_product_attention(q_BQNH, k_BSKH, v_BSKH, mask_BQS)
-
-  y_nBQNH = jax.lax.map(attend_block, (q_nBQNH, jnp.arange(q_nBQNH.shape[0]) * block))
-  return _from_blocks(y_nBQNH, q_BTNH.shape[1])
-
-
 def _into_blocks(x_BT, block: int):
   """[B, T, ...] -> [n, B, block, ...]: T cut into blocks (padded with zeros, or False, up to
   whole blocks), the blocks first for scans and maps."""
@@ -388,20 +370,20 @@ def _from_blocks(y_nBQ, T: int):
   return y_nBQ.swapaxes(0, 1).reshape(B, n * block, *y_nBQ.shape[3:])[:, :T]
 
 
-def blocked_attention(
-    q_BTNH, k_BSKH, v_BSKH, inputs: AttentionInputs, chunked: bool, block: int
-) -> jax.Array:
+def blocked_attention(q_BTNH, k_BSKH, v_BSKH, parts: MaskParts, block: int) -> jax.Array:
   """dot_product_attention over blocks of `block` queries, one block at a time.
 
-  Each block's mask rows come from `inputs` (no [B, T, S] mask) and the block is
-  rematerialised in the backward pass, so both passes hold one block's
-  [B, N, block, S] scores rather than all T rows. Each row is computed exactly
-  as dot_product_attention computes it. T is padded up to a multiple of `block`.
+  Each block's mask rows are built from `parts` (a sequence's `inputs.mask_parts`, or a
+  cached prefill's `ring_parts`; no [B, T, S] mask) and the block is rematerialised in
+  the backward pass, so both passes hold one block's [B, N, block, S] scores rather than
+  all T rows. Each row is computed exactly as dot_product_attention computes it. T is
+  padded up to a multiple of `block`; the padding's queries see no key, and their rows
+  are dropped.
   """
   q_nBQNH = _into_blocks(q_BTNH, block)
 
   # Through the barrier, as in _block_mask: no hoisting of every block's mask out of a layer scan.
-  parts, _ = jax.lax.optimization_barrier((inputs.mask_parts(chunked), q_nBQNH))
+  parts, _ = jax.lax.optimization_barrier((parts, q_nBQNH))
 
   @jax.checkpoint
   def attend_block(q_BQNH, start):

@@ -684,6 +684,18 @@ class OutOfMemory(Exception):
     )
 
 
+def refusal_note(needed_gib: float | None, chip_gib: float, plan_fraction: float) -> str:
+  """What a refusal by the TPU compiler, planning for `plan_fraction` of the chip, means for
+  the fit: a program that needs more than the plan but at most FIT_FRACTION of the chip is
+  refused, yet would fit; planning for FIT_FRACTION (`--memory_budget`) tells."""
+  if needed_gib is None or plan_fraction >= FIT_FRACTION or needed_gib > FIT_FRACTION * chip_gib:
+    return ''
+  return (
+      f'  ({needed_gib / chip_gib:.0%} of the chip: within the {FIT_FRACTION:.0%} a fit allows; '
+      f'--memory_budget={FIT_FRACTION} lets the compiler plan for it)'
+  )
+
+
 # "... HLO temporaries (32.00G) exceeds available HBM (15.75G)." (libtpu's wording)
 _OOM_SIZES = re.compile(r'\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)')
 

@@ -71,8 +71,10 @@ def moe_scaling(
 
   All layers are compiled first, then timed in turns (`alternating_medians`), so that the
   machine's drift over the minutes of a run hits every E alike; the dense reference, seconds
-  per call at E = 64, takes its own fewer turns.
+  per call at E = 64, takes its own fewer turns. `tokens` are rows of `seq_len`.
   """
+  if tokens % seq_len:
+    raise ValueError(f'--tokens={tokens}: must be a multiple of the rows of {seq_len} tokens')
   runs = {}
   for E in expert_counts:
     for mode in modes:

@@ -600,16 +600,14 @@ def iter_hf_tensors(
         if ours == 'ffn.wi_up':
           continue  # written together with wi_gate as the fused gate_up_proj
         stacked = get_param(prefix + ours)
-        if ours == 'ffn.wi_gate':
-          up = get_param(prefix + 'ffn.wi_up')
-          stacked = np.concatenate([stacked, up], axis=-1)
-          del up
+        up = get_param(prefix + 'ffn.wi_up') if ours == 'ffn.wi_gate' else None
         for i, r in layers:
-          yield (
-              f'{text}model.layers.{i}.{rule.hf_suffix}',
-              np.ascontiguousarray(stacked[r] if rule.to_hf is None else rule.to_hf(stacked[r])),
-          )
-        del stacked
+          if up is not None:  # fused a layer at a time: never a second pair of stacks
+            layer = np.concatenate([stacked[r], up[r]], axis=-1)
+          else:  # a copy of its own, not a view holding the whole stack while it waits
+            layer = np.array(rule.to_hf(stacked[r]), order='C')
+          yield f'{text}model.layers.{i}.{rule.hf_suffix}', layer
+        del stacked, up
   if cfg.vision is None:
     return
   for name, rule in VISION_GLOBAL_RULES.items():
@@ -619,7 +617,7 @@ def iter_hf_tensors(
     for j in range(cfg.vision.num_layers):
       yield (
           f'vision_model.model.layers.{j}.{rule.hf_suffix}',
-          np.ascontiguousarray(rule.to_hf(stacked[j])),
+          np.array(rule.to_hf(stacked[j]), order='C'),  # its own, as the text layers'
       )
 
 
