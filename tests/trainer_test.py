@@ -4,7 +4,9 @@ Resuming after SIGKILL and other faults: reliability_test.py.
 """
 
 import json
+import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -168,16 +170,20 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path):
 
 @pytest.mark.slow
 def test_skip_nonfinite_counts_skipped_steps(tmp_path):
-  result = small_run.run_train(
-      tmp_path,
-      optim__lr=1e30,
-      optim__warmup_steps=0,
-      optim__clip_norm=0.0,
-      train__skip_nonfinite=True,
+  """Every update after the first is non-finite: each step adds one to the run's count, and
+  a run resumed from step 4 counts on as the uninterrupted one did."""
+  overrides = dict(
+      optim__lr=1e30, optim__warmup_steps=0, optim__clip_norm=0.0, train__skip_nonfinite=True
   )
+  result = small_run.run_train(tmp_path, **overrides)
   assert result.returncode == 0, result.stderr[-2000:]
   logs = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl') if '"loss"' in line]
-  assert logs[-1]['skipped_steps'] >= 1
+  assert [row['skipped_steps'] for row in logs] == [0, 1, 2, 3, 4, 5]
+  shutil.rmtree(os.path.join(checkpoint.checkpoint_root(str(tmp_path)), '6'))
+  resumed = small_run.run_train(tmp_path, **overrides)
+  assert resumed.returncode == 0 and 'resumed from step 4' in resumed.stdout, resumed.stderr
+  relogged = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl') if '"loss"' in line]
+  assert [row['skipped_steps'] for row in relogged] == [0, 1, 2, 3, 4, 5]
   # The logged learning rate is the one each update applied: the schedule counts applied
   # updates only (a row per step: train.log_every is 1).
   config = small_run.config(optim__lr=1e30, optim__warmup_steps=0)
@@ -188,21 +194,6 @@ def test_skip_nonfinite_counts_skipped_steps(tmp_path):
     applied_before = row['step'] - 1 - skipped_before
     assert row['learning_rate'] == pytest.approx(float(schedule(applied_before)), rel=1e-6)
     skipped_before = row['skipped_steps']
-
-
-def test_skipped_steps_count_the_whole_run_across_a_resume(tmp_path):
-  """A resumed run goes on counting from the steps its predecessor skipped."""
-  overrides = dict(
-      optim__lr=1e30, optim__warmup_steps=0, optim__clip_norm=0.0, train__skip_nonfinite=True
-  )
-  for steps in (4, 6):  # the second run resumes the first's step-4 checkpoint
-    result = small_run.run_train(tmp_path, train__steps=steps, **overrides)
-    assert result.returncode == 0, result.stderr[-2000:]
-  skipped = [
-      row['skipped_steps'] for row in metrics_lib.read_metrics(str(tmp_path)) if 'loss' in row
-  ]
-  # Every update after the first is non-finite, so each step adds one, through the resume too.
-  assert skipped == [0, 1, 2, 3, 4, 5]
 
 
 def test_throughput_times_the_train_steps_alone(tmp_path, monkeypatch):
@@ -237,17 +228,23 @@ def logged_losses(workdir):
   )
 
 
-def train_single_and_two_processes(tmp_path, **overrides) -> None:
-  """Trains `overrides` on 1 process x 8 devices (tmp_path/single) and on 2 CPU processes x 4
-  devices (gloo collectives, tmp_path/multi), and checks they log the same losses."""
-  single = small_run.run_train(tmp_path / 'single', devices=8, **overrides)
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path):
+  """2 CPU processes x 4 devices (gloo collectives) give the losses of 1 process x 8.
+
+  The mesh's tensor axis of 8 spans both processes, as Maverick's tensor axis of 4 spans
+  v5p hosts: every device holds every row, so each process feeds the whole batch, alike
+  (sharding.process_batch_rows). Feeding a block of rows each, they gave their shared shards
+  different rows."""
+  single_mesh, multi_mesh = dict(mesh__fsdp=-1), dict(mesh__fsdp=1, mesh__tensor=8)
+  single = small_run.run_train(tmp_path / 'single', devices=8, train__steps=4, **single_mesh)
   assert single.returncode == 0, single.stderr[-3000:]
 
   env = small_run.script_env(devices=4)
   port = free_port()
   processes = [
       subprocess.Popen(
-          small_run.train_command(tmp_path / 'multi', **overrides)
+          small_run.train_command(tmp_path / 'multi', train__steps=4, **multi_mesh)
           + [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
           cwd=small_run.REPO,
           env=env,
@@ -268,31 +265,15 @@ def train_single_and_two_processes(tmp_path, **overrides) -> None:
     ]
     assert logged[1], key
     np.testing.assert_allclose(*logged, rtol=1e-5, err_msg=key)
-
-
-@pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-  """The batch split over 2 processes x 4 devices gives the losses of 1 process x 8."""
-  overrides = dict(train__steps=4, mesh__fsdp=-1)
-  train_single_and_two_processes(tmp_path, **overrides)
   # Resumed by one process, the 2-process run's data goes on where it stopped (the input
   # state is global): its next steps are those of the single-process run resumed alike.
-  longer = dict(overrides, train__steps=7)
-  for run in ('single', 'multi'):
-    resumed = small_run.run_train(tmp_path / run, devices=8, **longer)
+  for run, mesh in (('single', single_mesh), ('multi', multi_mesh)):
+    resumed = small_run.run_train(tmp_path / run, devices=8, train__steps=7, **mesh)
     assert resumed.returncode == 0 and 'resumed from step 4' in resumed.stdout, resumed.stderr
   np.testing.assert_allclose(
       logged_losses(tmp_path / 'multi'), logged_losses(tmp_path / 'single'), rtol=1e-5
   )
   assert len(logged_losses(tmp_path / 'multi')) == 7
-
-
-@pytest.mark.slow
-def test_two_processes_with_a_tensor_axis_across_them_match_one_process(tmp_path):
-  """A tensor axis of 8 over 2 processes x 4 devices: every device holds every row, so both
-  processes feed the whole batch, alike, as tensor peers on different hosts do (Maverick on a
-  v5p-256). Feeding half each, they gave their shared shards different rows."""
-  train_single_and_two_processes(tmp_path, train__steps=3, mesh__fsdp=1, mesh__tensor=8)
 
 
 @pytest.mark.slow
